@@ -1,0 +1,40 @@
+# The two commands that matter: `make serve` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+SERVE_VENV ?= .venv-serve
+BUNDLE ?= models/default
+HOST ?= 127.0.0.1
+PORT ?= 8000
+PYTEST_ARGS ?=
+# Re-install whenever the dependency declaration changes.
+STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+SERVE_STAMP := $(SERVE_VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+
+.PHONY: install test serve install-serve clean train-default bench-serve bench-train
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -e '.[serve,train,dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP) ## .venv with every extra (train, serve, dev), editable
+
+test: $(STAMP) ## run the test suite (installs first if needed)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+$(SERVE_STAMP): pyproject.toml
+	test -x $(SERVE_VENV)/bin/python || $(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(SERVE_VENV)/bin/python -m pip install -q -e '.[serve]'
+	rm -f $(SERVE_VENV)/.installed-*
+	touch $@
+
+install-serve: $(SERVE_STAMP) ## .venv-serve with only the serve extra (no torch)
+
+serve: $(SERVE_STAMP) ## serve the default bundle on $(HOST):$(PORT)
+	$(SERVE_VENV)/bin/oodguard serve --bundle $(BUNDLE) --host $(HOST) --port $(PORT)
+
+clean:
+	rm -rf $(VENV) $(SERVE_VENV) build *.egg-info .pytest_cache

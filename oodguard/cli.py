@@ -1,0 +1,57 @@
+"""The `oodguard` command: one entry point for train / evaluate / export / calibrate / bundle / serve / deploy.
+
+Each half registers its own sub-commands. Command modules import torch lazily (inside the command)
+so that `oodguard serve` and `oodguard bundle ...` work with only the `serve` extra installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import typer
+
+app = typer.Typer(
+    name="oodguard",
+    help="Inference-time out-of-distribution guard for image classifiers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# module path -> function `register(app)`; a module whose optional dependencies are missing
+# is skipped so the rest of the CLI keeps working.
+_COMMAND_MODULES = (
+    "oodguard.training.cli",
+    "oodguard.service.cli",
+)
+
+
+@app.callback()
+def _root(
+    log_level: str = typer.Option("INFO", "--log-level", envvar="OODGUARD_LOG_LEVEL", help="Python logging level."),
+) -> None:
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _register_all() -> None:
+    for mod_name in _COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ModuleNotFoundError as exc:
+            # Only tolerate a missing *third-party* dependency of an optional half, never our own bugs.
+            if exc.name and exc.name.startswith("oodguard"):
+                raise
+            continue
+        mod.register(app)
+
+
+_register_all()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

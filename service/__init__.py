@@ -1,0 +1,1 @@
+"""Online half of oodguard: FastAPI + onnxruntime. Never imports torch (nor oodguard.training)."""

@@ -1,0 +1,194 @@
+"""The bundle contract: what a model bundle contains and promises.
+
+Defined once, here in the service package; training imports it to *write* bundles, the service
+uses it to *read* them. Imports only go that way (this module must never import training or torch).
+
+A bundle is a directory::
+
+    model.onnx        input `image` float32 NCHW in [0,1], dynamic batch; outputs `logits`, `probs`
+                      and one output per exported score (higher = more in-distribution)
+    manifest.json     `BundleManifest` below
+    calibration.npy   float32, sorted ascending: the served score on held-out in-distribution images
+    golden.npz        `image` plus one array per ONNX output: expected outputs on a few inputs
+    report/           eval.md, eval.json, plots (optional, hashed like every other file)
+
+JSON and npy/npz only: nothing in a bundle is ever unpickled or executed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+MODEL_FILE = "model.onnx"
+CALIBRATION_FILE = "calibration.npy"
+GOLDEN_FILE = "golden.npz"
+INPUT_NAME = "image"
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class _Strict(BaseModel):
+    # Unknown keys are an error: a typo in a manifest must not silently change behaviour.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    """How raw images become the `image` tensor. The service follows this exactly."""
+
+    name: str = INPUT_NAME
+    height: int = Field(32, ge=1, le=4096)
+    width: int = Field(32, ge=1, le=4096)
+    channels: Literal[3] = 3
+    layout: Literal["NCHW"] = "NCHW"
+    dtype: Literal["float32"] = "float32"
+    color: Literal["RGB"] = "RGB"
+    value_range: tuple[float, float] = (0.0, 1.0)
+    # Pillow resampling filter applied to the whole image (no crop) when its size differs.
+    resize: Literal["bilinear", "bicubic", "box", "nearest", "lanczos"] = "bilinear"
+    # Normalisation (mean/std) lives inside the graph; recorded here for documentation only.
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+
+class ScoreSpec(_Strict):
+    """The OOD score the service thresholds. Convention everywhere: higher = more in-distribution."""
+
+    name: str  # e.g. "msp", "energy", "mahalanobis"
+    output: str  # the ONNX output that carries it
+    direction: Literal["higher_is_in_distribution"] = "higher_is_in_distribution"
+    params: dict[str, float] = Field(default_factory=dict)  # e.g. {"temperature": 1.0}
+
+
+class OperatingPoint(_Strict):
+    """Accept iff score >= threshold. Calibrated so that `target_tpr` of in-distribution passes."""
+
+    name: str  # e.g. "tpr95"
+    target_tpr: float = Field(gt=0.0, lt=1.0)
+    threshold: float
+    realised_tpr: float | None = None  # on the in-distribution test split
+    fpr: dict[str, float] = Field(default_factory=dict)  # OOD set (and "set/attacked") -> FPR
+
+
+class CalibrationInfo(_Strict):
+    file: str = CALIBRATION_FILE
+    size: int = Field(ge=1)
+    split: str = "held-out calibration split of the training set"
+    seed: int | None = None
+
+
+class Lineage(_Strict):
+    datasets: dict[str, str] = Field(default_factory=dict)  # dataset file name -> sha256
+    code_version: str | None = None  # git commit of the code that built the bundle
+    run_dir: str | None = None
+    checkpoint_sha256: str | None = None
+    parent: str | None = None  # "name:version" this bundle was retrained from, if any
+
+
+class BundleManifest(_Strict):
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    version: str
+    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    description: str = ""
+    classes: list[str] = Field(min_length=2)
+    input: InputSpec = Field(default_factory=InputSpec)
+    outputs: list[str]  # ONNX output names, in graph order
+    score: ScoreSpec
+    operating_points: list[OperatingPoint] = Field(min_length=1)
+    default_operating_point: str
+    calibration: CalibrationInfo
+    metrics: dict[str, Any] = Field(default_factory=dict)  # evaluation results (clean / attacked)
+    training: dict[str, Any] = Field(default_factory=dict)  # resolved training config, method, model
+    lineage: Lineage = Field(default_factory=Lineage)
+    files: dict[str, str] = Field(default_factory=dict)  # relative path -> sha256, every file but manifest.json
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_schema(cls, v: int) -> int:
+        if v != SCHEMA_VERSION:
+            raise ValueError(f"unsupported schema_version {v}; this oodguard reads schema_version {SCHEMA_VERSION}")
+        return v
+
+    @field_validator("name", "version")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        # Names become directory names (<models_dir>/<name>/<version>): no separators, no "..".
+        if not _NAME_RE.match(v) or ".." in v:
+            raise ValueError(f"{v!r} must match {_NAME_RE.pattern} and must not contain '..'")
+        return v
+
+    @field_validator("files")
+    @classmethod
+    def _safe_paths(cls, v: dict[str, str]) -> dict[str, str]:
+        for rel, digest in v.items():
+            p = Path(rel)
+            if p.is_absolute() or ".." in p.parts or rel.startswith(("/", "\\")):
+                raise ValueError(f"file path {rel!r} must be relative and inside the bundle")
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError(f"sha256 for {rel!r} is not 64 hex characters")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "BundleManifest":
+        names = [op.name for op in self.operating_points]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate operating point names: {names}")
+        if self.default_operating_point not in names:
+            raise ValueError(f"default_operating_point {self.default_operating_point!r} is not one of {names}")
+        if self.score.output not in self.outputs:
+            raise ValueError(f"score output {self.score.output!r} is not one of the outputs {self.outputs}")
+        for required in ("logits", "probs"):
+            if required not in self.outputs:
+                raise ValueError(f"outputs must include {required!r}")
+        return self
+
+    # -- helpers ------------------------------------------------------------------------------
+    def operating_point(self, name: str | None = None) -> OperatingPoint:
+        name = name or self.default_operating_point
+        for op in self.operating_points:
+            if op.name == name:
+                return op
+        raise KeyError(name)
+
+    @property
+    def contract(self) -> dict[str, Any]:
+        """What a client depends on; a hot-swap that changes it needs explicit consent."""
+        return {
+            "classes": list(self.classes),
+            "input": self.input.model_dump(mode="json"),
+            "outputs": sorted(self.outputs),
+            "score": {"name": self.score.name, "output": self.score.output},
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
+
+
+def load_manifest(bundle_dir: str | Path) -> BundleManifest:
+    """Parse `manifest.json` of a bundle. Raises ValueError with a readable message on any problem."""
+    path = Path(bundle_dir) / MANIFEST_FILE
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing manifest.json") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: manifest is not readable JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: manifest must be a JSON object")
+    if raw.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(
+            f"{path}: unsupported schema_version {raw.get('schema_version')!r} "
+            f"(this oodguard reads schema_version {SCHEMA_VERSION})"
+        )
+    try:
+        return BundleManifest.model_validate(raw)
+    except Exception as exc:  # pydantic.ValidationError: keep the message, drop the traceback
+        raise ValueError(f"{path}: invalid manifest: {exc}") from None
