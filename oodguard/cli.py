@@ -22,8 +22,11 @@ app = typer.Typer(
 # module path -> function `register(app)`; a module whose optional dependencies are missing
 # is skipped so the rest of the CLI keeps working.
 _COMMAND_MODULES = (
-    "oodguard.training.cli",
-    "oodguard.service.cli",
+    "oodguard.training.cli_train",  # train
+    "oodguard.training.cli_eval",  # evaluate, export, calibrate
+    "oodguard.service.cli",  # serve
+    "oodguard.service.cli_bundle",  # bundle verify / info
+    "oodguard.service.cli_deploy",  # deploy, rollback
 )
 
 

@@ -1,0 +1,7 @@
+"""CLI commands (placeholder until implemented)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the root `oodguard` app."""
