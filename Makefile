@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 SERVE_STAMP := $(SERVE_VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: install test serve install-serve clean train-default bench-serve bench-train
+.PHONY: install test tools serve install-serve clean train-default bench-serve bench-train
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## .venv with every extra (train, serve, dev), editable
 
-test: $(STAMP) ## run the test suite (installs first if needed)
+test: $(STAMP) tools ## run the test suite (installs first if needed)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# promtool/prometheus (Debian package `prometheus`) for the config check and the real-Prometheus test.
+# Best effort: installed when missing and we may use apt; the tests say clearly when it is absent.
+tools:
+	@command -v promtool >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) >/dev/null 2>&1 \
+	  || echo "note: could not install the prometheus package; Prometheus tests will be skipped"; }
 
 $(SERVE_STAMP): pyproject.toml
 	test -x $(SERVE_VENV)/bin/python || $(PYTHON) -m venv $(SERVE_VENV)
