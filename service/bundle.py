@@ -12,6 +12,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -158,6 +159,8 @@ class VerifyReport:
     sha256: str
     checks: list[str] = field(default_factory=list)
     golden_max_abs_diff: dict[str, float] = field(default_factory=dict)
+    # The onnxruntime session the checks ran on, so a caller can serve exactly what was verified.
+    session: Any = field(default=None, repr=False)
 
 
 def verify_bundle(bundle_dir: str | Path, intra_op_threads: int = 1, session=None) -> VerifyReport:
@@ -211,6 +214,7 @@ def verify_bundle(bundle_dir: str | Path, intra_op_threads: int = 1, session=Non
     if sorted(graph_outputs) != sorted(manifest.outputs):
         raise BundleError("contract", f"graph outputs {graph_outputs} != manifest outputs {manifest.outputs}")
     report.checks.append("onnx")
+    report.session = session
 
     try:
         with np.load(root / GOLDEN_FILE, allow_pickle=False) as golden:

@@ -1,0 +1,459 @@
+"""The model registry: which validated, warmed bundle is served, and swapping it without dropping a request.
+
+A swap is: validate (`verify_bundle`: schema, every sha256, onnxruntime loads it, golden outputs,
+plus the client contract unless the caller consents to a change), warm with a dummy batch, persist
+the new pointer, then switch one reference. Requests pin the model they started with through
+`acquire()`; a retired model's onnxruntime session is released once its last pinned request ends.
+Swaps are serialised by a lock and are blocking work: async callers run them in a thread.
+
+Two modes: a models directory (versioned bundles + persisted ACTIVE pointer, see store.py), or a
+single `--bundle` directory served as is (no upload, activation or rollback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator
+
+import numpy as np
+
+from .bundle import BundleError, bundle_summary, conformal_p_values, load_calibration, manifest_sha256, verify_bundle
+from .manifest import BundleManifest, load_manifest
+from .store import ModelStore, StoreError, TarLimits, copy_bundle, ref, safe_extract_tar, split_ref
+
+log = logging.getLogger(__name__)
+
+
+class RegistryError(Exception):
+    """A registry operation was refused (not a bundle failing validation: that is BundleError)."""
+
+    def __init__(self, code: str, message: str, status: int = 409):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+class LoadedModel:
+    """One validated, warmed bundle with its onnxruntime session."""
+
+    def __init__(self, bundle_dir: Path, manifest: BundleManifest, sha256: str, session, calibration: np.ndarray):
+        self.bundle_dir = bundle_dir
+        self.manifest = manifest
+        self.name = manifest.name
+        self.version = manifest.version
+        self.sha256 = sha256
+        self.calibration = calibration
+        self.output_names: list[str] = [o.name for o in session.get_outputs()]
+        self.input_name: str = manifest.input.name
+        self.loaded_at = time.time()
+        self._session = session
+        self._inflight = 0  # guarded by the registry's pin lock
+        self._retired = False
+
+    @property
+    def ref(self) -> str:
+        return ref(self.name, self.version)
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    @property
+    def released(self) -> bool:
+        return self._session is None
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """float32 NCHW in [0,1] -> {output name: array}. Thread-safe (onnxruntime sessions are)."""
+        session = self._session
+        if session is None:
+            raise RuntimeError(f"model {self.ref} was released; acquire() the active model before running it")
+        outputs = session.run(None, {self.input_name: np.ascontiguousarray(images, dtype=np.float32)})
+        return dict(zip(self.output_names, outputs))
+
+    def p_values(self, scores: np.ndarray) -> np.ndarray:
+        return conformal_p_values(self.calibration, scores)
+
+    def summary(self) -> dict[str, Any]:
+        return bundle_summary(self.manifest, self.sha256)
+
+    def _release(self) -> None:
+        self._session = None  # onnxruntime frees the session's memory when the last reference goes
+        log.info("released session of %s (sha256 %s…)", self.ref, self.sha256[:12])
+
+
+@dataclass
+class SwapResult:
+    """What an activation / rollback / registration did, for logs and the admin API."""
+
+    action: str
+    result: str  # "success" | "unchanged" | "failure"
+    previous: dict[str, Any] | None = None
+    current: dict[str, Any] | None = None
+    timings_s: dict[str, float] = field(default_factory=dict)
+    checks: list[str] = field(default_factory=list)
+    message: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def key_metrics(manifest: BundleManifest) -> dict[str, Any]:
+    """The few numbers worth printing next to a version: its operating point and evaluation metrics."""
+    op = manifest.operating_point()
+    return {
+        "method": manifest.training.get("method"),
+        "score": manifest.score.name,
+        "operating_point": op.name,
+        "threshold": op.threshold,
+        "realised_tpr": op.realised_tpr,
+        "fpr": dict(op.fpr),
+        "metrics": manifest.metrics,
+    }
+
+
+class ModelRegistry:
+    """Loads, validates, serves and swaps bundles. One instance per service process."""
+
+    def __init__(self, settings, metrics=None):
+        self.settings = settings
+        self.metrics = metrics
+        self._pin_lock = threading.Lock()  # tiny critical sections: safe to take on the event loop
+        self._swap_lock = threading.Lock()  # one swap at a time; held through validation (seconds)
+        self._active: LoadedModel | None = None
+        models_dir = getattr(settings, "models_dir", None)
+        self.store: ModelStore | None = (
+            ModelStore(models_dir, keep_versions=getattr(settings, "keep_versions", 5)) if models_dir else None
+        )
+        self._watch_thread: threading.Thread | None = None
+        self._watch_stop = threading.Event()
+        self._watch_failed: tuple[str, bool] | None = None  # pointer that failed; not retried until it changes
+        self.last_swap: SwapResult | None = None
+
+    # -- serving ------------------------------------------------------------------------------------
+    @property
+    def active(self) -> LoadedModel | None:
+        return self._active
+
+    @property
+    def ready(self) -> bool:
+        return self._active is not None
+
+    @contextlib.contextmanager
+    def acquire(self) -> Iterator[LoadedModel]:
+        """Pin the active model for one request / batch; a swap during it does not release its session."""
+        with self._pin_lock:
+            model = self._active
+            if model is None:
+                raise RegistryError("not_ready", "no model is loaded yet", status=503)
+            model._inflight += 1
+        try:
+            yield model
+        finally:
+            with self._pin_lock:
+                model._inflight -= 1
+                release = model._retired and model._inflight == 0
+            if release:
+                model._release()
+
+    def _switch(self, new: LoadedModel) -> LoadedModel | None:
+        with self._pin_lock:
+            old, self._active = self._active, new
+            release = False
+            if old is not None and old is not new:
+                old._retired = True
+                release = old._inflight == 0
+        if release:
+            old._release()
+        self._set_model_info(new)
+        return old
+
+    # -- loading ------------------------------------------------------------------------------------
+    def _load(self, bundle_dir: Path) -> tuple[LoadedModel, dict[str, float], list[str]]:
+        """Validate + warm a bundle. Raises BundleError naming the failed check; touches no shared state."""
+        threads = int(getattr(self.settings, "intra_op_threads", 1) or 1)
+        t0 = time.perf_counter()
+        # verify_bundle hashes every file before onnxruntime ever parses the graph; we then serve the
+        # very session it verified.
+        report = verify_bundle(bundle_dir, intra_op_threads=threads)
+        calibration = load_calibration(bundle_dir, report.manifest)
+        t1 = time.perf_counter()
+        model = LoadedModel(bundle_dir, report.manifest, report.sha256, report.session, calibration)
+        self._warm(model)
+        t2 = time.perf_counter()
+        return model, {"validate": round(t1 - t0, 4), "warm": round(t2 - t1, 4)}, list(report.checks) + ["warm"]
+
+    def _warm(self, model: LoadedModel) -> None:
+        spec = model.manifest.input
+        for batch in sorted({1, max(1, int(getattr(self.settings, "max_batch", 1) or 1))}):
+            dummy = np.zeros((batch, spec.channels, spec.height, spec.width), dtype=np.float32)
+            try:
+                model.run(dummy)
+            except Exception as exc:
+                raise BundleError("warm", f"warm-up batch of {batch} failed: {exc}") from None
+
+    def load_initial(self) -> LoadedModel:
+        """Serve `--bundle`, or the models dir's ACTIVE version (seeding it from `--bundle` when empty)."""
+        bundle = getattr(self.settings, "bundle", None)
+        if self.store is None:
+            if not bundle:
+                raise RegistryError("no_model", "set a bundle (OODGUARD_BUNDLE / --bundle) or a models dir", 500)
+            model, timings, _ = self._load(Path(bundle).resolve())
+            self._switch(model)
+            log.info("serving %s from %s (validate %.3fs, warm %.3fs)", model.ref, bundle, timings["validate"], timings["warm"])
+            return model
+
+        pointer = self.store.pointer()
+        if pointer is None:
+            if not bundle:
+                raise RegistryError("no_model", f"{self.store.root} has no ACTIVE version and no --bundle was given", 500)
+            result = self.register_path(Path(bundle), _trusted=True)
+            name, version = result["name"], result["version"]
+            self.store.set_active(name, version, action="seed")
+            log.info("models dir %s was empty: seeded it with %s from %s", self.store.root, ref(name, version), bundle)
+            pointer = self.store.pointer()
+        elif bundle:
+            log.info("models dir %s has an ACTIVE version (%s); it wins over --bundle %s", self.store.root, pointer[0], bundle)
+
+        candidates = [pointer[0]] + list(reversed(self.store.read_state().history))
+        errors = []
+        for candidate in dict.fromkeys(candidates):
+            try:
+                model, timings, _ = self._load(self.store.version_dir(*split_ref(candidate)))
+            except (BundleError, StoreError) as exc:
+                errors.append(f"{candidate}: {exc}")
+                log.error("cannot serve %s: %s", candidate, exc)
+                self._count_swap("failure")
+                continue
+            if candidate != pointer[0]:
+                # Do not rewrite ACTIVE: the operator should see (and fix) what they pointed at.
+                log.error("ACTIVE points at %s which failed validation; serving %s from history instead", pointer[0], candidate)
+                self._watch_failed = pointer
+            self._switch(model)
+            log.info("serving %s (validate %.3fs, warm %.3fs)", model.ref, timings["validate"], timings["warm"])
+            return model
+        raise RegistryError("no_model", "no servable version: " + "; ".join(errors), 500)
+
+    # -- listing ------------------------------------------------------------------------------------
+    def versions(self) -> list[dict[str, Any]]:
+        """Every version known (the active one marked), oldest registration first."""
+        active = self._active
+        if self.store is None:
+            return [self._describe(active.manifest, active.sha256, active=True)] if active else []
+        out = []
+        state = self.store.read_state()
+        for name, version, vdir in self.store.list_versions():
+            is_active = active is not None and active.name == name and active.version == version
+            try:
+                entry = self._describe(load_manifest(vdir), manifest_sha256(vdir), active=is_active)
+            except ValueError as exc:
+                entry = {"name": name, "version": version, "active": is_active, "error": str(exc)}
+            entry["registered_at"] = state.registered.get(ref(name, version))
+            entry["pointer"] = state.active == ref(name, version)
+            out.append(entry)
+        return out
+
+    @staticmethod
+    def _describe(manifest: BundleManifest, sha256: str, active: bool) -> dict[str, Any]:
+        return {
+            "name": manifest.name,
+            "version": manifest.version,
+            "sha256": sha256,
+            "active": active,
+            "created_at": manifest.created_at.isoformat(),
+            **key_metrics(manifest),
+        }
+
+    # -- registering --------------------------------------------------------------------------------
+    def _require_store(self) -> ModelStore:
+        if self.store is None:
+            raise RegistryError(
+                "no_models_dir",
+                "the service runs a single --bundle without a models directory; "
+                "start it with --models-dir / OODGUARD_MODELS_DIR to upload, activate or roll back",
+                status=409,
+            )
+        return self.store
+
+    def _tar_limits(self) -> TarLimits:
+        return TarLimits(
+            max_total_bytes=int(getattr(self.settings, "max_bundle_bytes", TarLimits.max_total_bytes)),
+            max_members=int(getattr(self.settings, "max_bundle_files", TarLimits.max_members)),
+        )
+
+    def register_tar(self, fileobj: BinaryIO | str | Path) -> dict[str, Any]:
+        """Safely extract an uploaded bundle archive, validate it and install it. Does not activate."""
+        store = self._require_store()
+        with store.staging_dir() as stage:
+            if isinstance(fileobj, (str, Path)):
+                with open(fileobj, "rb") as fh:
+                    root = safe_extract_tar(fh, stage / "x", self._tar_limits())
+            else:
+                root = safe_extract_tar(fileobj, stage / "x", self._tar_limits())
+            return self._validate_and_install(store, root)
+
+    def register_path(self, path: str | Path, _trusted: bool = False) -> dict[str, Any]:
+        """Validate and install a bundle directory that lies inside the models dir (or, `_trusted`, anywhere)."""
+        store = self._require_store()
+        src = Path(path)
+        if not _trusted and not store.is_inside(src):
+            raise RegistryError("outside_models_dir", f"{path} is not inside the models directory {store.root}", 400)
+        if src.is_symlink() or not src.is_dir():
+            raise RegistryError("not_a_bundle", f"{path} is not a bundle directory", 400)
+        with store.staging_dir() as stage:
+            copy = copy_bundle(src.resolve(), stage / "bundle")
+            return self._validate_and_install(store, copy)
+
+    def _validate_and_install(self, store: ModelStore, root: Path) -> dict[str, Any]:
+        threads = int(getattr(self.settings, "intra_op_threads", 1) or 1)
+        t0 = time.perf_counter()
+        try:
+            report = verify_bundle(root, intra_op_threads=threads)
+        except BundleError:
+            self._count_swap("rejected")
+            raise
+        name, version, dest, created = store.install(root)
+        active = self._active
+        contract_changes = _contract_diff(active.manifest, report.manifest) if active else {}
+        log.info("registered %s (%s, checks %s)", ref(name, version), "new" if created else "already present", report.checks)
+        if created:
+            store.prune(name)
+        return {
+            "name": name,
+            "version": version,
+            "sha256": report.sha256,
+            "created": created,
+            "checks": report.checks,
+            "golden_max_abs_diff": report.golden_max_abs_diff,
+            "contract_compatible": not contract_changes,
+            "contract_changes": contract_changes,
+            "validate_s": round(time.perf_counter() - t0, 4),
+            "path": str(dest),
+        }
+
+    # -- swapping -----------------------------------------------------------------------------------
+    def activate(self, name: str, version: str, allow_contract_change: bool = False, action: str = "activate") -> SwapResult:
+        """Validate + warm `name/version`, persist it as active, switch. A failure changes nothing."""
+        store = self._require_store()
+        with self._swap_lock:
+            old = self._active
+            if old is not None and old.name == name and old.version == version:
+                pointer = store.pointer()
+                if pointer is None or pointer[0] != old.ref:
+                    store.set_active(name, version, allow_contract_change, action=action)
+                return SwapResult(action, "unchanged", old.summary(), old.summary(), message=f"{old.ref} is already active")
+            vdir = store.version_dir(name, version)
+            if not vdir.is_dir():
+                raise RegistryError("not_found", f"version {ref(name, version)} is not in the models directory", 404)
+            return self._swap_to(vdir, allow_contract_change, action, persist=lambda: store.set_active(
+                name, version, allow_contract_change, action=action))
+
+    def rollback(self) -> SwapResult:
+        """Go back to the previously active version (repeatable: walks back through the history)."""
+        store = self._require_store()
+        with self._swap_lock:
+            target = store.rollback_target()
+            if target is None:
+                raise RegistryError("no_history", "there is no previous version to roll back to", 409)
+            name, version = split_ref(target)
+            return self._swap_to(store.version_dir(name, version), True, "rollback", persist=lambda: store.commit_rollback(target))
+
+    def _swap_to(self, vdir: Path, allow_contract_change: bool, action: str, persist) -> SwapResult:
+        old = self._active
+        try:
+            new, timings, checks = self._load(vdir)
+            if old is not None and not allow_contract_change:
+                changes = _contract_diff(old.manifest, new.manifest)
+                if changes:
+                    raise BundleError(
+                        "contract",
+                        f"{new.ref} changes the client contract ({', '.join(sorted(changes))}); "
+                        "pass allow_contract_change to accept it",
+                    )
+            checks.append("contract")
+            persist()  # crash before here: restart serves the old version; after: the new, validated one
+        except (BundleError, StoreError) as exc:
+            self._count_swap("failure")
+            log.error("%s to %s refused: %s (still serving %s)", action, vdir, exc, old.ref if old else "nothing")
+            if self.store is not None:
+                with contextlib.suppress(Exception):
+                    self.store.record_event(f"{action}_failed", to=str(vdir.relative_to(self.store.root)), reason=str(exc))
+            raise
+        self._switch(new)
+        result_label = "rollback" if action == "rollback" else "success"
+        self._count_swap(result_label)
+        result = SwapResult(action, "success", old.summary() if old else None, new.summary(), timings, checks)
+        self.last_swap = result
+        log.info(
+            "%s: %s -> %s (validate %.3fs, warm %.3fs)",
+            action, old.ref if old else None, new.ref, timings["validate"], timings["warm"],
+        )
+        return result
+
+    # -- watch mode -----------------------------------------------------------------------------------
+    def check_pointer(self) -> SwapResult | None:
+        """One poll of the ACTIVE pointer: swap if it names another version than the one served."""
+        if self.store is None:
+            return None
+        try:
+            pointer = self.store.pointer()
+        except StoreError as exc:
+            log.warning("watch: cannot read %s: %s", self.store.state_path, exc)
+            return None
+        active = self._active
+        if pointer is None or (active is not None and pointer[0] == active.ref) or pointer == self._watch_failed:
+            return None
+        name, version = split_ref(pointer[0])
+        log.info("watch: ACTIVE changed to %s", pointer[0])
+        try:
+            return self.activate(name, version, allow_contract_change=pointer[1], action="watch")
+        except (BundleError, StoreError, RegistryError) as exc:
+            self._watch_failed = pointer
+            log.error("watch: not switching to %s: %s", pointer[0], exc)
+            return None
+
+    def start_watch(self, interval_s: float | None = None) -> None:
+        if self.store is None or self._watch_thread is not None:
+            return
+        interval = float(interval_s if interval_s is not None else getattr(self.settings, "watch_interval_s", 0) or 0)
+        if interval <= 0:
+            return
+        self._watch_stop.clear()
+
+        def _loop() -> None:
+            while not self._watch_stop.wait(interval):
+                try:
+                    self.check_pointer()
+                except Exception:  # the watcher must never die silently
+                    log.exception("watch: unexpected error")
+
+        self._watch_thread = threading.Thread(target=_loop, name="oodguard-watch", daemon=True)
+        self._watch_thread.start()
+        log.info("watching %s every %.1fs", self.store.state_path, interval)
+
+    def stop_watch(self) -> None:
+        self._watch_stop.set()
+        if self._watch_thread is not None:
+            self._watch_thread.join(timeout=10)
+            self._watch_thread = None
+
+    # -- metrics ------------------------------------------------------------------------------------
+    def _count_swap(self, result: str) -> None:
+        counter = getattr(self.metrics, "model_swaps_total", None)
+        if counter is not None:
+            counter.labels(result=result).inc()
+
+    def _set_model_info(self, model: LoadedModel) -> None:
+        info = getattr(self.metrics, "model_info", None)
+        if info is not None:
+            info.info({"name": model.name, "version": model.version, "sha256": model.sha256})
+
+
+def _contract_diff(old: BundleManifest, new: BundleManifest) -> dict[str, dict[str, Any]]:
+    a, b = old.contract, new.contract
+    return {k: {"old": a.get(k), "new": b.get(k)} for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}

@@ -1,0 +1,356 @@
+"""The on-disk model store: versioned bundle directories plus one atomically persisted state file.
+
+Layout::
+
+    <models_dir>/
+        ACTIVE                  JSON: the active version, the rollback history, registrations, events
+        .lock                   advisory lock serialising read-modify-write of ACTIVE across processes
+        .incoming/              temp dirs for uploads / copies (renamed into place when complete)
+        <name>/<version>/       one bundle each (see manifest.py); never modified once in place
+
+`ACTIVE` is written with temp file + fsync + rename, so a reader (or a restart after a crash) sees
+either the old state or the new one, never a half-written file. A bundle directory appears by
+`rename` of a fully written temp dir, so a half-extracted bundle never sits at its final path.
+For hand-made file deploys `ACTIVE` may also hold the single line ``name/version``.
+
+This module knows nothing about onnxruntime or HTTP: the registry validates, the routes speak HTTP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator
+
+from .bundle import BundleError, atomic_write_text, manifest_sha256
+from .manifest import MANIFEST_FILE, load_manifest
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "ACTIVE"
+_LOCK_FILE = ".lock"
+_INCOMING = ".incoming"
+_MAX_EVENTS = 200  # audit trail kept in the state file, newest last
+
+
+class StoreError(Exception):
+    """A store operation was refused. `status` is the HTTP status the admin API answers with."""
+
+    def __init__(self, code: str, message: str, status: int = 409):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+@dataclass(frozen=True)
+class TarLimits:
+    """Bounds for extracting an uploaded bundle archive (decompressed bytes, member count)."""
+
+    max_total_bytes: int = 1 << 30  # 1 GiB decompressed
+    max_members: int = 10_000
+
+
+@dataclass
+class StoreState:
+    """What `ACTIVE` holds. `history` is the rollback stack (previously active refs, newest last)."""
+
+    active: str | None = None  # "name/version"
+    allow_contract_change: bool = False  # the writer consented to a contract change for `active`
+    history: list[str] = field(default_factory=list)
+    registered: dict[str, str] = field(default_factory=dict)  # "name/version" -> ISO registration time
+    events: list[dict[str, Any]] = field(default_factory=list)
+    updated_at: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2) + "\n"
+
+
+def ref(name: str, version: str) -> str:
+    return f"{name}/{version}"
+
+
+def split_ref(value: str) -> tuple[str, str]:
+    name, sep, version = value.strip().partition("/")
+    if not sep or not name or not version or "/" in version:
+        raise StoreError("bad_pointer", f"{value!r} is not of the form name/version", status=422)
+    return name, version
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+class ModelStore:
+    """Versioned bundles under `models_dir`, the persisted active pointer and its history."""
+
+    def __init__(self, models_dir: str | Path, keep_versions: int = 5):
+        self.root = Path(models_dir).resolve()
+        self.keep_versions = max(1, int(keep_versions))
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # -- state ----------------------------------------------------------------------------------
+    @property
+    def state_path(self) -> Path:
+        return self.root / STATE_FILE
+
+    def read_state(self) -> StoreState:
+        """The persisted state; a missing file is the empty state. An unreadable file is an error, never guessed."""
+        try:
+            text = self.state_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return StoreState()
+        stripped = text.strip()
+        if not stripped:
+            return StoreState()
+        if not stripped.startswith("{"):  # hand-written "name/version" pointer
+            name, version = split_ref(stripped.splitlines()[0])
+            return StoreState(active=ref(name, version))
+        try:
+            raw = json.loads(stripped)
+            known = {k: raw[k] for k in StoreState.__dataclass_fields__ if k in raw}
+            state = StoreState(**known)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise StoreError("bad_state", f"{self.state_path} is not a valid state file ({exc})", status=500) from None
+        if state.active is not None:
+            split_ref(state.active)
+        return state
+
+    def pointer(self) -> tuple[str, bool] | None:
+        """(active ref, allow_contract_change) as persisted, or None. Cheap: what watch mode polls."""
+        state = self.read_state()
+        return (state.active, state.allow_contract_change) if state.active else None
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        # Advisory lock: the service and `oodguard deploy --models-dir` may write the state concurrently.
+        with open(self.root / _LOCK_FILE, "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _write_state(self, state: StoreState) -> None:
+        state.updated_at = _now()
+        state.events = state.events[-_MAX_EVENTS:]
+        atomic_write_text(self.state_path, state.to_json())
+        _fsync_dir(self.root)  # make the rename itself durable
+
+    def set_active(self, name: str, version: str, allow_contract_change: bool = False, action: str = "activate") -> StoreState:
+        """Persist `name/version` as active; the previous active goes onto the rollback history."""
+        target = ref(name, version)
+        if not self.version_dir(name, version).is_dir():
+            raise StoreError("not_found", f"version {target} is not in {self.root}", status=404)
+        with self._locked():
+            state = self.read_state()
+            previous = state.active
+            if previous and previous != target:
+                state.history = [h for h in state.history if h != target] + [previous]
+            state.active = target
+            state.allow_contract_change = allow_contract_change
+            state.events.append({"at": _now(), "action": action, "from": previous, "to": target})
+            self._write_state(state)
+        return state
+
+    def rollback_target(self) -> str | None:
+        """The newest history entry that still exists on disk and is not the active version."""
+        state = self.read_state()
+        for candidate in reversed(state.history):
+            if candidate != state.active and self.version_dir(*split_ref(candidate)).is_dir():
+                return candidate
+        return None
+
+    def commit_rollback(self, target: str) -> StoreState:
+        """Make `target` active and drop it (and anything newer) from the history stack."""
+        with self._locked():
+            state = self.read_state()
+            previous = state.active
+            if target in state.history:
+                state.history = state.history[: state.history.index(target)]
+            state.active = target
+            state.allow_contract_change = True  # it was served before: going back is consented
+            state.events.append({"at": _now(), "action": "rollback", "from": previous, "to": target})
+            self._write_state(state)
+        return state
+
+    def record_event(self, action: str, **details: Any) -> None:
+        with self._locked():
+            state = self.read_state()
+            state.events.append({"at": _now(), "action": action, **details})
+            self._write_state(state)
+
+    # -- versions -------------------------------------------------------------------------------
+    def version_dir(self, name: str, version: str) -> Path:
+        split_ref(ref(name, version))  # refuses separators
+        if name.startswith(".") or version.startswith(".") or ".." in name or ".." in version:
+            raise StoreError("bad_name", f"{ref(name, version)!r} is not a valid name/version", status=422)
+        return self.root / name / version
+
+    def list_versions(self) -> list[tuple[str, str, Path]]:
+        """(name, version, dir) for every directory that holds a manifest.json, sorted by registration time."""
+        out = []
+        for name_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for vdir in sorted(p for p in name_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                if (vdir / MANIFEST_FILE).is_file():
+                    out.append((name_dir.name, vdir.name, vdir))
+        registered = self.read_state().registered
+        return sorted(out, key=lambda t: (registered.get(ref(t[0], t[1]), ""), t[0], t[1]))
+
+    def registered_at(self, name: str, version: str) -> str | None:
+        return self.read_state().registered.get(ref(name, version))
+
+    # -- adding bundles -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def staging_dir(self) -> Iterator[Path]:
+        """A fresh temp dir inside the models dir (same filesystem, so `install` is a rename); removed on exit."""
+        incoming = self.root / _INCOMING
+        incoming.mkdir(exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=incoming, prefix="stage-"))
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def install(self, staged_bundle: Path) -> tuple[str, str, Path, bool]:
+        """Move a staged (already verified) bundle to `<name>/<version>`. Returns (name, version, dir, created).
+
+        Re-installing identical content is a no-op; a different bundle under an existing version is refused.
+        """
+        manifest = load_manifest(staged_bundle)
+        dest = self.version_dir(manifest.name, manifest.version)
+        if dest.exists():
+            if manifest_sha256(dest) == manifest_sha256(staged_bundle):
+                return manifest.name, manifest.version, dest, False
+            raise StoreError(
+                "version_exists",
+                f"{ref(manifest.name, manifest.version)} already exists with different contents; bump the version",
+            )
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(staged_bundle, dest)
+        _fsync_dir(dest.parent)
+        with self._locked():
+            state = self.read_state()
+            state.registered[ref(manifest.name, manifest.version)] = _now()
+            state.events.append({"at": _now(), "action": "register", "to": ref(manifest.name, manifest.version)})
+            self._write_state(state)
+        return manifest.name, manifest.version, dest, True
+
+    def is_inside(self, path: str | Path) -> bool:
+        try:
+            Path(path).resolve().relative_to(self.root)
+        except ValueError:
+            return False
+        return True
+
+    def prune(self, name: str) -> list[str]:
+        """Delete the oldest versions of `name` beyond `keep_versions`, never the active one."""
+        state = self.read_state()
+        mine = [(n, v, d) for n, v, d in self.list_versions() if n == name]
+        excess = len(mine) - self.keep_versions
+        removed: list[str] = []
+        for n, v, d in mine:
+            if excess <= 0:
+                break
+            if ref(n, v) == state.active:
+                continue
+            # Rename first so a half-deleted bundle never sits at a path that looks valid.
+            with self.staging_dir() as trash:
+                os.rename(d, trash / "bundle")
+            removed.append(ref(n, v))
+            excess -= 1
+        if removed:
+            log.info("pruned old versions %s (keep_versions=%d)", removed, self.keep_versions)
+            self.record_event("prune", removed=removed)
+        return removed
+
+
+# -- safe tar extraction ---------------------------------------------------------------------------
+
+
+def safe_extract_tar(fileobj: BinaryIO, dest: Path, limits: TarLimits = TarLimits()) -> Path:
+    """Extract a (gzipped) tar of one bundle into the empty dir `dest`; return the bundle root inside it.
+
+    Refused (BundleError check "archive"): absolute paths, `..`, links of any kind, devices/fifos,
+    more than `max_members` entries or `max_total_bytes` of content. Every member is checked from its
+    header *before* anything is written, and extraction then uses tarfile's "data" filter as a second guard.
+    """
+    try:
+        tar = tarfile.open(fileobj=fileobj, mode="r:*")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise BundleError("archive", f"not a readable tar / tar.gz archive ({exc})") from None
+    with tar:
+        members: list[tarfile.TarInfo] = []
+        total = 0
+        try:
+            for member in tar:
+                members.append(member)
+                if len(members) > limits.max_members:
+                    raise BundleError("archive", f"more than {limits.max_members} entries")
+                _check_member(member)
+                total += member.size
+                if total > limits.max_total_bytes:
+                    raise BundleError("archive", f"content exceeds {limits.max_total_bytes} bytes uncompressed")
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+            raise BundleError("archive", f"corrupt archive ({exc})") from None
+        if not members:
+            raise BundleError("archive", "the archive is empty")
+        try:
+            tar.extractall(dest, members=members, filter="data")
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+            raise BundleError("archive", f"extraction failed ({exc})") from None
+    return _bundle_root(dest)
+
+
+def _check_member(member: tarfile.TarInfo) -> None:
+    name = member.name
+    parts = Path(name).parts
+    if name.startswith(("/", "\\")) or Path(name).is_absolute() or (parts and ":" in parts[0]):
+        raise BundleError("archive", f"absolute path {name!r} in archive")
+    if ".." in parts or ".." in name.replace("\\", "/").split("/"):
+        raise BundleError("archive", f"path {name!r} escapes the bundle ('..')")
+    if member.issym() or member.islnk():
+        raise BundleError("archive", f"link {name!r} in archive; bundles hold regular files only")
+    if not (member.isfile() or member.isdir()):
+        raise BundleError("archive", f"{name!r} is not a regular file or directory (device, fifo, ...)")
+
+
+def _bundle_root(dest: Path) -> Path:
+    """Bundles are tarred either flat or under one top-level directory; find the one with the manifest."""
+    if (dest / MANIFEST_FILE).is_file():
+        return dest
+    children = [p for p in dest.iterdir()]
+    if len(children) == 1 and children[0].is_dir() and (children[0] / MANIFEST_FILE).is_file():
+        return children[0]
+    raise BundleError("archive", "no manifest.json at the top of the archive (or inside its single top-level folder)")
+
+
+def copy_bundle(src: Path, dest: Path) -> Path:
+    """Copy a bundle directory (regular files and dirs only) to `dest` (must not exist)."""
+
+    def _refuse_links(directory: str, names: list[str]) -> list[str]:
+        for n in names:
+            if os.path.islink(os.path.join(directory, n)):
+                raise BundleError("files", f"{os.path.join(directory, n)} is a symbolic link")
+        return []
+
+    shutil.copytree(src, dest, symlinks=True, ignore=_refuse_links)
+    return dest
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
