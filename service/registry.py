@@ -174,13 +174,22 @@ class ModelRegistry:
         return old
 
     # -- loading ------------------------------------------------------------------------------------
-    def _load(self, bundle_dir: Path) -> tuple[LoadedModel, dict[str, float], list[str]]:
-        """Validate + warm a bundle. Raises BundleError naming the failed check; touches no shared state."""
+    def _load(self, bundle_dir: Path, expect: str | None = None) -> tuple[LoadedModel, dict[str, float], list[str]]:
+        """Validate + warm a bundle. Raises BundleError naming the failed check; touches no shared state.
+
+        `expect` ("name/version"): the store path it was found under, which its manifest must match.
+        """
         threads = int(getattr(self.settings, "intra_op_threads", 1) or 1)
         t0 = time.perf_counter()
         # verify_bundle hashes every file before onnxruntime ever parses the graph; we then serve the
         # very session it verified.
         report = verify_bundle(bundle_dir, intra_op_threads=threads)
+        if expect is not None and ref(report.manifest.name, report.manifest.version) != expect:
+            raise BundleError(
+                "location",
+                f"the manifest says {ref(report.manifest.name, report.manifest.version)} "
+                f"but the bundle is stored as {expect}",
+            )
         calibration = load_calibration(bundle_dir, report.manifest)
         t1 = time.perf_counter()
         model = LoadedModel(bundle_dir, report.manifest, report.sha256, report.session, calibration)
@@ -224,7 +233,7 @@ class ModelRegistry:
         errors = []
         for candidate in dict.fromkeys(candidates):
             try:
-                model, timings, _ = self._load(self.store.version_dir(*split_ref(candidate)))
+                model, timings, _ = self._load(self.store.version_dir(*split_ref(candidate)), expect=candidate)
             except (BundleError, StoreError) as exc:
                 errors.append(f"{candidate}: {exc}")
                 log.error("cannot serve %s: %s", candidate, exc)
@@ -350,8 +359,10 @@ class ModelRegistry:
             vdir = store.version_dir(name, version)
             if not vdir.is_dir():
                 raise RegistryError("not_found", f"version {ref(name, version)} is not in the models directory", 404)
-            return self._swap_to(vdir, allow_contract_change, action, persist=lambda: store.set_active(
-                name, version, allow_contract_change, action=action))
+            return self._swap_to(
+                vdir, ref(name, version), allow_contract_change, action,
+                persist=lambda: store.set_active(name, version, allow_contract_change, action=action),
+            )
 
     def rollback(self) -> SwapResult:
         """Go back to the previously active version (repeatable: walks back through the history)."""
@@ -361,12 +372,14 @@ class ModelRegistry:
             if target is None:
                 raise RegistryError("no_history", "there is no previous version to roll back to", 409)
             name, version = split_ref(target)
-            return self._swap_to(store.version_dir(name, version), True, "rollback", persist=lambda: store.commit_rollback(target))
+            return self._swap_to(
+                store.version_dir(name, version), target, True, "rollback", persist=lambda: store.commit_rollback(target)
+            )
 
-    def _swap_to(self, vdir: Path, allow_contract_change: bool, action: str, persist) -> SwapResult:
+    def _swap_to(self, vdir: Path, target: str, allow_contract_change: bool, action: str, persist) -> SwapResult:
         old = self._active
         try:
-            new, timings, checks = self._load(vdir)
+            new, timings, checks = self._load(vdir, expect=target)
             if old is not None and not allow_contract_change:
                 changes = _contract_diff(old.manifest, new.manifest)
                 if changes:
