@@ -1,0 +1,187 @@
+"""Encoded image bytes -> the model's `image` tensor, exactly as training prepares images.
+
+Steps, per the bundle's `InputSpec`:
+  1. `Image.open` parses only the header: format (JPEG, PNG, GIF, WebP, BMP, TIFF) and size are
+     checked against the limits *before* any pixel is decoded (decompression-bomb guard).
+  2. Decode the first frame (animated images), apply the EXIF orientation.
+  3. Convert to RGB: 16-bit and float images are scaled (not clipped) to 8 bits, CMYK/YCbCr/palette
+     are converted by Pillow, transparent pixels are composited onto white.
+  4. Resize the whole image (no crop) to the spec's size with the spec's filter, if it differs.
+  5. `np.asarray(img, float32) / 255`, HWC -> CHW.
+
+Every problem raises `ImageError(code, message, status)`; decoding never raises anything else.
+This module is pure CPU work: the service calls it from a thread pool, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .manifest import InputSpec
+
+log = logging.getLogger(__name__)
+
+# Formats we decode. Everything else (SVG, ICO, PDF, EPS, ...) is refused from its header.
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+_ALPHA_MODES = {"RGBA", "LA", "PA", "La", "RGBa"}
+_WIDE_INT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
+_SCALE = np.float32(255.0)
+
+
+class ImageError(Exception):
+    """An image the service will not process. `code` is stable; `status` is the HTTP status to answer."""
+
+    def __init__(self, code: str, message: str, status: int = 422, index: int | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+        self.index = index
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_pixels: int = 16_777_216  # width * height, from the header
+    max_image_side: int = 8192  # width or height, from the header
+
+    @classmethod
+    def from_settings(cls, settings) -> "ImageLimits":
+        return cls(max_pixels=settings.max_pixels, max_image_side=settings.max_image_side)
+
+
+def configure_pillow(limits: ImageLimits) -> None:
+    """Align Pillow's own bomb guard with ours and make it an error, not a warning (process-wide)."""
+    Image.MAX_IMAGE_PIXELS = limits.max_pixels
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+def decode_image(data: bytes, spec: InputSpec, limits: ImageLimits = ImageLimits()) -> np.ndarray:
+    """One encoded image -> uint8 array (H, W, 3) at the spec's size. Raises ImageError."""
+    if not data:
+        raise ImageError("invalid_image", "empty image (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError:
+        raise ImageError(
+            "unsupported_image_format",
+            f"not a supported image format (supported: {', '.join(ALLOWED_FORMATS)})",
+            status=415,
+        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError("too_many_pixels", f"image too large: {exc}", status=413) from None
+    except Exception as exc:  # malformed header: SyntaxError, OSError, struct.error, ...
+        raise ImageError("invalid_image", f"cannot read image header: {_short(exc)}") from None
+
+    with img:
+        width, height = img.size
+        fmt = img.format or "image"
+        if width < 1 or height < 1:
+            raise ImageError("invalid_image", f"{fmt} declares an empty size {width}x{height}")
+        if width > limits.max_image_side or height > limits.max_image_side:
+            raise ImageError(
+                "image_too_large",
+                f"{fmt} is {width}x{height}; the largest side allowed is {limits.max_image_side} px",
+                status=413,
+            )
+        if width * height > limits.max_pixels:
+            raise ImageError(
+                "too_many_pixels",
+                f"{fmt} is {width}x{height} = {width * height} pixels; at most {limits.max_pixels} allowed",
+                status=413,
+            )
+        try:
+            img.load()  # the first frame only, for animated GIF / WebP / TIFF
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageError("too_many_pixels", f"image too large: {exc}", status=413) from None
+        except Exception as exc:  # truncated data, corrupt stream, decoder errors
+            raise ImageError("invalid_image", f"cannot decode {fmt}: {_short(exc)}") from None
+        try:
+            return _to_model_array(img, spec)
+        except ImageError:
+            raise
+        except Exception as exc:  # an unusual mode Pillow cannot convert, etc.
+            raise ImageError("invalid_image", f"cannot convert {fmt} ({img.mode}) to RGB: {_short(exc)}") from None
+
+
+def _to_model_array(img: Image.Image, spec: InputSpec) -> np.ndarray:
+    try:
+        ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when there is nothing to do
+    except Exception as exc:  # malformed EXIF: keep the pixels as stored rather than refuse the image
+        log.debug("ignoring unreadable EXIF orientation: %s", exc)
+    rgb = _to_rgb(img)
+    size = (spec.width, spec.height)
+    if rgb.size != size:
+        rgb = rgb.resize(size, resample=_RESAMPLE[spec.resize])
+    arr = np.asarray(rgb, dtype=np.uint8)
+    if arr.shape != (spec.height, spec.width, 3):  # defensive: never hand a wrong shape to the batch
+        raise ImageError("invalid_image", f"decoded to shape {arr.shape}, expected {(spec.height, spec.width, 3)}")
+    return arr
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB" and "transparency" not in img.info:
+        return img
+    if mode in _WIDE_INT_MODES or mode == "F":
+        img = Image.fromarray(_to_uint8(np.asarray(img), mode), mode="L")
+        mode = "L"
+    if mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        background.alpha_composite(rgba)
+        return background.convert("RGB")
+    return img.convert("RGB")
+
+
+def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """Scale 16/32-bit integer or float pixels to 8 bits (Pillow's own convert would clip at 255)."""
+    a = arr.astype(np.float64)
+    if mode == "F":
+        peak = 1.0 if a.size == 0 or np.nanmax(a) <= 1.0 else 65535.0 if np.nanmax(a) > 255.0 else 255.0
+    else:
+        peak = 255.0 if a.size == 0 or a.max() <= 255 else 65535.0
+    return np.clip(np.rint(np.nan_to_num(a) * (255.0 / peak)), 0, 255).astype(np.uint8)
+
+
+def to_tensor(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """uint8 (H, W, 3) arrays -> contiguous float32 (N, 3, H, W) in [0, 1]: exactly `asarray(float32) / 255`."""
+    stacked = np.stack(arrays) if len(arrays) > 1 else arrays[0][None]
+    out = np.empty((stacked.shape[0], 3, stacked.shape[1], stacked.shape[2]), dtype=np.float32)
+    np.divide(stacked.transpose(0, 3, 1, 2), _SCALE, out=out)
+    return out
+
+
+def decode_images(blobs: Sequence[bytes], spec: InputSpec, limits: ImageLimits = ImageLimits()) -> np.ndarray:
+    """A request's images -> float32 (N, 3, H, W). The first bad image raises ImageError naming its index."""
+    arrays = []
+    for i, blob in enumerate(blobs):
+        try:
+            arrays.append(decode_image(blob, spec, limits))
+        except ImageError as exc:
+            raise ImageError(exc.code, f"image {i}: {exc.message}", exc.status, index=i) from None
+    return to_tensor(arrays)
+
+
+def preprocess_image(data: bytes, spec: InputSpec, limits: ImageLimits = ImageLimits()) -> np.ndarray:
+    """One encoded image -> float32 (3, H, W): what the service feeds the model (parity tests use this)."""
+    return to_tensor([decode_image(data, spec, limits)])[0]
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
