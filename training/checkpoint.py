@@ -1,0 +1,168 @@
+"""Checkpoints and run directories.
+
+A checkpoint is a dict of tensors and plain Python containers only, so `torch.load(weights_only=True)`
+reads it (no pickle of arbitrary objects). It is written atomically: temp file in the same directory,
+fsync, `os.replace`, fsync of the directory — a crash leaves either the old or the new file, never a
+torn one.
+
+Run directory layout (`--out runs/NAME`)::
+
+    config.json              resolved TrainConfig, model_config, data lineage (sha256), code version, environment
+    split.json               held-out calibration indices into the training file (+ seed, size, sha256)
+    log.jsonl                one JSON line per epoch (and a final summary line)
+    checkpoints/last.pt      latest state (every epoch, and on Ctrl-C / SIGTERM / budget end)
+    checkpoints/epoch_XXX.pt optional per-epoch copies
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CONFIG_FILE = "config.json"
+SPLIT_FILE = "split.json"
+LOG_FILE = "log.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or run directory is missing or unreadable; the message names the path."""
+
+
+def last_checkpoint_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not supported on every platform/filesystem; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """torch.save to a temp file next to `path`, fsync, then atomically replace `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError / UnpicklingError / EOFError / zipfile errors
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / CONFIG_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not a run directory (no {CONFIG_FILE})") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable run config ({exc})") from None
+
+
+def load_model_from_run(run_dir: str | Path, map_location: str | torch.device = "cpu", checkpoint: str | Path | None = None):
+    """(model in eval mode, run config dict) from `run_dir/checkpoints/last.pt` (or `checkpoint`).
+
+    The config dict is `config.json` (training config, model_config, data lineage, code version).
+    """
+    from .models import create_model  # local: keep this module importable without building models
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: run directory not found")
+    ckpt_path = Path(checkpoint) if checkpoint is not None else last_checkpoint_path(run_dir)
+    state = load_checkpoint(ckpt_path, map_location=map_location)
+    try:
+        config = read_run_config(run_dir)
+    except CheckpointError:
+        config = {"train": state.get("config", {}), "model_config": state.get("model_config", {})}
+    model_config = dict(state["model_config"])
+    model = create_model(**model_config)
+    model.load_state_dict(state["model"])
+    model.to(map_location)
+    model.eval()
+    return model, config
+
+
+def load_split(run_dir: str | Path) -> dict[str, Any]:
+    """split.json: {"cal_indices", "train_size", "calibration_size", "seed", "dataset_sha256", ...}."""
+    path = Path(run_dir) / SPLIT_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: run has no calibration split file") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable split file ({exc})") from None
+
+
+# -- RNG state as tensors / plain containers (weights_only-loadable) ----------------------------------
+
+
+def capture_rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_version, "internal": torch.tensor(py_internal, dtype=torch.int64), "gauss_next": py_gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

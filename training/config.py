@@ -1,0 +1,163 @@
+"""Training configuration: one typed dataclass with every knob, plus two named recipes.
+
+Recipes (`--recipe`):
+
+- `cpu` (default): `small_cnn`, channels_last, weight decay 5e-4, 30 epochs of schedule. Meant to be run
+  with `--time-budget SECONDS`: the cosine schedule is then fitted to the budget after a short timing
+  probe, so the learning rate reaches ~0 when the budget ends.
+- `paper`: the ALOE paper's recipe (DenseNet-BC-100, 100 epochs, SGD nesterov lr 0.1 cosine per
+  iteration to 1e-6, weight decay 1e-4, batches of 64 in + 128 out, PGD ε = 1/255, 2 steps of 1/255,
+  λ = 0.5, seed 1). A GPU job: `oodguard train --recipe paper --method aloe --out runs/paper`.
+
+Any explicit flag overrides the recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("msp", "oe", "adv", "aoe", "aloe")
+METHOD_HELP = {
+    "msp": "CE(f(x), y) — the plain classifier (scored later by max softmax)",
+    "oe": "CE(f(x), y) + λ·OE(f(x_out)) — outlier exposure",
+    "adv": "CE(f(x_adv), y) — PGD adversarial training on inliers",
+    "aoe": "CE(f(x_adv), y) + λ·OE(f(x_out)) — adversarial inliers, clean outliers",
+    "aloe": "CE(f(x_adv), y) + λ·OE(f(x_out_adv)) — adversarial inliers and adversarial outliers",
+}
+USES_OUTLIERS = {"oe", "aoe", "aloe"}
+ATTACKS_INLIERS = {"adv", "aoe", "aloe"}
+ATTACKS_OUTLIERS = {"aloe"}
+RECIPES: dict[str, dict[str, Any]] = {
+    "cpu": {"model": "small_cnn", "epochs": 30, "weight_decay": 5e-4, "channels_last": True},
+    "paper": {"model": "densenet100", "epochs": 100, "weight_decay": 1e-4, "channels_last": False, "seed": 1},
+}
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    method: str = "aloe"  # msp | oe | adv | aoe | aloe (see METHOD_HELP)
+    model: str = "small_cnn"  # a name from oodguard.training.models.list_models()
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra create_model kwargs, e.g. {"widths": [48, 96, 192]}
+    recipe: str = "cpu"  # cpu | paper: defaults applied before explicit flags
+    # data
+    data: str = "cifar10"  # 'cifar10', a dir holding cifar10_{train,test}.npz, an .npz, or a labelled image folder
+    outliers: str = "tinyimagenet"  # 'tinyimagenet', a dir holding tinyimagenet_outliers.npz, an .npz, or an image folder
+    data_dir: str | None = None  # where named datasets live (default $OODGUARD_DATA_DIR or ../shared/datasets)
+    cache_dir: str | None = None  # decoded-array cache (default $OODGUARD_CACHE_DIR or ~/.cache/oodguard)
+    on_corrupt: str = "fail"  # fail | skip: what a corrupt image does
+    subset: int | None = None  # train on a seeded random subset of N in-distribution images
+    calibration_size: int = 5000  # images held out of the training split for calibration
+    split_seed: int = 0  # seed of the calibration split (fixed, independent of --seed)
+    # run
+    out: str = "runs/default"
+    resume: bool = False
+    overwrite: bool = False
+    seed: int = 1
+    # length
+    epochs: int = 30  # schedule length in epochs of the (sharded) training set
+    max_steps: int | None = None  # schedule length in optimiser steps (overrides epochs)
+    time_budget: float | None = None  # seconds of training; stop cleanly, save, exit 0
+    fit_schedule_to_budget: bool = True  # with a time budget: shrink the cosine schedule to what fits
+    stop_at_step: int | None = None  # stop cleanly at this global step without changing the schedule
+    # optimisation (paper: SGD nesterov 0.9, lr 0.1 cosine per iteration to 1e-6)
+    batch_size: int = 64  # in-distribution images per step (per rank)
+    outlier_batch_size: int = 128  # outlier images per step (per rank)
+    lr: float = 0.1
+    min_lr: float = 1e-6
+    warmup_steps: int = 0  # linear warm-up before the cosine decay (0 in the paper)
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float | None = None  # None: 5e-4 for wrn* and small_cnn, else 1e-4
+    lambda_oe: float = 0.5  # weight of the OE loss
+    # training attack (pixel units; paper: ε = 1/255, 2 steps of 1/255, no random start)
+    eps: float = 1 / 255
+    attack_steps: int = 2
+    step_size: float = 1 / 255
+    random_start: bool = False
+    # BN during the attack: 'train' = as the reference (batch stats, running stats move);
+    # 'frozen' = batch stats, running stats untouched; 'eval' = running stats
+    attack_bn: str = "train"
+    # hardware
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool | None = None  # None: on for CUDA (bf16 autocast), off on CPU
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the model (CUDA mostly; slow first steps)
+    threads: int | None = None  # torch intra-op threads (default: cores available, / local ranks under DDP)
+    # reporting
+    log_every: int = 20  # steps between progress-bar updates
+    progress: bool = True  # tqdm bar on stderr (rank 0)
+    save_every_epochs: int = 1  # last.pt every N epochs (always at the end / on stop)
+    keep_epoch_checkpoints: bool = False  # also keep checkpoints/epoch_XXX.pt
+    eval_test: bool = True  # measure test accuracy at the end (logged, printed)
+
+    def resolved_weight_decay(self) -> float:
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return 5e-4 if self.model.startswith("wrn") or self.model == "small_cnn" else 1e-4
+
+    def validate(self) -> None:
+        """Raise ValueError with every problem named (the CLI turns it into a usage error)."""
+        from .models import list_models
+
+        problems = []
+        if self.method not in METHODS:
+            problems.append(f"unknown method {self.method!r}; valid methods: {', '.join(METHODS)}")
+        if self.model not in list_models():
+            problems.append(f"unknown model {self.model!r}; valid models: {', '.join(list_models())}")
+        if self.recipe not in RECIPES:
+            problems.append(f"unknown recipe {self.recipe!r}; valid recipes: {', '.join(RECIPES)}")
+        if self.on_corrupt not in ("fail", "skip"):
+            problems.append("on_corrupt must be 'fail' or 'skip'")
+        if self.attack_bn not in ("train", "frozen", "eval"):
+            problems.append("attack_bn must be 'train', 'frozen' or 'eval'")
+        for name in ("batch_size", "outlier_batch_size", "epochs", "log_every", "save_every_epochs"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1")
+        for name in ("max_steps", "subset", "stop_at_step", "threads"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                problems.append(f"{name} must be >= 1 when given")
+        if self.time_budget is not None and self.time_budget <= 0:
+            problems.append("time_budget must be > 0 seconds")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            problems.append("need lr > 0 and 0 <= min_lr <= lr")
+        if self.eps < 0 or self.step_size < 0 or self.attack_steps < 0:
+            problems.append("eps, attack_steps and step_size must be >= 0")
+        if self.calibration_size < 0 or self.lambda_oe < 0 or self.warmup_steps < 0:
+            problems.append("calibration_size, lambda_oe and warmup_steps must be >= 0")
+        if self.resume and self.overwrite:
+            problems.append("--resume and --overwrite are mutually exclusive")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["weight_decay"] = self.resolved_weight_decay()
+        return d
+
+
+def resolve_config(recipe: str = "cpu", **overrides: Any) -> TrainConfig:
+    """TrainConfig defaults <- recipe <- explicit overrides (None means 'not given')."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; valid recipes: {', '.join(RECIPES)}")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
+    values = {**RECIPES[recipe], "recipe": recipe}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**values)
+
+
+def config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    """Rebuild a TrainConfig from `to_dict()` output (ignores keys this version does not know)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in d.items() if k in names})
+
+
+def config_json(config: TrainConfig) -> str:
+    return json.dumps(config.to_dict(), indent=2)

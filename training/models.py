@@ -1,0 +1,293 @@
+"""Model registry: CIFAR-sized classifiers whose input is float NCHW in [0, 1] pixel space.
+
+Every model normalises its input itself (CIFAR mean/std as buffers, the first step of `features`), so
+attacks, ε and exported ONNX graphs all live in [0, 1]. Every model exposes
+
+- `features(x) -> (N, D)`: penultimate features (Mahalanobis needs them),
+- `head`: the final `nn.Linear`, with `forward(x) == head(features(x))`,
+- `model_config`: `{"name", "num_classes", **kwargs}` so `create_model(**model_config)` rebuilds it,
+- `mean`, `std` (tuples) and `input_size = 32`: the preprocessing travels with the model.
+
+No in-place ops on views and no data-dependent control flow, so all of them export to ONNX.
+
+    model = create_model("small_cnn", num_classes=10)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+_REGISTRY: dict[str, Callable[..., OODNet]] = {}
+
+
+def register_model(name: str) -> Callable[[Callable[..., OODNet]], Callable[..., OODNet]]:
+    """Decorator: `@register_model("resnet18")` on a builder `fn(num_classes, **kwargs) -> OODNet`."""
+
+    def deco(fn: Callable[..., OODNet]) -> Callable[..., OODNet]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, num_classes: int = 10, **kwargs: Any) -> OODNet:
+    """Build a registered model; unknown names raise ValueError listing the valid ones."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(list_models())}")
+    if int(num_classes) < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    model = _REGISTRY[name](num_classes=int(num_classes), **kwargs)
+    model.model_config = {"name": name, "num_classes": int(num_classes), **kwargs}
+    return model
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel; mean/std are buffers so they are saved and exported with the model."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class OODNet(nn.Module):
+    """Base class: normalise -> `body` (to pooled penultimate features) -> `head` (linear)."""
+
+    input_size = 32
+
+    def __init__(self, feature_dim: int, num_classes: int, mean=CIFAR10_MEAN, std=CIFAR10_STD):
+        super().__init__()
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.num_classes = num_classes
+        self.feature_dim = feature_dim
+        self.normalize = Normalize(self.mean, self.std)
+        self.head = nn.Linear(feature_dim, num_classes)
+        self.model_config: dict[str, Any] = {}
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:  # normalised NCHW -> (N, feature_dim)
+        raise NotImplementedError
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.normalize(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _conv_bn(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+
+# -- small CNN (default) ----------------------------------------------------------------------------
+
+
+class SmallCNN(OODNet):
+    """A compact VGG-style net in the spirit of airbench, sized for 2 CPU cores.
+
+    Stem conv at 32x32, then three stages of [conv -> maxpool -> BN -> ReLU -> conv -> BN -> ReLU] at
+    32->16, 16->8, 8->4 (the pool comes right after the first conv, so the expensive second conv runs at
+    a quarter of the pixels), then global max+avg pooling. widths=(32, 64, 128): ~0.3 M parameters,
+    ~18 M multiply-adds per image.
+    """
+
+    def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (32, 64, 128), stem: int = 24, **kw):
+        widths = tuple(int(w) for w in widths)
+        super().__init__(feature_dim=2 * widths[-1], num_classes=num_classes, **kw)
+        layers: list[nn.Module] = _conv_bn(3, stem)
+        cin = stem
+        for w in widths:
+            layers += [
+                nn.Conv2d(cin, w, 3, padding=1, bias=False),
+                nn.MaxPool2d(2),
+                nn.BatchNorm2d(w),
+                nn.ReLU(),
+                *_conv_bn(w, w),
+            ]
+            cin = w
+        self.trunk = nn.Sequential(*layers)
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.trunk(x)
+        # max + mean pooling: max alone is what airbench uses; the mean half keeps gradients dense.
+        return torch.cat([torch.amax(h, dim=(2, 3)), torch.mean(h, dim=(2, 3))], dim=1)
+
+
+@register_model("small_cnn")
+def small_cnn(num_classes: int = 10, **kwargs: Any) -> OODNet:
+    return SmallCNN(num_classes=num_classes, **kwargs)
+
+
+# -- CIFAR ResNet-18 --------------------------------------------------------------------------------
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(OODNet):
+    """ResNet-18 for 32x32 inputs: 3x3 stem, no max-pool, stages of 64/128/256/512 channels (~11.2 M params)."""
+
+    def __init__(self, num_classes: int = 10, width: int = 64, **kw):
+        super().__init__(feature_dim=8 * width, num_classes=num_classes, **kw)
+        self.stem = nn.Sequential(*_conv_bn(3, width))
+        blocks: list[nn.Module] = []
+        cin = width
+        for i, mult in enumerate((1, 2, 4, 8)):
+            cout = width * mult
+            blocks += [_BasicBlock(cin, cout, 1 if i == 0 else 2), _BasicBlock(cout, cout, 1)]
+            cin = cout
+        self.blocks = nn.Sequential(*blocks)
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1), 1)
+
+
+@register_model("resnet18")
+def resnet18(num_classes: int = 10, **kwargs: Any) -> OODNet:
+    return ResNet18(num_classes=num_classes, **kwargs)
+
+
+# -- WideResNet-40-2 --------------------------------------------------------------------------------
+
+
+class _WideBlock(nn.Module):
+    """Pre-activation wide block (Zagoruyko & Komodakis), no dropout."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = F.relu(self.bn1(x))
+        y = self.conv2(F.relu(self.bn2(self.conv1(o))))
+        # as in the original WRN code, the projection shortcut takes the pre-activated input
+        return y + (x if self.shortcut is None else self.shortcut(o))
+
+
+class WideResNet(OODNet):
+    def __init__(self, num_classes: int = 10, depth: int = 40, widen: int = 2, **kw):
+        if (depth - 4) % 6:
+            raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
+        n = (depth - 4) // 6
+        widths = [16, 16 * widen, 32 * widen, 64 * widen]
+        super().__init__(feature_dim=widths[3], num_classes=num_classes, **kw)
+        self.stem = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
+        blocks: list[nn.Module] = []
+        cin = widths[0]
+        for g, stride in zip((1, 2, 3), (1, 2, 2)):
+            for i in range(n):
+                blocks.append(_WideBlock(cin, widths[g], stride if i == 0 else 1))
+                cin = widths[g]
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(cin)
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn(self.blocks(self.stem(x))))
+        return torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)
+
+
+@register_model("wrn40_2")
+def wrn40_2(num_classes: int = 10, **kwargs: Any) -> OODNet:
+    return WideResNet(num_classes=num_classes, **{"depth": 40, "widen": 2, **kwargs})
+
+
+# -- DenseNet-BC-100 (the paper's model) ------------------------------------------------------------
+
+
+class _DenseLayer(nn.Module):
+    """BN-ReLU-conv1x1(4k)-BN-ReLU-conv3x3(k), output concatenated to the input."""
+
+    def __init__(self, cin: int, growth: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, 4 * growth, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4 * growth)
+        self.conv2 = nn.Conv2d(4 * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv2(F.relu(self.bn2(self.conv1(F.relu(self.bn1(x))))))
+        return torch.cat([x, y], dim=1)
+
+
+class _Transition(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(cin)
+        self.conv = nn.Conv2d(cin, cout, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(self.conv(F.relu(self.bn(x))), 2)
+
+
+class DenseNetBC(OODNet):
+    """DenseNet-BC (bottleneck + compression 0.5, no dropout); depth 100, growth 12 -> ~0.77 M params."""
+
+    def __init__(self, num_classes: int = 10, depth: int = 100, growth: int = 12, reduction: float = 0.5, **kw):
+        if (depth - 4) % 6:
+            raise ValueError(f"DenseNet-BC depth must be 6n+4, got {depth}")
+        n = (depth - 4) // 6
+        layers: list[nn.Module] = []
+        c = 2 * growth
+        stem = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        for block in range(3):
+            for _ in range(n):
+                layers.append(_DenseLayer(c, growth))
+                c += growth
+            if block < 2:
+                cout = int(c * reduction)
+                layers.append(_Transition(c, cout))
+                c = cout
+        super().__init__(feature_dim=c, num_classes=num_classes, **kw)
+        self.stem = stem
+        self.dense = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm2d(c)
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn(self.dense(self.stem(x))))
+        return torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)
+
+
+@register_model("densenet100")
+def densenet100(num_classes: int = 10, **kwargs: Any) -> OODNet:
+    return DenseNetBC(num_classes=num_classes, **{"depth": 100, "growth": 12, **kwargs})
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
