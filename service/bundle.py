@@ -64,6 +64,7 @@ def write_manifest(bundle_dir: str | Path, manifest: BundleManifest) -> BundleMa
     root = Path(bundle_dir)
     final = manifest.model_copy(update={"files": bundle_files(root)})
     final = BundleManifest.model_validate(final.model_dump())  # re-run validators on the final object
+    final = final.model_copy(update={"content_sha256": final.compute_content_sha256()})
     atomic_write_text(root / MANIFEST_FILE, final.to_json())
     return final
 
@@ -192,6 +193,12 @@ def verify_bundle(bundle_dir: str | Path, intra_op_threads: int = 1, session=Non
     for rel, digest in manifest.files.items():
         if actual[rel] != digest:
             raise BundleError("hash", f"sha256 mismatch for {rel}: manifest {digest[:12]}…, file {actual[rel][:12]}…")
+    # after the per-file hashes, so a tampered pin is reported as the file it no longer matches
+    if manifest.content_sha256 is None:
+        raise BundleError("hash", f"{MANIFEST_FILE} has no content_sha256 (it was not written by write_manifest)")
+    if manifest.compute_content_sha256() != manifest.content_sha256:
+        raise BundleError("hash", f"{MANIFEST_FILE} was edited after it was written: its content no longer "
+                                  "matches its content_sha256")
     report.checks.append("hashes")
 
     load_calibration(root, manifest)

@@ -17,6 +17,7 @@ JSON and npy/npz only: nothing in a bundle is ever unpickled or executed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from datetime import datetime, timezone
@@ -109,6 +110,9 @@ class BundleManifest(_Strict):
     training: dict[str, Any] = Field(default_factory=dict)  # resolved training config, method, model
     lineage: Lineage = Field(default_factory=Lineage)
     files: dict[str, str] = Field(default_factory=dict)  # relative path -> sha256, every file but manifest.json
+    # sha256 of this manifest's own content (canonical JSON of every other field), set by
+    # `bundle.write_manifest`: `verify_bundle` refuses a manifest edited after it was written.
+    content_sha256: str | None = None
 
     @field_validator("schema_version")
     @classmethod
@@ -167,6 +171,12 @@ class BundleManifest(_Strict):
             "outputs": sorted(self.outputs),
             "score": {"name": self.score.name, "output": self.score.output},
         }
+
+    def compute_content_sha256(self) -> str:
+        """sha256 of the canonical JSON (sorted keys, no whitespace) of every field but `content_sha256`."""
+        payload = self.model_dump(mode="json", exclude={"content_sha256"})
+        canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
