@@ -1,7 +1,140 @@
-"""CLI commands (placeholder until implemented)."""
+"""`oodguard serve`: run the inference service under uvicorn (one worker, programmatic).
+
+Every flag mirrors a `Settings` field; a flag left out falls back to its `OODGUARD_*` environment
+variable, then to the default. Bad values exit with status 2 and a message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
 
 import typer
+from pydantic import ValidationError
+
+log = logging.getLogger(__name__)
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err.get("loc", ())) or "settings"
+        parts.append(f"{field}: {err.get('msg')}")
+    return "; ".join(parts)
+
+
+def build_settings(**overrides):
+    """Settings from the environment with the given (non-None) flag values on top. Exits 2 on bad values."""
+    from .settings import Settings
+
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        typer.echo(f"error: invalid settings: {_describe(exc)}", err=True)
+        raise typer.Exit(2) from None
+
+
+def run_server(settings) -> int:
+    """Serve until SIGINT/SIGTERM; returns the process exit status (0 = clean shutdown)."""
+    import uvicorn
+
+    from .app import create_app
+
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        workers=1,  # one process: the model, its threads and the batcher are per process
+        http=settings.http,
+        lifespan="on",
+        log_level=settings.log_level.lower(),
+        access_log=settings.access_log,
+        server_header=False,
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        timeout_keep_alive=max(1, int(round(settings.keep_alive_timeout_s))),
+        timeout_graceful_shutdown=max(1, int(round(settings.graceful_shutdown_s))),
+        limit_concurrency=settings.limit_concurrency,
+    )
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn exits 3 itself when the lifespan startup fails
+        if not server.started:
+            return 2
+        return int(exc.code or 0)
+    if not server.started:
+        return 2
+    return 0
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root `oodguard` app."""
+    """Add `serve` to the root `oodguard` app."""
+
+    @app.command("serve")
+    def serve(
+        bundle: Path | None = typer.Option(None, "--bundle", help="Bundle directory to serve. Env: OODGUARD_BUNDLE."),
+        models_dir: Path | None = typer.Option(
+            None, "--models-dir", help="Versioned model store <dir>/<name>/<version>/ for hot-swap. Env: OODGUARD_MODELS_DIR."
+        ),
+        host: str | None = typer.Option(None, "--host", help="Interface to bind. Default: 127.0.0.1."),
+        port: int | None = typer.Option(None, "--port", help="TCP port. Default: 8000."),
+        max_batch: int | None = typer.Option(None, "--max-batch", help="Images per batch at most. Default: 32."),
+        max_wait_ms: float | None = typer.Option(None, "--max-wait-ms", help="Longest wait to fill a batch. Default: 5."),
+        batching: bool | None = typer.Option(None, "--batching/--no-batching", help="Dynamic batching. Default: on."),
+        threads: int | None = typer.Option(None, "--threads", help="onnxruntime intra-op threads. Default: 1."),
+        decode_threads: int | None = typer.Option(None, "--decode-threads", help="Image decoding threads. Default: 2."),
+        max_body_bytes: int | None = typer.Option(None, "--max-body-bytes", help="Largest request body. Default: 16 MiB."),
+        max_images: int | None = typer.Option(None, "--max-images", help="Images per request at most. Default: 64."),
+        max_pixels: int | None = typer.Option(None, "--max-pixels", help="Largest width*height. Default: 16777216."),
+        max_image_side: int | None = typer.Option(None, "--max-image-side", help="Largest width or height. Default: 8192."),
+        request_timeout_s: float | None = typer.Option(None, "--request-timeout", help="Seconds to wait for inference. Default: 30."),
+        watch_interval_s: float | None = typer.Option(
+            None, "--watch-interval", help="Poll the models dir's ACTIVE pointer every N s (0 = off). Default: 0."
+        ),
+        keep_versions: int | None = typer.Option(None, "--keep-versions", help="Versions kept for rollback. Default: 5."),
+        http: str | None = typer.Option(None, "--http", help="uvicorn HTTP parser: auto, h11, httptools. Default: auto."),
+        access_log: bool | None = typer.Option(None, "--access-log/--no-access-log", help="Log every request. Default: off."),
+        log_level: str | None = typer.Option(None, "--log-level", help="Logging level. Default: INFO."),
+    ) -> None:
+        """Serve a bundle over HTTP: /v1/predict, /v1/models, /v2 (Open Inference Protocol), /metrics, /healthz, /readyz.
+
+        Every option can also be set by its OODGUARD_* environment variable; the admin token only by
+        OODGUARD_ADMIN_TOKEN (secrets do not belong on command lines).
+        """
+        settings = build_settings(
+            bundle=bundle,
+            models_dir=models_dir,
+            host=host,
+            port=port,
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            batching=batching,
+            intra_op_threads=threads,
+            decode_threads=decode_threads,
+            max_body_bytes=max_body_bytes,
+            max_images_per_request=max_images,
+            max_pixels=max_pixels,
+            max_image_side=max_image_side,
+            request_timeout_s=request_timeout_s,
+            watch_interval_s=watch_interval_s,
+            keep_versions=keep_versions,
+            http=http,
+            access_log=access_log,
+            log_level=log_level,
+        )
+        if settings.bundle is None and settings.models_dir is None:
+            typer.echo("error: give --bundle PATH or --models-dir DIR (or OODGUARD_BUNDLE / OODGUARD_MODELS_DIR)", err=True)
+            raise typer.Exit(2)
+        if settings.bundle is not None and not settings.bundle.is_dir():
+            typer.echo(f"error: bundle {settings.bundle} is not a directory", err=True)
+            raise typer.Exit(2)
+        if settings.models_dir is not None and settings.models_dir.exists() and not settings.models_dir.is_dir():
+            typer.echo(f"error: models dir {settings.models_dir} is not a directory", err=True)
+            raise typer.Exit(2)
+        logging.getLogger().setLevel(settings.log_level)
+        code = run_server(settings)
+        if code:
+            raise typer.Exit(code)
+        sys.stdout.flush()

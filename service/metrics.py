@@ -8,8 +8,8 @@ Names follow Prometheus conventions: prefix `oodguard_`, counters end in `_total
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
 # Request latency: sub-millisecond loopback hits up to slow multi-image requests.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -18,7 +18,8 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 _P_VALUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+# The classic text format (0.0.4): every Prometheus 2.x and 3.x parses it; our names need no escaping.
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 DECISIONS = ("accept", "reject")
 
 
@@ -26,6 +27,7 @@ class ServiceMetrics:
     """The service's metrics. Pass `registry` to share one; by default each instance gets its own."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
+        disable_created_metrics()  # no `_created` series: noise for dashboards (process-wide, idempotent)
         r = self.registry = registry if registry is not None else CollectorRegistry()
         self.requests = Counter(
             "oodguard_requests", "HTTP requests by route template and status code.", ["endpoint", "status"], registry=r
@@ -46,7 +48,9 @@ class ServiceMetrics:
         self.batch_size = Histogram(
             "oodguard_batch_size", "Images per onnxruntime call.", buckets=_BATCH_BUCKETS, registry=r
         )
-        self.queue_depth = Gauge("oodguard_queue_depth", "Images waiting for inference.", registry=r)
+        self.queue_depth = Gauge(
+            "oodguard_queue_depth", "Images accepted for inference and not yet answered (queued or running).", registry=r
+        )
         self.ood_score = Histogram(
             "oodguard_ood_score", "Served OOD score per image (higher = more in-distribution).", buckets=_SCORE_BUCKETS,
             registry=r,
@@ -63,7 +67,7 @@ class ServiceMetrics:
         )
         self.model_info = Info("oodguard_model", "The active bundle: name, version, sha256.", registry=r)
         self.model_swaps_total = Counter(
-            "oodguard_model_swaps", "Model activations / rollbacks by result (ok, failed, rollback).", ["result"],
+            "oodguard_model_swaps", "Model swaps by result (success, rollback, failure, rejected); counted by the registry.", ["result"],
             registry=r,
         )
         self.inference_errors = Counter(

@@ -62,6 +62,7 @@ class Settings(BaseSettings):
     keep_alive_timeout_s: float = Field(5.0, gt=0.0, description="Idle keep-alive connections close after this.")
     limit_concurrency: int | None = Field(1024, ge=1, description="Connections+tasks before uvicorn answers 503.")
     graceful_shutdown_s: float = Field(30.0, gt=0.0, description="Longest wait for in-flight requests on shutdown.")
+    access_log: bool = Field(False, description="Log every request (uvicorn access log); off: it costs throughput.")
 
     log_level: LogLevel = Field("INFO", description="Python logging level.")
 

@@ -1,0 +1,126 @@
+"""The one middleware every request passes: request id, body-size limit, metrics, last-resort errors.
+
+Pure ASGI (no `BaseHTTPMiddleware`, which costs a task and a memory stream per request):
+
+- `X-Request-ID`: taken from the request when it is a sane token, else generated; stored in
+  `request.state.request_id` and echoed on every response.
+- Body limit: a declared `Content-Length` over the limit is answered 413 before any byte is read;
+  otherwise bytes are counted as they stream in and the read that crosses the limit raises
+  `ApiError(413)` (turned into JSON by the error handlers). `/admin` uses the larger upload limit.
+- `oodguard_requests_total{endpoint,status}` and `oodguard_request_duration_seconds{endpoint}`,
+  `endpoint` being the route template (`/v2/models/{name}/infer`), never the raw path.
+- Any exception that escapes the app is logged once with the request id and answered as a JSON 500
+  (if nothing was sent yet) instead of an HTML page or a dropped connection.
+- Lifespan: a startup failure is reported to the server as the short error message only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import ApiError, error_body
+
+log = logging.getLogger(__name__)
+
+_REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class ServiceMiddleware:
+    def __init__(self, app: ASGIApp, *, metrics, max_body_bytes: int, max_upload_bytes: int, upload_prefix: str = "/admin"):
+        self.app = app
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        self.max_upload_bytes = max_upload_bytes
+        self.upload_prefix = upload_prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, _short_lifespan_errors(scope, send))
+            return
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        start = time.perf_counter()
+        request_id = None
+        content_length = None
+        for key, value in scope["headers"]:
+            if key == b"x-request-id":
+                if _REQUEST_ID_RE.match(value):
+                    request_id = value.decode("ascii")
+            elif key == b"content-length":
+                try:
+                    content_length = int(value)
+                except ValueError:
+                    content_length = None
+        if request_id is None:
+            request_id = os.urandom(16).hex()
+        scope.setdefault("state", {})["request_id"] = request_id
+        rid_header = (b"x-request-id", request_id.encode("ascii"))
+        limit = self.max_upload_bytes if scope["path"].startswith(self.upload_prefix) else self.max_body_bytes
+        status = 500
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started = True
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), rid_header]
+            await send(message)
+
+        received = 0
+
+        async def receive_limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise ApiError(413, "body_too_large", f"request body exceeds {limit} bytes")
+            return message
+
+        try:
+            if content_length is not None and content_length > limit:
+                await _send_json(
+                    send_with_id, 413, "body_too_large", f"request body of {content_length} bytes exceeds {limit} bytes"
+                )
+            else:
+                await self.app(scope, receive_limited, send_with_id)
+        except Exception:
+            log.exception("unhandled error in %s %s (request %s)", scope.get("method"), scope.get("path"), request_id)
+            if not started:
+                await _send_json(send_with_id, 500, "internal_error", f"internal error; request id {request_id}")
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - start)
+
+
+async def _send_json(send: Send, status: int, code: str, message: str) -> None:
+    body = json.dumps(error_body(code, message)).encode()
+    headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _short_lifespan_errors(scope: Scope, send: Send) -> Send:
+    """Replace the traceback Starlette puts in `lifespan.startup.failed` by the error's own message."""
+
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "lifespan.startup.failed":
+            state = scope.get("app").state if scope.get("app") is not None else None
+            short = getattr(state, "startup_error", None)
+            if short:
+                message = {**message, "message": short}
+        await send(message)
+
+    return wrapped

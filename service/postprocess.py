@@ -1,0 +1,67 @@
+"""Model outputs -> per-image predictions: top-k, OOD score, conformal p-value, verdict.
+
+Vectorised over the images of one request. Computes nothing the bundle does not define: the
+probabilities and the score come from the ONNX graph, the threshold from the manifest's operating
+point, the p-value from the bundle's calibration scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .manifest import OperatingPoint
+
+
+class NonFiniteOutput(ValueError):
+    """The model produced NaN/inf for these images: no trustworthy answer exists."""
+
+
+@dataclass
+class Scored:
+    """One request's predictions plus the arrays the metrics record."""
+
+    predictions: list[dict]
+    scores: np.ndarray
+    p_values: np.ndarray
+    accepted: np.ndarray
+
+
+def score_outputs(model, outputs: dict[str, np.ndarray], top_k: int, op: OperatingPoint) -> Scored:
+    """`model`: LoadedModel (manifest, p_values); `outputs`: this request's rows of every graph output."""
+    manifest = model.manifest
+    probs = np.asarray(outputs["probs"])
+    n = probs.shape[0]
+    scores = np.asarray(outputs[manifest.score.output]).reshape(n)
+    if not (np.isfinite(probs).all() and np.isfinite(scores).all()):
+        raise NonFiniteOutput("the model produced non-finite outputs")
+    k = min(top_k, probs.shape[1])
+    # Stable descending order: ties keep the lower class index first, so answers are deterministic.
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    top_probs = np.take_along_axis(probs, order, axis=1)
+    p_values = model.p_values(scores)
+    accepted = scores >= op.threshold
+
+    classes = manifest.classes
+    score_name = manifest.score.name
+    threshold = float(op.threshold)
+    predictions = []
+    for idx_row, prob_row, score, p, ok in zip(
+        order.tolist(), top_probs.tolist(), scores.tolist(), p_values.tolist(), accepted.tolist()
+    ):
+        predictions.append(
+            {
+                "label": classes[idx_row[0]],
+                "class_index": idx_row[0],
+                "confidence": prob_row[0],
+                "top_k": [{"label": classes[i], "probability": q} for i, q in zip(idx_row, prob_row)],
+                "ood_score": score,
+                "score_name": score_name,
+                "p_value": p,
+                "threshold": threshold,
+                "operating_point": op.name,
+                "decision": "accept" if ok else "reject",
+            }
+        )
+    return Scored(predictions, scores, p_values, accepted)
