@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     # -- input limits ---------------------------------------------------------------------------
     max_body_bytes: int = Field(16 * _MIB, ge=1024, description="Largest request body (413 above).")
     max_upload_bytes: int = Field(512 * _MIB, ge=1024, description="Largest body on /admin (bundle uploads).")
+    max_bundle_bytes: int = Field(
+        2048 * _MIB, ge=1024, description="Largest unpacked size of an uploaded bundle archive (422 above)."
+    )
     max_images_per_request: int = Field(64, ge=1, le=4096, description="Images in one request at most (422 above).")
     max_pixels: int = Field(
         16_777_216, ge=1, description="Largest width*height, checked from the header before decoding (413 above)."
