@@ -298,7 +298,7 @@ class ModelRegistry:
     def register_tar(self, fileobj: BinaryIO | str | Path) -> dict[str, Any]:
         """Safely extract an uploaded bundle archive, validate it and install it. Does not activate."""
         store = self._require_store()
-        with store.staging_dir() as stage:
+        with self._counting_rejections(), store.staging_dir() as stage:
             if isinstance(fileobj, (str, Path)):
                 with open(fileobj, "rb") as fh:
                     root = safe_extract_tar(fh, stage / "x", self._tar_limits())
@@ -314,18 +314,23 @@ class ModelRegistry:
             raise RegistryError("outside_models_dir", f"{path} is not inside the models directory {store.root}", 400)
         if src.is_symlink() or not src.is_dir():
             raise RegistryError("not_a_bundle", f"{path} is not a bundle directory", 400)
-        with store.staging_dir() as stage:
+        with self._counting_rejections(), store.staging_dir() as stage:
             copy = copy_bundle(src.resolve(), stage / "bundle")
             return self._validate_and_install(store, copy)
+
+    @contextlib.contextmanager
+    def _counting_rejections(self) -> Iterator[None]:
+        try:
+            yield
+        except BundleError as exc:
+            self._count_swap("rejected")
+            log.warning("bundle refused at registration: %s", exc)
+            raise
 
     def _validate_and_install(self, store: ModelStore, root: Path) -> dict[str, Any]:
         threads = int(getattr(self.settings, "intra_op_threads", 1) or 1)
         t0 = time.perf_counter()
-        try:
-            report = verify_bundle(root, intra_op_threads=threads)
-        except BundleError:
-            self._count_swap("rejected")
-            raise
+        report = verify_bundle(root, intra_op_threads=threads)
         name, version, dest, created = store.install(root)
         active = self._active
         contract_changes = _contract_diff(active.manifest, report.manifest) if active else {}

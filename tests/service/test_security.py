@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,13 @@ ADMIN_ROUTES = [
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     return make_tiny_bundle(tmp_path_factory.mktemp("sec") / "b", "tiny", "1")
+
+
+@pytest.fixture(autouse=True)
+def _no_oodguard_env(monkeypatch):
+    # The developer's OODGUARD_* environment (a real admin token!) must not leak into these tests.
+    for key in [k for k in os.environ if k.startswith("OODGUARD_") and k != "OODGUARD_CACHE_DIR"]:
+        monkeypatch.delenv(key)
 
 
 def _client(tmp_path: Path, bundle: Path, token: str | None) -> TestClient:
