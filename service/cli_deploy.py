@@ -55,16 +55,19 @@ def _oodguard(*args: str) -> None:
         raise DeployError(f"`oodguard {args[0]}` failed with exit code {proc.returncode}")
 
 
-def bundle_from_run(run_dir: Path, out_dir: Path, name: str | None, version: str | None) -> Path:
-    """export + calibrate a training run into a bundle directory under `out_dir`."""
-    bundle = out_dir / "bundle"
-    export_args = ["export", str(run_dir), "--out", str(bundle)]
+def bundle_from_run(
+    run_dir: Path, out_dir: Path, name: str | None, version: str | None, data_dir: Path | None = None
+) -> Path:
+    """`oodguard export` + `oodguard calibrate` a training run into a bundle directory under `out_dir`."""
+    onnx_path, bundle = out_dir / "model.onnx", out_dir / "bundle"
+    data_args = ["--data-dir", str(data_dir)] if data_dir else []
+    _oodguard("export", str(run_dir), "--out", str(onnx_path), *data_args)
+    calibrate_args = ["calibrate", str(run_dir), "--onnx", str(onnx_path), "--out", str(bundle), "--no-tarball"]
     if name:
-        export_args += ["--name", name]
+        calibrate_args += ["--name", name]
     if version:
-        export_args += ["--version", version]
-    _oodguard(*export_args)
-    _oodguard("calibrate", str(bundle), "--run", str(run_dir))
+        calibrate_args += ["--version", version]
+    _oodguard(*calibrate_args, *data_args)
     return bundle
 
 
@@ -269,6 +272,9 @@ def deploy(
     ),
     name: Optional[str] = typer.Option(None, "--name", help="Bundle name (run directories only)."),
     version: Optional[str] = typer.Option(None, "--version", help="Bundle version (run directories only)."),
+    data_dir: Optional[Path] = typer.Option(
+        None, "--data-dir", envvar="OODGUARD_DATA_DIR", help="Datasets for export/calibrate (run directories only)."
+    ),
     keep_versions: int = typer.Option(5, "--keep-versions", min=1, help="Versions kept per model (--models-dir)."),
     timeout: float = typer.Option(120.0, "--timeout", help="HTTP timeout in seconds (--url)."),
 ) -> None:
@@ -280,7 +286,7 @@ def deploy(
         with tempfile.TemporaryDirectory(prefix="oodguard-deploy-") as work:
             work_dir = Path(work)
             if is_run_dir(source):
-                bundle = bundle_from_run(source, work_dir, name, version)
+                bundle = bundle_from_run(source, work_dir, name, version, data_dir)
             elif source.is_dir() and (source / MANIFEST_FILE).is_file():
                 bundle = source
             elif source.is_file() and tarfile.is_tarfile(source):

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
@@ -133,3 +139,93 @@ def test_unreachable_url_is_a_clear_error(tmp_path, src):
 def test_flat_metrics_puts_headline_numbers_first():
     flat = flat_metrics({"attacked": {"tiny": {"auroc": 0.7, "aupr_in": 0.6}}, "accuracy": 0.9, "note": "x", "ok": True})
     assert list(flat) == ["accuracy", "attacked.tiny.auroc", "attacked.tiny.aupr_in"]
+
+
+# -- against a real `oodguard serve` process ---------------------------------------------------------------
+
+TOKEN = "deploy-test-admin-token-0123456789"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _metric_line(text: str, prefix: str) -> str:
+    return next((line for line in text.splitlines() if line.startswith(prefix)), "")
+
+
+@pytest.fixture
+def live_server(src, tmp_path):
+    """`oodguard serve` on a loopback port with a models dir, the admin API on and the pointer watched."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OODGUARD_")}
+    env["OODGUARD_ADMIN_TOKEN"] = TOKEN
+    models = tmp_path / "models"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "oodguard.cli", "serve", "--bundle", str(src["1"]), "--models-dir", str(models),
+         "--port", str(port), "--watch-interval", "0.2", "--decode-threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"oodguard serve exited with {proc.returncode}:\n{proc.communicate()[0]}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("oodguard serve did not become ready in 60 s")
+        time.sleep(0.1)
+    yield base, models
+    proc.terminate()
+    try:
+        proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+
+
+def _active(base: str) -> str:
+    return httpx.get(f"{base}/v1/models", timeout=10).json()["active"]["version"]
+
+
+@pytest.mark.slow
+def test_deploy_and_rollback_over_http_to_a_running_server(live_server, src, tmp_path):
+    base, models = live_server
+    env = {"OODGUARD_ADMIN_TOKEN": TOKEN}
+    assert _active(base) == "1"
+
+    result = runner.invoke(app, ["deploy", str(src["2"]), "--url", base], env=env)
+    assert result.exit_code == 0, result.output
+    assert "tiny/1 -> tiny/2" in result.output and "validate" in result.output
+    assert _active(base) == "2"
+    metrics = httpx.get(f"{base}/metrics").text
+    assert 'version="2"' in _metric_line(metrics, "oodguard_model_info{")
+    assert _metric_line(metrics, 'oodguard_model_swaps_total{result="success"}').endswith(" 1.0")
+
+    wrong = runner.invoke(app, ["deploy", str(src["1"]), "--url", base], env={"OODGUARD_ADMIN_TOKEN": "x" * 20})
+    assert wrong.exit_code == 1 and "HTTP 403" in wrong.output
+    contract = runner.invoke(app, ["deploy", str(src["cc"]), "--url", base], env=env)
+    assert contract.exit_code == 1 and "contract" in contract.output and _active(base) == "2"
+
+    back = runner.invoke(app, ["rollback", "--url", base], env=env)
+    assert back.exit_code == 0, back.output
+    assert "tiny/2 -> tiny/1" in back.output and _active(base) == "1"
+
+
+@pytest.mark.slow
+def test_file_based_deploy_is_picked_up_by_a_watching_server(live_server, src):
+    base, models = live_server
+    result = runner.invoke(app, ["deploy", str(src["2"]), "--models-dir", str(models)])
+    assert result.exit_code == 0, result.output
+    deadline = time.monotonic() + 15
+    while _active(base) != "2" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _active(base) == "2"
+    assert 'version="2"' in _metric_line(httpx.get(f"{base}/metrics").text, "oodguard_model_info{")
