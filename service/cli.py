@@ -6,8 +6,11 @@ variable, then to the default. Bad values exit with status 2 and a message, neve
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import typer
@@ -58,15 +61,38 @@ def run_server(settings) -> int:
         limit_concurrency=settings.limit_concurrency,
     )
     server = uvicorn.Server(config)
-    try:
-        server.run()
-    except SystemExit as exc:  # uvicorn exits 3 itself when the lifespan startup fails
-        if not server.started:
-            return 2
-        return int(exc.code or 0)
+    with _signals_end_cleanly():
+        try:
+            server.run()
+        except SystemExit as exc:  # uvicorn exits 3 itself when the lifespan startup fails
+            if not server.started:
+                return 2
+            return int(exc.code or 0)
     if not server.started:
         return 2
     return 0
+
+
+@contextlib.contextmanager
+def _signals_end_cleanly():
+    """SIGTERM / SIGINT mean "stop": after uvicorn's graceful shutdown the process exits 0.
+
+    uvicorn re-raises the signal it caught once it has shut down, which would end the process
+    "killed by SIGTERM" (exit -15) even though every request completed. The handlers installed
+    here receive that re-raised signal instead, so a requested stop is a clean exit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda s, _frame: received.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if received:
+            log.info("stopped by %s", signal.Signals(received[0]).name)
 
 
 def register(app: typer.Typer) -> None:

@@ -175,7 +175,8 @@ def _input_tensor(body: V2InferRequest, model, max_images: int) -> np.ndarray:
         raise ApiError(
             422, "invalid_tensor", f"shape {tensor.shape} needs {math.prod(tensor.shape)} values, data has {len(tensor.data)}"
         )
-    images = np.asarray(tensor.data, dtype=np.float32).reshape(tensor.shape)
+    with np.errstate(over="ignore"):  # out-of-range values become inf and are refused just below
+        images = np.asarray(tensor.data, dtype=np.float32).reshape(tensor.shape)
     if not np.isfinite(images).all():
         raise ApiError(422, "invalid_tensor", "input contains NaN or infinite values")
     return images

@@ -1,0 +1,302 @@
+"""POST /v1/predict: every input form, the response schema, and every error path with its status."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+
+from oodguard.service import batching
+from oodguard.service.bundle import conformal_p_values
+from oodguard.service.manifest import load_manifest
+from oodguard.service.schemas import ErrorResponse, PredictResponse
+
+from .bundle_factory import encode_image
+
+RED, GREEN, BLUE, GREY = (255, 0, 0), (0, 255, 0), (0, 0, 255), (128, 128, 128)
+
+
+def _png(color=RED, size=(8, 8)) -> bytes:
+    return encode_image(color, size=size, fmt="PNG")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _labels(response) -> list[str]:
+    return [p["label"] for p in response.json()["predictions"]]
+
+
+def _assert_error(response, status: int, code: str, *in_message: str) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = ErrorResponse.model_validate(response.json())
+    assert body.error.code == code, body
+    for part in in_message:
+        assert part in body.error.message, body.error.message
+    return response.json()
+
+
+# -- input forms ----------------------------------------------------------------------------------
+
+
+def test_multipart_single_file_full_response(client, tiny_bundle):
+    r = client.post("/v1/predict", files={"file": ("red.png", _png(RED), "image/png")})
+    assert r.status_code == 200, r.text
+    body = PredictResponse.model_validate(r.json())
+    manifest = load_manifest(tiny_bundle)
+    assert body.model.name == "tiny" and body.model.version == "1" and len(body.model.sha256) == 64
+    assert body.request_id == r.headers["x-request-id"]
+    (pred,) = body.predictions
+    assert (pred.label, pred.class_index) == ("red", 0)
+    assert pred.confidence == pytest.approx(np.exp(10) / (np.exp(10) + 2), rel=1e-5)
+    assert [t.label for t in pred.top_k] == ["red", "green", "blue"]
+    assert pred.top_k[0].probability == pred.confidence
+    assert pred.score_name == "msp" and pred.ood_score == pytest.approx(pred.confidence)
+    assert pred.operating_point == manifest.default_operating_point
+    assert pred.threshold == pytest.approx(manifest.operating_point().threshold)
+    assert pred.decision == "accept"
+    calibration = np.load(tiny_bundle / "calibration.npy")
+    assert pred.p_value == pytest.approx(float(conformal_p_values(calibration, np.array([pred.ood_score]))[0]))
+
+
+def test_multipart_repeated_files_keep_order(client):
+    files = [("files", (f"{i}.png", _png(c), "image/png")) for i, c in enumerate([GREEN, BLUE, RED])]
+    r = client.post("/v1/predict", files=files)
+    assert r.status_code == 200, r.text
+    assert _labels(r) == ["green", "blue", "red"]
+
+
+@pytest.mark.parametrize("content_type", ["image/png", "image/jpeg", "application/octet-stream"])
+def test_raw_body(client, content_type):
+    r = client.post("/v1/predict", content=_png(BLUE), headers={"content-type": content_type})
+    assert r.status_code == 200, r.text
+    assert _labels(r) == ["blue"]
+
+
+def test_json_base64_and_data_url(client):
+    images = [_b64(_png(GREEN)), "data:image/png;base64," + _b64(_png(RED))]
+    r = client.post("/v1/predict", json={"images": images})
+    assert r.status_code == 200, r.text
+    assert _labels(r) == ["green", "red"]
+
+
+def test_grey_image_is_rejected_and_decision_follows_threshold(client):
+    r = client.post("/v1/predict", content=_png(GREY), headers={"content-type": "image/png"})
+    (pred,) = r.json()["predictions"]
+    assert pred["ood_score"] == pytest.approx(1 / 3, abs=1e-6)
+    assert pred["decision"] == "reject" and pred["ood_score"] < pred["threshold"]
+    assert pred["p_value"] == pytest.approx(1 / 201)  # below every calibration score: (1 + 0) / (200 + 1)
+
+
+def test_operating_point_and_top_k(client, tiny_bundle):
+    manifest = load_manifest(tiny_bundle)
+    r = client.post("/v1/predict?operating_point=tpr99&top_k=1", content=_png(RED), headers={"content-type": "image/png"})
+    (pred,) = r.json()["predictions"]
+    assert pred["operating_point"] == "tpr99"
+    assert pred["threshold"] == pytest.approx(manifest.operating_point("tpr99").threshold)
+    assert len(pred["top_k"]) == 1
+    r = client.post("/v1/predict?top_k=3", content=_png(GREY), headers={"content-type": "image/png"})
+    probs = [t["probability"] for t in r.json()["predictions"][0]["top_k"]]
+    assert probs == sorted(probs, reverse=True) and len(probs) == 3
+
+
+def test_request_id_is_echoed_or_generated(client):
+    r = client.post("/v1/predict", content=_png(), headers={"content-type": "image/png", "x-request-id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123" and r.json()["request_id"] == "abc-123"
+    r = client.post("/v1/predict", content=_png(), headers={"content-type": "image/png", "x-request-id": "bad id\t!"})
+    assert r.headers["x-request-id"] != "bad id\t!" and len(r.headers["x-request-id"]) == 32
+    err = client.post("/v1/predict", content=b"x", headers={"content-type": "text/plain", "x-request-id": "e-1"})
+    assert err.headers["x-request-id"] == "e-1"
+
+
+# -- errors -----------------------------------------------------------------------------------------
+
+
+def test_body_too_large_by_content_length(make_client):
+    c = make_client(max_body_bytes=2048)
+    r = c.post("/v1/predict", content=b"\0" * 4096, headers={"content-type": "image/png"})
+    _assert_error(r, 413, "body_too_large", "4096")
+
+
+def test_body_too_large_while_streaming(make_client):
+    c = make_client(max_body_bytes=2048)
+
+    def chunks():  # no Content-Length: the limit must be enforced by counting
+        for _ in range(8):
+            yield b"\0" * 1024
+
+    r = c.post("/v1/predict", content=chunks(), headers={"content-type": "image/png"})
+    assert "content-length" not in r.request.headers
+    _assert_error(r, 413, "body_too_large")
+    m = c.post("/v1/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=xyz"})
+    _assert_error(m, 413, "body_too_large")
+
+
+def test_too_many_pixels_and_side(make_client):
+    c = make_client(max_pixels=1000, max_image_side=100)
+    r = c.post("/v1/predict", content=_png(size=(40, 40)), headers={"content-type": "image/png"})
+    _assert_error(r, 413, "too_many_pixels", "image 0", "40x40")
+    r = c.post("/v1/predict", content=_png(size=(101, 1)), headers={"content-type": "image/png"})
+    _assert_error(r, 413, "image_too_large")
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/xml", "application/x-www-form-urlencoded"])
+def test_unsupported_content_type(client, content_type):
+    _assert_error(client.post("/v1/predict", content=b"abc", headers={"content-type": content_type}), 415, "unsupported_media_type")
+
+
+def test_missing_content_type(client):
+    _assert_error(client.post("/v1/predict", content=b"abc"), 415, "unsupported_media_type", "(none)")
+
+
+def test_not_an_image(client):
+    r = client.post("/v1/predict", files={"file": ("x.png", b"\x89PNX garbage bytes", "image/png")})
+    _assert_error(r, 415, "unsupported_image_format", "image 0")
+
+
+def test_one_bad_image_fails_the_request_naming_its_index(client):
+    truncated = encode_image(RED, size=(32, 32), fmt="PNG")[:70]
+    files = [("files", ("a.png", _png(), "image/png")), ("files", ("b.png", truncated, "image/png"))]
+    _assert_error(client.post("/v1/predict", files=files), 422, "invalid_image", "image 1")
+    r = client.post("/v1/predict", json={"images": [_b64(_png()), _b64(_png()), _b64(b"junk")]})
+    _assert_error(r, 415, "unsupported_image_format", "image 2")
+
+
+def test_too_many_images(make_client):
+    c = make_client(max_images_per_request=2)
+    files = [("files", (f"{i}.png", _png(), "image/png")) for i in range(3)]
+    _assert_error(c.post("/v1/predict", files=files), 422, "too_many_images", "2")
+    _assert_error(c.post("/v1/predict", json={"images": [_b64(_png())] * 3}), 422, "too_many_images")
+    assert c.post("/v1/predict", files=files[:2]).status_code == 200
+
+
+def test_no_images(client):
+    _assert_error(client.post("/v1/predict", json={"images": []}), 422, "no_images")
+    r = client.post("/v1/predict", files={"other": ("a.png", _png(), "image/png")})
+    _assert_error(r, 422, "no_images", "file")
+    _assert_error(client.post("/v1/predict", content=b"", headers={"content-type": "image/png"}), 422, "invalid_image", "empty")
+
+
+def test_text_field_named_file(client):
+    r = client.post("/v1/predict", data={"file": "not a file"}, files={"x": ("a.txt", b"1", "text/plain")})
+    _assert_error(r, 422, "invalid_multipart", "file")
+
+
+def test_malformed_multipart(client):
+    r = client.post("/v1/predict", content=b"--nope\r\n", headers={"content-type": "multipart/form-data"})
+    _assert_error(r, 422, "invalid_multipart")
+
+
+@pytest.mark.parametrize(
+    "body, code",
+    [
+        (b"{not json", "invalid_json"),
+        (b'["a list"]', "invalid_json"),
+        (b'{"images": "not a list"}', "invalid_json"),
+        (b"[" * 100_000 + b"]" * 100_000, "invalid_json"),
+        (json.dumps({"images": ["!!!not base64!!!"]}).encode(), "invalid_base64"),
+        (json.dumps({"images": [42]}).encode(), "invalid_base64"),
+        (json.dumps({"images": ["data:image/png;base64"]}).encode(), "invalid_base64"),
+    ],
+    ids=["syntax", "list", "images-not-list", "deep-nesting", "bad-base64", "not-string", "bad-data-url"],
+)
+def test_bad_json(client, body, code):
+    _assert_error(client.post("/v1/predict", content=body, headers={"content-type": "application/json"}), 422, code)
+
+
+def test_unknown_operating_point_and_bad_top_k(client):
+    ok = {"content": _png(), "headers": {"content-type": "image/png"}}
+    _assert_error(client.post("/v1/predict?operating_point=tpr50", **ok), 422, "unknown_operating_point", "tpr90", "tpr95")
+    _assert_error(client.post("/v1/predict?top_k=4", **ok), 422, "invalid_top_k", "3")
+    _assert_error(client.post("/v1/predict?top_k=0", **ok), 422, "validation_error", "top_k")
+    _assert_error(client.post("/v1/predict?top_k=abc", **ok), 422, "validation_error", "top_k")
+
+
+def test_not_ready_before_startup(make_settings):
+    from fastapi.testclient import TestClient
+
+    from oodguard.service.app import create_app
+
+    c = TestClient(create_app(make_settings()))  # no `with`: the lifespan never ran
+    r = c.post("/v1/predict", content=_png(), headers={"content-type": "image/png"})
+    _assert_error(r, 503, "not_ready")
+    assert r.headers["retry-after"] == "1"
+    assert c.get("/readyz").status_code == 503
+    assert c.get("/healthz").status_code == 200
+
+
+def test_queue_full_answers_503(client, monkeypatch):
+    async def full(images):
+        raise batching.QueueFull("inference queue is full (1024 images waiting); retry shortly")
+
+    monkeypatch.setattr(client.app.state.batcher, "infer", full)
+    r = client.post("/v1/predict", content=_png(), headers={"content-type": "image/png"})
+    _assert_error(r, 503, "queue_full")
+    assert r.headers["retry-after"] == "1"
+
+
+def test_inference_timeout_answers_503(make_client):
+    c = make_client(request_timeout_s=0.05, retry_after_s=3)
+    model = c.app.state.registry.active
+    original = model.run
+
+    def slow(images):
+        import time
+
+        time.sleep(0.5)
+        return original(images)
+
+    model.run = slow
+    r = c.post("/v1/predict", content=_png(), headers={"content-type": "image/png"})
+    _assert_error(r, 503, "timeout")
+    assert r.headers["retry-after"] == "3"
+
+
+def test_inference_failure_answers_503(make_client, poison_bundle):
+    c = make_client(bundle=poison_bundle)
+    white = encode_image((255, 255, 255), fmt="PNG")
+    r = c.post("/v1/predict", content=white, headers={"content-type": "image/png"})
+    _assert_error(r, 503, "inference_failed")
+    assert "retry-after" in r.headers
+    assert c.post("/v1/predict", content=_png(), headers={"content-type": "image/png"}).status_code == 200
+
+
+def test_unexpected_exception_is_a_json_500_not_a_traceback(client, monkeypatch):
+    from oodguard.service.routes import predict as predict_route
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(predict_route, "score_outputs", boom)
+    r = client.post("/v1/predict", content=_png(), headers={"content-type": "image/png"})
+    body = _assert_error(r, 500, "internal_error", r.headers["x-request-id"])
+    assert "secret" not in json.dumps(body) and "Traceback" not in r.text
+
+
+def test_unknown_route_and_method_are_json(client):
+    _assert_error(client.get("/v1/nope"), 404, "not_found")
+    _assert_error(client.get("/v1/predict"), 405, "method_not_allowed")
+
+
+def test_openapi_documents_forms_errors_and_examples(client):
+    spec = client.get("/openapi.json").json()
+    op = spec["paths"]["/v1/predict"]["post"]
+    assert set(op["requestBody"]["content"]) == {"multipart/form-data", "application/json", "image/*", "application/octet-stream"}
+    for status in ("200", "413", "415", "422", "503"):
+        assert status in op["responses"], status
+    for status in ("413", "415", "422", "503"):
+        content = op["responses"][status]["content"]["application/json"]
+        assert content["schema"]["$ref"].endswith("/ErrorResponse")
+        assert "example" in content
+    params = {p["name"]: p for p in op["parameters"]}
+    assert params["top_k"]["schema"]["default"] == 3 and params["top_k"]["schema"]["minimum"] == 1
+    schemas = spec["components"]["schemas"]
+    assert "examples" in schemas["PredictResponse"] and "examples" in schemas["Prediction"]
+    assert set(schemas["Prediction"]["properties"]) == {
+        "label", "class_index", "confidence", "top_k", "ood_score", "score_name", "p_value", "threshold",
+        "operating_point", "decision",
+    }

@@ -1,0 +1,83 @@
+"""A real `oodguard serve` process on a loopback port: predict, errors, metrics, clean SIGTERM shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from .bundle_factory import encode_image
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tiny_bundle):
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OODGUARD_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "oodguard.cli", "serve", "--bundle", str(tiny_bundle), "--port", str(port),
+         "--max-wait-ms", "2", "--decode-threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"oodguard serve exited with {proc.returncode}:\n{out}\n{err}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("oodguard serve did not become ready in 60 s")
+        time.sleep(0.1)
+    yield proc, base
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+def test_serve_predict_errors_metrics_and_clean_shutdown(server):
+    proc, base = server
+    with httpx.Client(base_url=base, timeout=10) as c:
+        r = c.post("/v1/predict", files={"file": ("img.png", encode_image((0, 255, 0), fmt="PNG"), "image/png")})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        (pred,) = body["predictions"]
+        assert pred["label"] == "green" and pred["decision"] == "accept"
+        for key in ("class_index", "confidence", "top_k", "ood_score", "score_name", "p_value", "threshold", "operating_point"):
+            assert key in pred
+        assert body["model"]["name"] == "tiny" and body["request_id"] == r.headers["x-request-id"]
+
+        garbage = c.post("/v1/predict", files={"file": ("x.jpg", os.urandom(512), "image/jpeg")})
+        assert 400 <= garbage.status_code < 500
+        assert garbage.headers["content-type"].startswith("application/json") and "code" in garbage.json()["error"]
+
+        huge = c.post("/v1/predict", content=b"\0" * (17 << 20), headers={"content-type": "image/png"})
+        assert huge.status_code == 413 and huge.json()["error"]["code"] == "body_too_large"
+
+        metrics = c.get("/metrics").text
+        assert 'oodguard_requests_total{endpoint="/v1/predict",status="200"} 1.0' in metrics
+        assert 'oodguard_decisions_total{decision="accept"} 1.0' in metrics
+        assert "server" not in {k.lower() for k in r.headers}  # no server banner
+
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "Traceback" not in out
