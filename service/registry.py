@@ -132,7 +132,8 @@ class ModelRegistry:
         )
         self._watch_thread: threading.Thread | None = None
         self._watch_stop = threading.Event()
-        self._watch_failed: tuple[str, bool] | None = None  # pointer that failed; not retried until it changes
+        # The state-file signature whose pointer failed: not retried until the file is rewritten.
+        self._watch_failed: tuple[int, int, int] | None = None
         self.last_swap: SwapResult | None = None
 
     # -- serving ------------------------------------------------------------------------------------
@@ -242,7 +243,7 @@ class ModelRegistry:
             if candidate != pointer[0]:
                 # Do not rewrite ACTIVE: the operator should see (and fix) what they pointed at.
                 log.error("ACTIVE points at %s which failed validation; serving %s from history instead", pointer[0], candidate)
-                self._watch_failed = pointer
+                self._watch_failed = self.store.state_signature()
             self._switch(model)
             log.info("serving %s (validate %.3fs, warm %.3fs)", model.ref, timings["validate"], timings["warm"])
             return model
@@ -336,7 +337,9 @@ class ModelRegistry:
         contract_changes = _contract_diff(active.manifest, report.manifest) if active else {}
         log.info("registered %s (%s, checks %s)", ref(name, version), "new" if created else "already present", report.checks)
         if created:
-            store.prune(name)
+            with self._swap_lock:  # never prune a version while a swap may be loading it
+                active = self._active
+                store.prune(name, protect=(active.ref,) if active else ())
         return {
             "name": name,
             "version": version,
@@ -418,20 +421,25 @@ class ModelRegistry:
         """One poll of the ACTIVE pointer: swap if it names another version than the one served."""
         if self.store is None:
             return None
+        signature = self.store.state_signature()
+        if signature is None or signature == self._watch_failed:
+            return None
         try:
             pointer = self.store.pointer()
         except StoreError as exc:
             log.warning("watch: cannot read %s: %s", self.store.state_path, exc)
+            self._watch_failed = signature
             return None
         active = self._active
-        if pointer is None or (active is not None and pointer[0] == active.ref) or pointer == self._watch_failed:
+        if pointer is None or (active is not None and pointer[0] == active.ref):
             return None
         name, version = split_ref(pointer[0])
         log.info("watch: ACTIVE changed to %s", pointer[0])
         try:
             return self.activate(name, version, allow_contract_change=pointer[1], action="watch")
         except (BundleError, StoreError, RegistryError) as exc:
-            self._watch_failed = pointer
+            # Taken after the failure: recording the failed attempt rewrote the state file itself.
+            self._watch_failed = self.store.state_signature()
             log.error("watch: not switching to %s: %s", pointer[0], exc)
             return None
 

@@ -131,6 +131,14 @@ class ModelStore:
         state = self.read_state()
         return (state.active, state.allow_contract_change) if state.active else None
 
+    def state_signature(self) -> tuple[int, int, int] | None:
+        """(inode, size, mtime_ns) of the state file: changes whenever it is rewritten (atomic rename)."""
+        try:
+            st = self.state_path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         # Advisory lock: the service and `oodguard deploy --models-dir` may write the state concurrently.
@@ -253,16 +261,17 @@ class ModelStore:
             return False
         return True
 
-    def prune(self, name: str) -> list[str]:
-        """Delete the oldest versions of `name` beyond `keep_versions`, never the active one."""
+    def prune(self, name: str, protect: tuple[str, ...] = ()) -> list[str]:
+        """Delete the oldest versions of `name` beyond `keep_versions`, never the active one nor `protect`ed refs."""
         state = self.read_state()
+        keep = {state.active, *protect}
         mine = [(n, v, d) for n, v, d in self.list_versions() if n == name]
         excess = len(mine) - self.keep_versions
         removed: list[str] = []
         for n, v, d in mine:
             if excess <= 0:
                 break
-            if ref(n, v) == state.active:
+            if ref(n, v) in keep:
                 continue
             # Rename first so a half-deleted bundle never sits at a path that looks valid.
             with self.staging_dir() as trash:

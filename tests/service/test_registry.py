@@ -397,3 +397,18 @@ def test_killed_process_leaves_a_consistent_state(tmp_path, src, mode):
     else:
         assert state["active"] in {"tiny/1", "tiny/2"} and restarted.active.ref == state["active"]
         assert len(state["events"]) > 4
+
+
+def test_watch_retries_a_failed_pointer_once_the_file_is_rewritten(tmp_path, src):
+    reg = _registry(tmp_path, src)
+    vdir = Path(_add(reg, src["2"])["path"])
+    good = (vdir / "model.onnx").read_bytes()
+    _tamper_byte(vdir / "model.onnx")
+    store = ModelStore(tmp_path / "models")
+    store.set_active("tiny", "2")
+    assert reg.check_pointer() is None and reg.active.version == "1"
+    (vdir / "model.onnx").write_bytes(good)  # the operator fixes the bundle...
+    assert reg.check_pointer() is None  # ...nothing happens until the pointer is written again
+    time.sleep(0.01)
+    store.set_active("tiny", "2")
+    assert reg.check_pointer().result == "success" and reg.active.version == "2"
