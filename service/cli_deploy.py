@@ -86,8 +86,11 @@ def tar_bundle(bundle_dir: Path, sink) -> None:
 # -- printing -----------------------------------------------------------------------------------------
 
 
-def flat_metrics(metrics: dict[str, Any], limit: int = 12) -> dict[str, float]:
-    """Numeric leaves of a nested metrics dict as `a.b.c: value`, the headline ones (AUROC, FPR95, accuracy) first."""
+_HEADLINE = ("auroc", "fpr95", "fpr_at_95", "accuracy")
+
+
+def flat_metrics(metrics: dict[str, Any], limit: int = 10) -> dict[str, float]:
+    """The headline numbers (AUROC, FPR95, accuracy) of a nested metrics dict, as `a.b.c: value`."""
     leaves: dict[str, float] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -95,35 +98,39 @@ def flat_metrics(metrics: dict[str, Any], limit: int = 12) -> dict[str, float]:
             for k, v in value.items():
                 walk(f"{prefix}.{k}" if prefix else str(k), v)
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            leaves[prefix] = float(value)
+            if any(h in prefix.rsplit(".", 1)[-1].lower() for h in _HEADLINE):
+                leaves[prefix] = float(value)
 
     walk("", metrics)
-    headline = ("auroc", "fpr95", "fpr_at_95", "accuracy", "tpr")
-    order = sorted(leaves, key=lambda k: (not any(h in k.lower() for h in headline), k))
-    return {k: leaves[k] for k in order[:limit]}
+    return {k: leaves[k] for k in sorted(leaves)[:limit]}
+
+
+def _operating_point(summary: dict[str, Any] | None, name: str | None) -> dict[str, Any]:
+    for op in (summary or {}).get("operating_points", []):
+        if op.get("name") == name:
+            return op
+    return {}
 
 
 def print_change(old: dict[str, Any] | None, new: dict[str, Any], action: str) -> None:
     """`old -> new` with both bundles' key metrics side by side."""
     old_ref = f"{old['name']}/{old['version']}" if old else "(none)"
-    _out.print(f"[bold]{action}[/bold]: {old_ref} -> [bold green]{new['name']}/{new['version']}[/bold green]")
+    new_ref = f"{new['name']}/{new['version']}"
+    _out.print(f"[bold]{action}[/bold]: {old_ref} -> [bold green]{new_ref}[/bold green]")
     table = Table(show_header=True, header_style="bold")
-    table.add_column("")
-    table.add_column(old_ref)
-    table.add_column(f"{new['name']}/{new['version']}")
+    for column in ("", old_ref, new_ref):
+        table.add_column(column)
     rows: dict[str, tuple[str, str]] = {}
-    for key, width in (("sha256", 12), ("method", 24), ("created_at", 19)):
+    for key, width in (("sha256", 12), ("method", 24), ("model", 24), ("created_at", 19)):
         rows[key] = (str((old or {}).get(key) or "-")[:width], str(new.get(key) or "-")[:width])
-    old_ops = {op["name"]: op for op in (old or {}).get("operating_points", [])}
-    new_ops = {op["name"]: op for op in new.get("operating_points", [])}
-    default_op = new.get("default_operating_point")
-    if default_op in new_ops:
-        rows[f"threshold@{default_op}"] = (
-            _fmt(old_ops.get(default_op, {}).get("threshold")),
-            _fmt(new_ops[default_op].get("threshold")),
-        )
+    op_name = new.get("default_operating_point")
+    old_op, new_op = _operating_point(old, op_name), _operating_point(new, op_name)
+    rows[f"{op_name}: threshold"] = (_fmt(old_op.get("threshold")), _fmt(new_op.get("threshold")))
+    rows[f"{op_name}: realised TPR"] = (_fmt(old_op.get("realised_tpr")), _fmt(new_op.get("realised_tpr")))
+    for ood_set in dict.fromkeys([*new_op.get("fpr", {}), *old_op.get("fpr", {})]):
+        rows[f"{op_name}: FPR {ood_set}"] = (_fmt(old_op.get("fpr", {}).get(ood_set)), _fmt(new_op.get("fpr", {}).get(ood_set)))
     old_m, new_m = flat_metrics((old or {}).get("metrics") or {}), flat_metrics(new.get("metrics") or {})
-    for key in list(dict.fromkeys([*new_m, *old_m]))[:12]:
+    for key in dict.fromkeys([*new_m, *old_m]):
         rows[key] = (_fmt(old_m.get(key)), _fmt(new_m.get(key)))
     for key, (a, b) in rows.items():
         table.add_row(key, a, b)

@@ -180,7 +180,7 @@ class ModelRegistry:
 
         `expect` ("name/version"): the store path it was found under, which its manifest must match.
         """
-        threads = int(getattr(self.settings, "intra_op_threads", 1) or 1)
+        threads = int(getattr(self.settings, "intra_op_threads", 1))  # 0 = onnxruntime default
         t0 = time.perf_counter()
         # verify_bundle hashes every file before onnxruntime ever parses the graph; we then serve the
         # very session it verified.
@@ -329,7 +329,7 @@ class ModelRegistry:
             raise
 
     def _validate_and_install(self, store: ModelStore, root: Path) -> dict[str, Any]:
-        threads = int(getattr(self.settings, "intra_op_threads", 1) or 1)
+        threads = int(getattr(self.settings, "intra_op_threads", 1))  # 0 = onnxruntime default
         t0 = time.perf_counter()
         report = verify_bundle(root, intra_op_threads=threads)
         name, version, dest, created = store.install(root)
