@@ -109,6 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics=metrics,
         max_body_bytes=settings.max_body_bytes,
         max_upload_bytes=settings.max_upload_bytes,
+        body_timeout_s=settings.client_timeout_s,
     )
     for module in (predict, models, health, metrics_route, v2, admin):
         app.include_router(module.router)

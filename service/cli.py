@@ -50,7 +50,7 @@ def run_server(settings) -> int:
         host=settings.host,
         port=settings.port,
         workers=1,  # one process: the model, its threads and the batcher are per process
-        http=settings.http,
+        http=_http_protocol(settings),
         lifespan="on",
         log_level=settings.log_level.lower(),
         access_log=settings.access_log,
@@ -71,6 +71,22 @@ def run_server(settings) -> int:
     if not server.started:
         return 2
     return 0
+
+
+def _http_protocol(settings):
+    """httptools (fast) wrapped with our head-size limit and head deadline; h11 when asked or absent."""
+    if settings.http == "h11":
+        return "h11"
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        if settings.http == "httptools":
+            typer.echo("error: --http httptools needs the httptools package", err=True)
+            raise typer.Exit(2) from None
+        return "h11"
+    from .http_protocol import guarded_httptools_protocol
+
+    return guarded_httptools_protocol(settings.max_header_bytes, settings.client_timeout_s)
 
 
 @contextlib.contextmanager
@@ -119,6 +135,9 @@ def register(app: typer.Typer) -> None:
         watch_interval_s: float | None = typer.Option(
             None, "--watch-interval", help="Poll the models dir's ACTIVE pointer every N s (0 = off). Default: 0."
         ),
+        client_timeout_s: float | None = typer.Option(
+            None, "--client-timeout", help="Seconds to wait for a request head or the next body chunk. Default: 15."
+        ),
         keep_versions: int | None = typer.Option(None, "--keep-versions", help="Versions kept for rollback. Default: 5."),
         http: str | None = typer.Option(None, "--http", help="uvicorn HTTP parser: auto, h11, httptools. Default: auto."),
         access_log: bool | None = typer.Option(None, "--access-log/--no-access-log", help="Log every request. Default: off."),
@@ -145,6 +164,7 @@ def register(app: typer.Typer) -> None:
             max_image_side=max_image_side,
             request_timeout_s=request_timeout_s,
             watch_interval_s=watch_interval_s,
+            client_timeout_s=client_timeout_s,
             keep_versions=keep_versions,
             http=http,
             access_log=access_log,

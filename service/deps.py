@@ -19,27 +19,27 @@ from .registry import ModelRegistry
 from .settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_registry(request: Request) -> ModelRegistry:
+async def get_registry(request: Request) -> ModelRegistry:
     return request.app.state.registry
 
 
-def get_metrics(request: Request) -> ServiceMetrics:
+async def get_metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
 
 
-def get_limits(request: Request) -> ImageLimits:
+async def get_limits(request: Request) -> ImageLimits:
     return request.app.state.limits
 
 
-def get_decode_pool(request: Request) -> ThreadPoolExecutor:
+async def get_decode_pool(request: Request) -> ThreadPoolExecutor:
     return request.app.state.decode_pool
 
 
-def get_batcher(request: Request) -> DynamicBatcher:
+async def get_batcher(request: Request) -> DynamicBatcher:
     """The running batcher; 503 while the service starts or shuts down."""
     state = request.app.state
     batcher = getattr(state, "batcher", None)
@@ -48,7 +48,7 @@ def get_batcher(request: Request) -> DynamicBatcher:
     return batcher
 
 
-def get_active_model(request: Request) -> Any:
+async def get_active_model(request: Request) -> Any:
     """The model serving now (a LoadedModel); 503 when none is loaded."""
     state = request.app.state
     model = state.registry.active
@@ -57,7 +57,7 @@ def get_active_model(request: Request) -> Any:
     return model
 
 
-def get_request_id(request: Request) -> str:
+async def get_request_id(request: Request) -> str:
     return request.state.request_id
 
 

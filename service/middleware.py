@@ -7,6 +7,7 @@ Pure ASGI (no `BaseHTTPMiddleware`, which costs a task and a memory stream per r
 - Body limit: a declared `Content-Length` over the limit is answered 413 before any byte is read;
   otherwise bytes are counted as they stream in and the read that crosses the limit raises
   `ApiError(413)` (turned into JSON by the error handlers). `/admin` uses the larger upload limit.
+  A client silent for `body_timeout_s` in the middle of its body gets 408 (slow-body clients).
 - `oodguard_requests_total{endpoint,status}` and `oodguard_request_duration_seconds{endpoint}`,
   `endpoint` being the route template (`/v2/models/{name}/infer`), never the raw path.
 - Any exception that escapes the app is logged once with the request id and answered as a JSON 500
@@ -16,6 +17,7 @@ Pure ASGI (no `BaseHTTPMiddleware`, which costs a task and a memory stream per r
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -33,8 +35,18 @@ _JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
 class ServiceMiddleware:
-    def __init__(self, app: ASGIApp, *, metrics, max_body_bytes: int, max_upload_bytes: int, upload_prefix: str = "/admin"):
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics,
+        max_body_bytes: int,
+        max_upload_bytes: int,
+        body_timeout_s: float = 15.0,
+        upload_prefix: str = "/admin",
+    ):
         self.app = app
+        self.body_timeout_s = body_timeout_s
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.max_upload_bytes = max_upload_bytes
@@ -77,14 +89,23 @@ class ServiceMiddleware:
             await send(message)
 
         received = 0
+        body_done = False
+        body_timeout = self.body_timeout_s
 
         async def receive_limited() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # later reads only wait for a disconnect: no deadline
+                return await receive()
+            try:
+                async with asyncio.timeout(body_timeout):
+                    message = await receive()
+            except TimeoutError:
+                raise ApiError(408, "body_timeout", f"no request body data for {body_timeout:g} s") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise ApiError(413, "body_too_large", f"request body exceeds {limit} bytes")
+                body_done = not message.get("more_body", False)
             return message
 
         try:

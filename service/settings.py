@@ -61,8 +61,11 @@ class Settings(BaseSettings):
 
     # -- HTTP server (uvicorn) ------------------------------------------------------------------
     http: Literal["auto", "h11", "httptools"] = Field("auto", description="uvicorn HTTP parser implementation.")
-    max_header_bytes: int = Field(16 * 1024, ge=1024, description="Largest request head (h11 parser).")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="Largest request head: request line + headers (431).")
     keep_alive_timeout_s: float = Field(5.0, gt=0.0, description="Idle keep-alive connections close after this.")
+    client_timeout_s: float = Field(
+        15.0, gt=0.0, le=600.0, description="Longest wait for a request head, or between body chunks (408 after)."
+    )
     limit_concurrency: int | None = Field(1024, ge=1, description="Connections+tasks before uvicorn answers 503.")
     graceful_shutdown_s: float = Field(30.0, gt=0.0, description="Longest wait for in-flight requests on shutdown.")
     access_log: bool = Field(False, description="Log every request (uvicorn access log); off: it costs throughput.")

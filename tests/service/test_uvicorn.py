@@ -24,12 +24,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def server(tiny_bundle):
+def server(tiny_bundle, request):
+    extra = getattr(request, "param", [])
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("OODGUARD_")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "oodguard.cli", "serve", "--bundle", str(tiny_bundle), "--port", str(port),
-         "--max-wait-ms", "2", "--decode-threads", "1"],
+         "--max-wait-ms", "2", "--decode-threads", "1", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     base = f"http://127.0.0.1:{port}"
@@ -81,3 +82,34 @@ def test_serve_predict_errors_metrics_and_clean_shutdown(server):
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "Traceback" not in out
+
+
+def _raw(base: str, payload: bytes, wait_s: float = 0.0) -> bytes:
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        if payload:
+            s.sendall(payload)
+        time.sleep(wait_s)
+        chunks = []
+        while chunk := s.recv(65536):  # until the server closes the connection
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+@pytest.mark.parametrize("server", [["--client-timeout", "1"]], indirect=True)
+def test_oversized_and_slow_request_heads_are_cut_off(server):
+    _, base = server
+    big = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"
+    reply = _raw(base, big)
+    assert reply.startswith(b"HTTP/1.1 431") and b'"header_too_large"' in reply
+
+    t0 = time.monotonic()
+    reply = _raw(base, b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finishes its head
+    assert reply.startswith(b"HTTP/1.1 408") and 0.8 < time.monotonic() - t0 < 5
+
+    t0 = time.monotonic()
+    assert _raw(base, b"").startswith(b"HTTP/1.1 408")  # connects and says nothing
+    assert time.monotonic() - t0 < 5
+
+    ok = _raw(base, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert ok.startswith(b"HTTP/1.1 200")
