@@ -1,7 +1,218 @@
-"""CLI commands (placeholder until implemented)."""
+"""`oodguard train`: train a classifier with msp / oe / adv / aoe / aloe into a run directory.
+
+Torch is imported inside the command, so `oodguard --help` (and the service) work without it.
+Every option defaults to the chosen recipe (`--recipe cpu`, the default, or `--recipe paper`); an
+explicit flag always wins. Under `torchrun --nproc-per-node N -m oodguard.cli train ...` it trains
+data-parallel (gloo on CPU, nccl on CUDA).
+"""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Optional
 
 import typer
 
+from .config import METHODS, RECIPES, TrainConfig
+
+_DEFAULTS = TrainConfig()
+_EXIT_CODES = {"interrupted": 130, "terminated": 143}  # clean stop after a signal, checkpoint saved
+
+
+def _default(name: str) -> str:
+    """'[default: X]' text: the cpu recipe's value, and the paper recipe's when it differs."""
+    cpu = RECIPES["cpu"].get(name, getattr(_DEFAULTS, name))
+    paper = RECIPES["paper"].get(name, cpu)
+    fmt = lambda v: "off" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))  # noqa: E731
+    return fmt(cpu) if paper == cpu else f"{fmt(cpu)}; paper recipe: {fmt(paper)}"
+
+
+def _opt(*names: str, key: str, help: str, default_text: str | None = None, **kw: Any) -> Any:
+    return typer.Option(None, *names, help=help, show_default=default_text or _default(key), **kw)
+
+
+def _pixels(value: str | None, flag: str) -> float | None:
+    """'1/255', '0.0039' or '8/255' -> float pixel units."""
+    if value is None:
+        return None
+    try:
+        return float(Fraction(value.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise typer.BadParameter(f"{value!r} is not a number or fraction like 1/255", param_hint=flag) from None
+
+
+def _existing_path_or_name(spec: str | None) -> str | None:
+    """Paths are recorded absolute (so --resume works from any directory); dataset names stay names."""
+    if spec is None:
+        return None
+    p = Path(spec).expanduser()
+    return str(p.resolve()) if p.exists() else spec
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def train_command(
+    method: Optional[str] = _opt("--method", key="method", help="Training method: " + " | ".join(METHODS) + "."),
+    model: Optional[str] = _opt("--model", key="model", help="Model name (small_cnn, resnet18, wrn40_2, densenet100)."),
+    model_kwargs: Optional[str] = _opt("--model-kwargs", key="model_kwargs",
+                                       help='Extra model arguments as JSON, e.g. \'{"widths": [48, 96, 192]}\'.'),
+    recipe: str = typer.Option("cpu", "--recipe", help="Defaults to start from: 'cpu' (small_cnn, fast on 2 cores, "
+                               "use with --time-budget) or 'paper' (DenseNet-BC-100, 100 epochs: a GPU job)."),
+    data: Optional[str] = _opt("--data", key="data", help="In-distribution data: 'cifar10', a directory holding "
+                               "cifar10_{train,test}.npz, an .npz, or a labelled image folder (class sub-folders)."),
+    outliers: Optional[str] = _opt("--outliers", key="outliers", help="Outlier-exposure data: 'tinyimagenet', a directory "
+                                   "holding tinyimagenet_outliers.npz, an .npz, or an image folder (used by oe/aoe/aloe)."),
+    data_dir: Optional[str] = _opt("--data-dir", key="data_dir", envvar="OODGUARD_DATA_DIR",
+                                   help="Where named datasets live.", default_text="../shared/datasets next to the repo"),
+    cache_dir: Optional[str] = _opt("--cache-dir", key="cache_dir", envvar="OODGUARD_CACHE_DIR",
+                                    help="Decoded-image cache.", default_text="~/.cache/oodguard"),
+    on_corrupt: Optional[str] = _opt("--on-corrupt", key="on_corrupt", help="Corrupt image: 'fail' or 'skip' (counted)."),
+    subset: Optional[int] = _opt("--subset", key="subset", help="Train on a seeded random subset of N images."),
+    calibration_size: Optional[int] = _opt("--calibration-size", key="calibration_size",
+                                           help="Training images held out for calibration (recorded in split.json)."),
+    split_seed: Optional[int] = _opt("--split-seed", key="split_seed", help="Seed of the calibration split."),
+    out: Path = typer.Option(..., "--out", help="Run directory (config.json, split.json, log.jsonl, checkpoints/)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out bit-for-bit from checkpoints/last.pt."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous run's files in --out."),
+    seed: Optional[int] = _opt("--seed", key="seed", help="Seed for initialisation, data order, augmentation."),
+    epochs: Optional[int] = _opt("--epochs", key="epochs", help="Schedule length in epochs."),
+    max_steps: Optional[int] = _opt("--max-steps", key="max_steps", help="Schedule length in steps (overrides --epochs)."),
+    time_budget: Optional[float] = _opt("--time-budget", key="time_budget",
+                                        help="Seconds of training; then stop cleanly, save, exit 0."),
+    fit_schedule_to_budget: Optional[bool] = _opt("--fit-schedule/--no-fit-schedule", key="fit_schedule_to_budget",
+                                                  help="With --time-budget: after 25 timed steps, shorten the cosine "
+                                                  "schedule to what fits, so the LR reaches ~0 at the budget."),
+    stop_at_step: Optional[int] = _opt("--stop-at-step", key="stop_at_step",
+                                       help="Stop (and save) at this global step without changing the schedule."),
+    batch_size: Optional[int] = _opt("--batch-size", key="batch_size", help="In-distribution images per step (per rank)."),
+    outlier_batch_size: Optional[int] = _opt("--outlier-batch-size", key="outlier_batch_size",
+                                             help="Outlier images per step (per rank)."),
+    lr: Optional[float] = _opt("--lr", key="lr", help="Peak learning rate (SGD)."),
+    min_lr: Optional[float] = _opt("--min-lr", key="min_lr", help="Learning rate at the end of the cosine schedule."),
+    warmup_steps: Optional[int] = _opt("--warmup-steps", key="warmup_steps", help="Linear LR warm-up steps."),
+    momentum: Optional[float] = _opt("--momentum", key="momentum", help="SGD momentum."),
+    nesterov: Optional[bool] = _opt("--nesterov/--no-nesterov", key="nesterov", help="Nesterov momentum."),
+    weight_decay: Optional[float] = _opt("--weight-decay", key="weight_decay",
+                                         help="Weight decay.", default_text="5e-4 for small_cnn and wrn40_2, else 1e-4"),
+    lambda_oe: Optional[float] = _opt("--lambda-oe", key="lambda_oe", help="Weight λ of the OE loss."),
+    eps: Optional[str] = _opt("--eps", key="eps", help="Training PGD L∞ radius in pixel units (e.g. 1/255)."),
+    attack_steps: Optional[int] = _opt("--attack-steps", key="attack_steps", help="Training PGD steps."),
+    step_size: Optional[str] = _opt("--step-size", key="step_size", help="Training PGD step in pixel units (e.g. 1/255)."),
+    random_start: Optional[bool] = _opt("--random-start/--no-random-start", key="random_start",
+                                        help="Uniform random start in the ε-ball."),
+    attack_bn: Optional[str] = _opt("--attack-bn", key="attack_bn", help="BN during the training attack: 'train' "
+                                    "(the reference), 'frozen' (batch stats, running stats untouched) or 'eval'."),
+    device: Optional[str] = _opt("--device", key="device", help="auto, cpu, cuda or cuda:N."),
+    amp: Optional[bool] = _opt("--amp/--no-amp", key="amp", help="Mixed precision (bf16 autocast).",
+                               default_text="on for CUDA, off on CPU"),
+    channels_last: Optional[bool] = _opt("--channels-last/--no-channels-last", key="channels_last",
+                                         help="channels_last memory format (faster convolutions on CPU)."),
+    compile: Optional[bool] = _opt("--compile/--no-compile", key="compile", help="torch.compile the model."),
+    threads: Optional[int] = _opt("--threads", key="threads", help="torch intra-op threads.",
+                                  default_text="available cores / ranks per node"),
+    log_every: Optional[int] = _opt("--log-every", key="log_every", help="Steps between progress-bar updates."),
+    progress: Optional[bool] = _opt("--progress/--no-progress", key="progress", help="Progress bar on stderr."),
+    save_every_epochs: Optional[int] = _opt("--save-every-epochs", key="save_every_epochs",
+                                            help="Write checkpoints/last.pt every N epochs (and always at the end)."),
+    keep_epoch_checkpoints: Optional[bool] = _opt("--keep-epoch-checkpoints/--no-keep-epoch-checkpoints",
+                                                  key="keep_epoch_checkpoints", help="Keep checkpoints/epoch_XXX.pt too."),
+    eval_test: Optional[bool] = _opt("--eval-test/--no-eval-test", key="eval_test",
+                                     help="Measure test accuracy at the end."),
+) -> None:
+    """Train a classifier (ALOE and baselines) into a run directory; prints images/s at the end.
+
+    Methods: msp = CE(f(x), y); oe = CE + λ·OE(f(x_out)); adv = CE(f(x_adv), y);
+    aoe = CE(f(x_adv), y) + λ·OE(f(x_out)); aloe = CE(f(x_adv), y) + λ·OE(f(x_out_adv)),
+    where x_adv / x_out_adv are L∞ PGD (--eps, --attack-steps, --step-size) maximising CE / the OE loss.
+    Example (2 CPU cores, 2 minutes): oodguard train --method aloe --data ../shared/datasets
+    --outliers ../shared/datasets --time-budget 120 --out runs/smoke
+    """
+    overrides = dict(
+        method=method, model=model, data=_existing_path_or_name(data), outliers=_existing_path_or_name(outliers),
+        data_dir=data_dir, cache_dir=cache_dir, on_corrupt=on_corrupt, subset=subset,
+        calibration_size=calibration_size, split_seed=split_seed, out=str(out), resume=resume, overwrite=overwrite,
+        seed=seed, epochs=epochs, max_steps=max_steps, time_budget=time_budget,
+        fit_schedule_to_budget=fit_schedule_to_budget, stop_at_step=stop_at_step, batch_size=batch_size,
+        outlier_batch_size=outlier_batch_size, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, momentum=momentum,
+        nesterov=nesterov, weight_decay=weight_decay, lambda_oe=lambda_oe, eps=_pixels(eps, "--eps"),
+        attack_steps=attack_steps, step_size=_pixels(step_size, "--step-size"), random_start=random_start,
+        attack_bn=attack_bn, device=device, amp=amp, channels_last=channels_last, compile=compile, threads=threads,
+        log_every=log_every, progress=progress, save_every_epochs=save_every_epochs,
+        keep_epoch_checkpoints=keep_epoch_checkpoints, eval_test=eval_test,
+    )
+    if model_kwargs is not None:
+        try:
+            overrides["model_kwargs"] = json.loads(model_kwargs)
+        except json.JSONDecodeError as exc:
+            raise typer.BadParameter(f"not valid JSON ({exc})", param_hint="--model-kwargs") from None
+        if not isinstance(overrides["model_kwargs"], dict):
+            raise typer.BadParameter("must be a JSON object", param_hint="--model-kwargs")
+
+    from .config import resolve_config
+
+    try:
+        cfg = resolve_config(recipe, **overrides)
+        cfg.validate()
+    except ValueError as exc:
+        _fail(str(exc))
+    if resume:
+        _check_resume_overrides(cfg, overrides)
+
+    # torch from here on
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .runinfo import RunDirError
+    from .trainer import train
+
+    try:
+        result = train(cfg)
+    except (DataError, RunDirError, CheckpointError) as exc:
+        _fail(str(exc))
+    except ValueError as exc:  # configuration problems found while building the run (sizes, devices, ...)
+        _fail(str(exc))
+    _print_summary(result.config or cfg, result)
+    if result.stopped in _EXIT_CODES:
+        raise typer.Exit(_EXIT_CODES[result.stopped])
+
+
+def _check_resume_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> None:
+    """On --resume only operational flags may change; anything else would break bit-for-bit continuation."""
+    from .checkpoint import CheckpointError, last_checkpoint_path, load_checkpoint
+    from .trainer import OPERATIONAL_KEYS
+
+    path = last_checkpoint_path(cfg.out)
+    try:
+        stored = load_checkpoint(path)["config"]
+    except CheckpointError as exc:
+        _fail(f"--resume: {exc}")
+    canon = lambda v: json.dumps(v, sort_keys=True, default=str)  # noqa: E731  (tuples vs lists)
+    changed = [f"--{k.replace('_', '-')} (run: {stored.get(k)!r}, given: {v!r})" for k, v in overrides.items()
+               if v is not None and k not in OPERATIONAL_KEYS and k in stored and canon(stored[k]) != canon(v)]
+    if changed:
+        _fail("--resume continues the stored configuration; these flags differ from it: " + ", ".join(changed)
+              + ". Start a new run (new --out) to change them.")
+
+
+def _print_summary(cfg: TrainConfig, r: Any) -> None:
+    acc = "n/a" if r.test_accuracy is None else f"{r.test_accuracy:.4f}"
+    lines = [
+        f"oodguard train: {cfg.method}/{cfg.model} stopped ({r.stopped}) at step {r.step}/{r.total_steps} "
+        f"({r.epoch:.2f} epochs) after {r.train_seconds:.1f} s of training",
+        f"  images/s: {r.images_per_s:.1f} in-distribution ({r.all_images_per_s:.1f} incl. outliers), "
+        f"batch {cfg.batch_size}" + (f"+{cfg.outlier_batch_size}" if cfg.method in ("oe", "aoe", "aloe") else ""),
+        f"  test accuracy: {acc}",
+        f"  run: {r.run_dir} (checkpoint {Path(r.run_dir) / 'checkpoints' / 'last.pt'})",
+    ]
+    if r.stopped in _EXIT_CODES:
+        lines.append(f"  resume with: oodguard train --out {r.run_dir} --resume")
+    typer.echo("\n".join(lines))
+
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root `oodguard` app."""
+    """Add `train` to the root `oodguard` app."""
+    app.command("train", short_help="Train a classifier with msp / oe / adv / aoe / aloe (see --method).")(train_command)

@@ -9,7 +9,6 @@ from oodguard.training.attacks import TRAIN_PAPER, AttackConfig, pgd_linf, pgd_w
 from oodguard.training.losses import ce_per_sample, oe_loss_per_sample
 from oodguard.training.models import create_model
 
-torch.set_num_threads(2)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import torch
 
 from oodguard.training.models import CIFAR10_MEAN, CIFAR10_STD, OODNet, create_model, list_models, register_model
 
-torch.set_num_threads(2)
 
 
 def test_registry_has_the_documented_names():

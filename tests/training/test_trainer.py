@@ -1,0 +1,138 @@
+"""The trainer: every method learns, the run directory describes itself, stops are clean."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from oodguard.training import trainer as trainer_mod
+from oodguard.training.checkpoint import load_checkpoint, load_model_from_run, load_split
+from oodguard.training.config import METHODS
+from oodguard.training.data import calibration_split
+from oodguard.training.runinfo import RunDirError
+from oodguard.training.trainer import CosineSchedule, train
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_runs_and_its_loss_falls(method, tiny_config):
+    result = train(tiny_config(method=method, max_steps=24, lr=0.05))
+    losses = result.step_losses
+    assert result.stopped == "completed" and result.step == 24 and len(losses) == 24
+    assert all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-4:]) < 0.85 * np.mean(losses[:4]), losses
+    assert result.images_per_s > 0 and result.test_accuracy is not None
+
+
+def test_oe_methods_flatten_outlier_predictions(tiny_config, tiny_data_dir, tmp_path):
+    """After OE training the outliers' OE loss is near its minimum log K; after msp it is not."""
+    from oodguard.training.data import load_outliers, to_tensor
+    from oodguard.training.losses import oe_loss
+
+    x_out = to_tensor(load_outliers(tiny_data_dir).images[:64])
+    oe = {}
+    for method in ("msp", "oe"):
+        r = train(tiny_config(method=method, max_steps=30, out=str(tmp_path / f"oe-{method}")))
+        with torch.no_grad():
+            oe[method] = oe_loss(r.model.eval()(x_out)).item() - math.log(10)
+    assert oe["oe"] < 0.5 * oe["msp"]
+
+
+def test_run_directory_contents(tiny_config, tmp_path, tiny_data_dir):
+    result = train(tiny_config(method="aloe", max_steps=20))
+    run = tmp_path / "run"
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["method"] == "aloe" and config["train"]["eps"] == pytest.approx(1 / 255)
+    assert config["model_config"] == {"name": "small_cnn", "num_classes": 10, "widths": [8, 16, 16], "stem": 8}
+    assert config["data"]["train"]["sha256"] and config["data"]["outliers"]["sha256"]
+    assert config["environment"]["torch"] == torch.__version__ and config["environment"]["threads"] == 1
+    assert "code_version" in config
+    split = load_split(run)
+    _, cal = calibration_split(400, 40, 0)
+    assert split["cal_indices"] == cal.tolist() and split["train_size"] == 360
+    assert split["dataset_sha256"] == config["data"]["train"]["sha256"]
+    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    epochs = [r for r in lines if "event" not in r]
+    assert [r["step"] for r in epochs] == [11, 20]  # 360 images / 32 = 11 steps per epoch; the run ends at 20
+    assert {"epoch", "loss", "train_acc", "images_per_s", "lr", "time"} <= set(epochs[0])
+    assert lines[-1]["event"] == "end" and lines[-1]["stopped"] == "completed"
+    # the checkpoint loads with weights_only=True and rebuilds the same model
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["step"] == 20 and state["model_config"]["name"] == "small_cnn"
+    model, cfg = load_model_from_run(run)
+    assert not model.training and cfg["train"]["method"] == "aloe"
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), result.model.eval()(x))
+
+
+def test_existing_run_dir_needs_resume_or_overwrite(tiny_config, tmp_path):
+    train(tiny_config(method="msp", max_steps=3, eval_test=False))
+    with pytest.raises(RunDirError, match="already exists"):
+        train(tiny_config(method="msp", max_steps=3))
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    train(tiny_config(method="msp", max_steps=4, overwrite=True, eval_test=False))
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"  # --overwrite only removes the run's own files
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 4
+
+
+def test_time_budget_stops_cleanly_and_fits_the_schedule(tiny_config, tmp_path):
+    result = train(tiny_config(method="msp", max_steps=100_000, time_budget=1.5, eval_test=False))
+    assert result.stopped in ("time_budget", "completed")
+    assert result.train_seconds < 1.5 + 1.0
+    # the schedule was shrunk to what fits, so the LR got (close) to its minimum
+    assert result.total_steps < 100_000
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == result.step
+
+
+def test_cosine_schedule():
+    s = CosineSchedule(lr=0.1, min_lr=1e-6, total_steps=100)
+    assert s.lr_at(0) == pytest.approx(0.1) and s.lr_at(50) == pytest.approx(0.05 + 5e-7)
+    assert s.lr_at(100) == pytest.approx(1e-6) and s.lr_at(1000) == pytest.approx(1e-6)
+    w = CosineSchedule(lr=0.1, min_lr=0.0, total_steps=110, warmup_steps=10)
+    assert w.lr_at(0) == pytest.approx(0.01) and w.lr_at(9) == pytest.approx(0.1) and w.lr_at(60) == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("mode", ["frozen", "eval"])
+def test_attack_bn_modes_do_not_touch_running_stats(mode):
+    from oodguard.training.attacks import pgd_linf
+    from oodguard.training.losses import oe_loss_per_sample
+    from oodguard.training.models import create_model
+
+    model = create_model("small_cnn", widths=(8, 16, 16), stem=8).train()
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    with trainer_mod._attack_bn(model, mode):
+        pgd_linf(lambda z: oe_loss_per_sample(model(z)), torch.rand(8, 3, 32, 32), eps=1 / 255, steps=2, step_size=1 / 255)
+    assert model.training
+    for k, v in before.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    with trainer_mod._attack_bn(model, "train"):  # the reference behaviour: running stats move
+        model(torch.rand(8, 3, 32, 32))
+    assert not torch.equal(model.state_dict()["trunk.1.running_mean"], before["trunk.1.running_mean"])
+
+
+def test_keep_epoch_checkpoints(tiny_config, tmp_path):
+    train(tiny_config(method="msp", max_steps=22, keep_epoch_checkpoints=True, eval_test=False))
+    ck = tmp_path / "run" / "checkpoints"
+    assert load_checkpoint(ck / "epoch_001.pt")["step"] == 11
+    assert load_checkpoint(ck / "epoch_002.pt")["step"] == 22 and load_checkpoint(ck / "last.pt")["step"] == 22
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from oodguard.training import checkpoint
+
+    path = tmp_path / "last.pt"
+    checkpoint.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+
+    def torn_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.torch, "save", torn_save)
+    with pytest.raises(OSError):
+        checkpoint.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+    assert checkpoint.load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp files left behind
