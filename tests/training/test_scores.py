@@ -1,0 +1,157 @@
+"""OOD scores: hand-computed values, the Mahalanobis fit, ODIN's pre-processing and the registry."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from oodguard.training.scores import (
+    SCORES,
+    ScoreContext,
+    attack_objective,
+    check_score_names,
+    compute_scores,
+    energy,
+    fit_mahalanobis,
+    log_msp,
+    mahalanobis,
+    msp,
+    odin,
+    odin_preprocess,
+)
+
+from ._eval_helpers import float_images, tiny_model
+
+torch.set_num_threads(1)
+
+
+def test_msp_hand_values():
+    z = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0], [0.0, 2.0 * math.log(3.0)]])
+    assert torch.allclose(msp(z), torch.tensor([0.5, 0.75, 0.9]), atol=1e-6)
+    # temperature 2 halves the logits: [0, log 3] -> 0.75
+    assert torch.allclose(msp(z[2:], temperature=2.0), torch.tensor([0.75]), atol=1e-6)
+    assert torch.allclose(log_msp(z), torch.log(msp(z)), atol=1e-6)
+
+
+def test_energy_hand_values():
+    z = torch.tensor([[0.0, 0.0], [1.0, 2.0]])
+    assert torch.allclose(energy(z), torch.tensor([math.log(2.0), math.log(math.e + math.e**2)]), atol=1e-6)
+    # T * logsumexp(z / T) with T = 2
+    assert torch.allclose(energy(z, 2.0), torch.tensor([2 * math.log(2.0), 2 * math.log(math.exp(0.5) + math.e)]), atol=1e-6)
+    # small T -> max logit
+    assert torch.allclose(energy(z, 1e-3), z.amax(1), atol=1e-2)
+
+
+def _gaussian_features(n_per_class=2000, seed=0):
+    rng = np.random.default_rng(seed)
+    means = np.array([[0.0, 0.0, 0.0], [4.0, 0.0, 1.0], [0.0, -3.0, 2.0]])
+    a = rng.normal(size=(3, 3))
+    cov = a @ a.T + 0.5 * np.eye(3)
+    feats, labels = [], []
+    for c, mu in enumerate(means):
+        feats.append(rng.multivariate_normal(mu, cov, size=n_per_class))
+        labels.append(np.full(n_per_class, c))
+    return torch.tensor(np.concatenate(feats), dtype=torch.float32), torch.tensor(np.concatenate(labels)), means, cov
+
+
+def test_fit_mahalanobis_recovers_means_and_tied_covariance():
+    f, y, means, cov = _gaussian_features()
+    params = fit_mahalanobis(f, y, num_classes=3, shrinkage=0.0)
+    emp_means = np.stack([f[y == c].double().mean(0).numpy() for c in range(3)])
+    np.testing.assert_allclose(params.means.numpy(), emp_means, atol=1e-5)
+    np.testing.assert_allclose(params.means.numpy(), means, atol=0.15)
+    np.testing.assert_allclose(np.linalg.inv(params.precision.double().numpy()), cov, atol=0.15)
+    assert params.num_fit_samples == len(f)
+    # shrinkage: Sigma = (1 - a) S + a (tr S / D) I
+    shrunk = fit_mahalanobis(f, y, num_classes=3, shrinkage=0.5)
+    s_cov = np.linalg.inv(params.precision.double().numpy())
+    expected = 0.5 * s_cov + 0.5 * np.trace(s_cov) / 3 * np.eye(3)
+    np.testing.assert_allclose(np.linalg.inv(shrunk.precision.double().numpy()), expected, rtol=1e-4)
+
+
+def test_mahalanobis_score_equals_brute_force():
+    f, y, _, _ = _gaussian_features(200)
+    params = fit_mahalanobis(f, y, 3)
+    x = torch.randn(50, 3) * 3
+    expected = []
+    p, mu = params.precision.double().numpy(), params.means.double().numpy()
+    for v in x.double().numpy():
+        expected.append(-np.log1p(min(float((v - m) @ p @ (v - m)) for m in mu) / 3))  # D = 3
+    np.testing.assert_allclose(mahalanobis(x, params).numpy(), expected, rtol=1e-5, atol=1e-4)
+    # a point at a class mean is maximally in-distribution (score 0)
+    assert torch.allclose(mahalanobis(params.means, params), torch.zeros(3), atol=1e-4)
+
+
+def test_fit_mahalanobis_refuses_a_missing_class_and_constant_features():
+    f = torch.randn(10, 4)
+    with pytest.raises(ValueError, match=r"class\(es\) \[2\]"):
+        fit_mahalanobis(f, torch.tensor([0, 1] * 5), num_classes=3)
+    with pytest.raises(ValueError, match="zero variance"):
+        fit_mahalanobis(torch.ones(10, 4), torch.tensor([0, 1] * 5), num_classes=2)
+
+
+def test_mahalanobis_survives_rank_deficient_features():
+    # half the feature dimensions are dead (always 0), as with ReLU units that never fire
+    f = torch.cat([torch.randn(400, 4), torch.zeros(400, 4)], dim=1)
+    params = fit_mahalanobis(f, torch.arange(400) % 4, 4)
+    assert torch.isfinite(params.precision).all()
+    assert float(torch.linalg.eigvalsh(params.precision.double()).max()) < 1e4
+
+
+def test_odin_preprocessing_raises_tempered_msp_and_stays_in_range():
+    model = tiny_model()
+    x = float_images(16)
+    x_pre = odin_preprocess(model, x, temperature=1000.0, eps=0.01)
+    assert x_pre.min() >= 0 and x_pre.max() <= 1
+    assert torch.max(torch.abs(x_pre - x)) <= 0.01 + 1e-6
+    with torch.no_grad():
+        before = log_msp(model(x), 1000.0)
+        after = log_msp(model(x_pre), 1000.0)
+    assert (after > before).float().mean() >= 0.75
+    with torch.no_grad():
+        assert torch.allclose(odin(model, x, 1000.0, 0.0), msp(model(x), 1000.0))
+        assert torch.allclose(odin(model, x, 1000.0, 0.01), msp(model(x_pre), 1000.0))
+
+
+def test_odin_attack_objective_is_bpda_of_the_exact_score():
+    model = tiny_model()
+    x = float_images(8).requires_grad_(True)
+    ctx = ScoreContext(odin_temperature=1000.0, odin_eps=0.0014)
+    objective = attack_objective(model, x, "odin", ctx)
+    # forward value: exactly the ODIN score
+    assert torch.allclose(objective.detach(), odin(model, x.detach(), 1000.0, 0.0014), atol=1e-7)
+    (grad,) = torch.autograd.grad(objective.sum(), x)
+    assert grad.abs().sum() > 0
+
+
+def test_registry_matches_the_functions_and_compute_scores_shares_one_pass():
+    model = tiny_model()
+    x = float_images(12)
+    feats_fit = torch.randn(200, model.feature_dim)
+    ctx = ScoreContext(temperature=1.0, mahalanobis=fit_mahalanobis(feats_fit, torch.arange(200) % 10, 10))
+    logits, out = compute_scores(model, x, list(SCORES), ctx)
+    with torch.no_grad():
+        assert torch.allclose(logits, model(x), atol=1e-5)
+        assert torch.allclose(out["msp"], msp(model(x)))
+        assert torch.allclose(out["energy"], energy(model(x)))
+        assert torch.allclose(out["mahalanobis"], mahalanobis(model.features(x), ctx.mahalanobis))
+    assert torch.allclose(out["odin"], odin(model, x))
+    assert all(v.shape == (12,) for v in out.values())
+    # the attack objective's forward value is the score itself (ODIN: through its BPDA form)
+    for name in SCORES:
+        obj = attack_objective(model, x, name, ctx).detach()
+        assert torch.allclose(obj, out[name], atol=1e-6), name
+    assert not SCORES["odin"].exportable and all(SCORES[n].exportable for n in ("msp", "energy", "mahalanobis"))
+
+
+def test_check_score_names():
+    assert check_score_names(["msp", "energy", "msp"]) == ["msp", "energy"]
+    with pytest.raises(ValueError, match="unknown score 'bogus'"):
+        check_score_names(["bogus"])
+    with pytest.raises(ValueError, match="not exportable"):
+        check_score_names(["odin"], exportable_only=True)
+    with pytest.raises(ValueError, match="needs fitted"):
+        compute_scores(tiny_model(), float_images(2), ["mahalanobis"], ScoreContext())
