@@ -1,0 +1,293 @@
+"""`oodguard evaluate`: OOD detection of a trained run, clean and under attack on the score itself.
+
+For each score (scores.SCORES), each OOD set and each attack protocol:
+
+- clean: scores of the in-distribution test images (positives) and of the OOD images (negatives);
+- attacked: PGD (the training core's `pgd_linf`) on the score itself, model in eval mode: inliers are
+  pushed to look OOD (minimise the score), OOD images to look in-distribution (maximise it). MSP,
+  energy and Mahalanobis are attacked end to end; ODIN through BPDA (its pre-processing step is held
+  constant in the backward pass, its forward value is exact), reported as such.
+
+Writes to `out_dir` (default RUN_DIR/eval): eval.json (every number + the config that made it +
+versions), eval.md, ROC / histogram PNGs, scores.npz (every raw score, so calibration can compute
+attacked FPRs at its thresholds) and mahalanobis.npz (the fitted class means / precision).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import data
+from .attacks import AttackConfig, pgd_with
+from .checkpoint import write_json_atomic
+from .metrics import ood_metrics
+from .ood_sets import load_ood_set, subsample
+from .run_data import RunData
+from .report import write_report
+from .scores import (
+    SCORES,
+    MahalanobisParams,
+    ScoreContext,
+    attack_objective,
+    check_score_names,
+    compute_scores,
+    fit_mahalanobis,
+)
+
+log = logging.getLogger(__name__)
+
+EVAL_DIR = "eval"
+EVAL_JSON = "eval.json"
+SCORES_NPZ = "scores.npz"
+MAHALANOBIS_NPZ = "mahalanobis.npz"
+EVAL_SCHEMA = "oodguard-eval/1"
+
+ATTACK_PROTOCOLS: dict[str, AttackConfig | None] = {
+    "none": None,
+    "paper": AttackConfig(eps=1 / 255, steps=10, step_size=1 / 255, random_start=False),
+    "strong": AttackConfig(eps=8 / 255, steps=100, step_size=2 / 255, random_start=True),
+}
+CONVENTION = (
+    "In-distribution is the positive class; a higher score means more in-distribution; an input is "
+    "accepted iff score >= threshold. FPR95 = FPR at the highest threshold with TPR >= 95%; "
+    "detection error = min over thresholds of 0.5(1-TPR) + 0.5 FPR; AUPR-in/out = average precision "
+    "with in-distribution / OOD as positive."
+)
+ATTACK_NOTES = {
+    "msp": "end to end",
+    "energy": "end to end",
+    "mahalanobis": "end to end (through the penultimate features)",
+    "odin": "BPDA: the pre-processing step is held constant in the backward pass (forward exact); "
+    "not a fully end-to-end gradient",
+}
+
+
+@dataclass
+class EvalConfig:
+    ood: list[str] = field(default_factory=lambda: ["tinyimagenet", "gaussian", "uniform", "blobs"])
+    attacks: list[str] = field(default_factory=lambda: ["none", "paper"])
+    scores: list[str] = field(default_factory=lambda: ["msp", "energy", "odin", "mahalanobis"])
+    max_samples: int | None = None  # per set (in-distribution test and each OOD set)
+    batch_size: int = 256
+    maha_fit_samples: int = 5000  # training images (minus calibration) used to fit Mahalanobis
+    temperature: float = 1.0
+    odin_temperature: float = 1000.0
+    odin_eps: float = 0.0014
+    seed: int = 0
+    data_dir: str | None = None
+    plots: bool = True
+
+    def validate(self) -> None:
+        self.scores = check_score_names(self.scores)
+        unknown = [a for a in self.attacks if a not in ATTACK_PROTOCOLS]
+        if unknown:
+            raise ValueError(f"unknown attack protocol(s) {unknown}; valid: {', '.join(ATTACK_PROTOCOLS)}")
+        if "none" not in self.attacks:
+            self.attacks = ["none", *self.attacks]  # attacked numbers are read against the clean ones
+        if not self.ood:
+            raise ValueError("give at least one OOD set (--ood)")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"--max-samples must be >= 1, got {self.max_samples}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+
+
+def set_key(spec: str) -> str:
+    """A short file-name-safe name for an OOD set spec ('tinyimagenet', '/data/svhn.npz' -> 'svhn')."""
+    name = Path(spec).stem if ("/" in spec or "." in spec) else spec
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "ood"
+
+
+def score_context(cfg: EvalConfig, maha: MahalanobisParams | None) -> ScoreContext:
+    return ScoreContext(
+        temperature=cfg.temperature, odin_temperature=cfg.odin_temperature, odin_eps=cfg.odin_eps, mahalanobis=maha
+    )
+
+
+def extract_features(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+    chunks = []
+    with torch.no_grad():
+        for _, x in data.iterate_batches(images, batch_size):
+            chunks.append(model.features(x))
+    return torch.cat(chunks)
+
+
+def fit_mahalanobis_for_run(model: nn.Module, run: RunData, max_samples: int = 5000, seed: int = 0, batch_size: int = 256) -> MahalanobisParams:
+    """Fit on the run's training split minus its calibration images (a seeded subset for speed)."""
+    fit = run.fit_set(max_samples=max_samples, seed=seed)
+    log.info("fitting Mahalanobis on %d training images (calibration images excluded)", len(fit))
+    feats = extract_features(model, fit.images, batch_size)
+    num_classes = int(model.head.out_features)
+    return fit_mahalanobis(feats, torch.as_tensor(fit.labels), num_classes)
+
+
+def _score_batches(model: nn.Module, images: np.ndarray, names: list[str], ctx: ScoreContext, attack: AttackConfig | None,
+                   is_in: bool, batch_size: int, seed: int, desc: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Scores (and predictions) for every requested score; attacked per score when `attack` is given.
+
+    Returns ({score: scores}, {score: predicted class}); clean predictions are shared by all scores.
+    """
+    scores: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    preds: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    generator = torch.Generator().manual_seed(seed)
+    sign = -1.0 if is_in else 1.0  # inliers: minimise the score; outliers: maximise it
+    total = (len(images) + batch_size - 1) // batch_size * (1 if attack is None else len(names))
+    with tqdm(total=total, desc=desc, leave=False, unit="batch") as bar:
+        for _, x in data.iterate_batches(images, batch_size):
+            if attack is None:
+                logits, out = compute_scores(model, x, names, ctx)
+                for n in names:
+                    scores[n].append(out[n].numpy())
+                    preds[n].append(logits.argmax(1).numpy())
+                bar.update(1)
+                continue
+            for n in names:
+                x_adv = pgd_with(attack, lambda xa, n=n: sign * attack_objective(model, xa, n, ctx), x, generator)
+                logits, out = compute_scores(model, x_adv, [n], ctx)
+                scores[n].append(out[n].numpy())
+                preds[n].append(logits.argmax(1).numpy())
+                bar.update(1)
+    return ({n: np.concatenate(v).astype(np.float32) for n, v in scores.items()},
+            {n: np.concatenate(v) for n, v in preds.items()})
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    for pkg in ("oodguard", "onnx", "onnxruntime"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def git_commit() -> str | None:
+    """The git commit of the code (None outside a checkout); '-dirty' when tracked files differ."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def evaluate_run(run_dir: str | Path, cfg: EvalConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate a run; writes everything to `out_dir` and returns the eval.json content."""
+    cfg.validate()
+    started = time.perf_counter()
+    run = RunData.open(run_dir, data_dir=cfg.data_dir)
+    model, _ = run.load_model()
+    model.eval()
+    for p in model.parameters():  # attacks differentiate w.r.t. the input only
+        p.requires_grad_(False)
+    out_dir = Path(out_dir) if out_dir is not None else run.run_dir / EVAL_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    maha = None
+    if "mahalanobis" in cfg.scores:
+        maha = fit_mahalanobis_for_run(model, run, cfg.maha_fit_samples, cfg.seed, cfg.batch_size)
+        maha.save_npz(out_dir / MAHALANOBIS_NPZ)
+    ctx = score_context(cfg, maha)
+
+    test = subsample(run.test_set(), cfg.max_samples, cfg.seed)
+    labels = test.labels
+    ood_sets = {}
+    for spec in cfg.ood:
+        key = set_key(spec)
+        if key in ood_sets or key == "in":
+            raise ValueError(f"two OOD sets share the name {key!r}; rename one of the files")
+        ood_sets[key] = (spec, load_ood_set(spec, cfg.max_samples, cfg.seed, data_dir=run.data_dir))
+
+    raw: dict[str, np.ndarray] = {}
+    accuracy: dict[str, Any] = {}
+    results: dict[str, dict[str, dict[str, Any]]] = {n: {k: {} for k in ood_sets} for n in cfg.scores}
+    timings: dict[str, float] = {}
+    for attack_name in cfg.attacks:
+        attack = ATTACK_PROTOCOLS[attack_name]
+        t0 = time.perf_counter()
+        s_in, pred_in = _score_batches(model, test.images, cfg.scores, ctx, attack, True, cfg.batch_size, cfg.seed,
+                                       f"in-distribution [{attack_name}]")
+        if attack is None:
+            accuracy["clean"] = float(np.mean(pred_in[cfg.scores[0]] == labels))
+        else:
+            accuracy[attack_name] = {n: float(np.mean(pred_in[n] == labels)) for n in cfg.scores}
+        for n in cfg.scores:
+            raw[f"{n}__in__{attack_name}"] = s_in[n]
+        for key, (_, image_set) in ood_sets.items():
+            s_out, _ = _score_batches(model, image_set.images, cfg.scores, ctx, attack, False, cfg.batch_size,
+                                      cfg.seed + 1, f"{key} [{attack_name}]")
+            for n in cfg.scores:
+                raw[f"{n}__{key}__{attack_name}"] = s_out[n]
+                results[n][key][attack_name] = ood_metrics(s_in[n], s_out[n])
+        timings[attack_name] = round(time.perf_counter() - t0, 2)
+        log.info("%s: done in %.1f s", attack_name, timings[attack_name])
+
+    np.savez(out_dir / SCORES_NPZ, **raw)
+    report = {
+        "schema": EVAL_SCHEMA,
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "run_dir": str(run.run_dir),
+        "convention": CONVENTION,
+        "config": asdict(cfg),
+        "attacks": {k: (asdict(ATTACK_PROTOCOLS[k]) if ATTACK_PROTOCOLS[k] else None) for k in cfg.attacks},
+        "attack_notes": {n: ATTACK_NOTES[n] for n in cfg.scores},
+        "score_params": {n: SCORES[n].params(ctx) for n in cfg.scores},
+        "model": dict(getattr(model, "model_config", {})),
+        "method": _method(run.config),
+        "in_distribution": {**test.describe(), "spec": run.data_spec, "split": "test"},
+        "ood_sets": {k: {**s.describe(), "spec": spec} for k, (spec, s) in ood_sets.items()},
+        "mahalanobis": {"fit_samples": maha.num_fit_samples, "split": "train minus calibration"} if maha else None,
+        "accuracy": accuracy,
+        "results": results,
+        "timings_s": {**timings, "total": round(time.perf_counter() - started, 2)},
+        "versions": _versions(),
+        "code_version": git_commit(),
+    }
+    for v in report["in_distribution"], *report["ood_sets"].values():
+        v.pop("classes", None)
+    write_json_atomic(out_dir / EVAL_JSON, report)
+    write_report(out_dir, report, raw if cfg.plots else None)
+    return report
+
+
+def _method(config: dict[str, Any]) -> str | None:
+    for section in (config, config.get("train") or {}):
+        if isinstance(section, dict) and section.get("method"):
+            return str(section["method"])
+    return None
+
+
+def load_eval(run_or_eval_dir: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+    """(eval.json, raw scores) of a run's evaluation, or None when it has not been evaluated."""
+    root = Path(run_or_eval_dir)
+    eval_dir = root if (root / EVAL_JSON).is_file() else root / EVAL_DIR
+    if not (eval_dir / EVAL_JSON).is_file():
+        return None
+    report = json.loads((eval_dir / EVAL_JSON).read_text(encoding="utf-8"))
+    raw: dict[str, np.ndarray] = {}
+    if (eval_dir / SCORES_NPZ).is_file():
+        with np.load(eval_dir / SCORES_NPZ, allow_pickle=False) as z:
+            raw = {k: z[k] for k in z.files}
+    return report, raw
+

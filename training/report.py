@@ -1,0 +1,152 @@
+"""eval.md and PNG plots from an evaluation (eval.json content + raw scores). matplotlib Agg only.
+
+Tables: one per score, rows = OOD set x (clean / each attack), columns = metrics in percent; plus the
+in-distribution accuracy, clean and under each attack. Plots per score: ROC curves (clean solid,
+attacked dashed) and in-vs-out score histograms (one panel per OOD set x attack).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .metrics import roc_curve
+
+log = logging.getLogger(__name__)
+
+EVAL_MD = "eval.md"
+_COLUMNS = (
+    ("fpr_at_95_tpr", "FPR95 ↓"),
+    ("auroc", "AUROC ↑"),
+    ("aupr_in", "AUPR-in ↑"),
+    ("aupr_out", "AUPR-out ↑"),
+    ("detection_error", "Det. err ↓"),
+)
+
+
+def _pct(v: float) -> str:
+    return f"{100.0 * v:.2f}"
+
+
+def _attack_label(name: str) -> str:
+    return "clean" if name == "none" else name
+
+
+def render_markdown(report: dict[str, Any], plots: list[str] | None = None) -> str:
+    cfg = report["config"]
+    ind = report["in_distribution"]
+    model = report.get("model", {})
+    lines = [
+        f"# OOD evaluation of `{report['run_dir']}`",
+        "",
+        f"- Model: `{model.get('name', '?')}`, training method: `{report.get('method') or '?'}`",
+        f"- In-distribution: {ind.get('spec')} test split, {ind.get('n')} images (positives)",
+        "- OOD sets: " + ", ".join(f"{k} ({v.get('n')} images)" for k, v in report["ood_sets"].items()),
+        f"- Created {report['created_at']}, code `{report.get('code_version') or 'unknown'}`",
+        "",
+        f"**Convention.** {report['convention']} All metrics in percent.",
+        "",
+        "**Attacks** (L∞ PGD on the score itself, model in eval mode; inliers pushed to look OOD, "
+        "OOD inputs pushed to look in-distribution):",
+        "",
+    ]
+    for name, params in report["attacks"].items():
+        if params:
+            lines.append(f"- `{name}`: ε = {params['eps'] * 255:.3g}/255, {params['steps']} steps of "
+                         f"{params['step_size'] * 255:.3g}/255, random start {'on' if params['random_start'] else 'off'}")
+    lines.append("- Per score: " + "; ".join(f"{k}: {v}" for k, v in report["attack_notes"].items()))
+    scores = list(report["results"])
+    attacks = list(report["attacks"])
+
+    lines += ["", "## In-distribution test accuracy", "",
+              "Attacked rows: accuracy on the inliers attacked against each score.", "",
+              "| | " + " | ".join(scores) + " |", "|---|" + "---|" * len(scores)]
+    acc = report["accuracy"]
+    lines.append("| clean | " + " | ".join(_pct(acc["clean"]) for _ in scores) + " |")
+    for a in attacks:
+        if a != "none":
+            lines.append(f"| {a} | " + " | ".join(_pct(acc[a][s]) for s in scores) + " |")
+
+    for score in scores:
+        params = report.get("score_params", {}).get(score, {})
+        suffix = f" ({', '.join(f'{k}={v:g}' for k, v in params.items())})" if params else ""
+        lines += ["", f"## Score `{score}`{suffix}", "",
+                  "| OOD set | attack | " + " | ".join(c for _, c in _COLUMNS) + " |",
+                  "|---|---|" + "---:|" * len(_COLUMNS)]
+        for set_name, per_attack in report["results"][score].items():
+            for a in attacks:
+                m = per_attack.get(a)
+                if m:
+                    lines.append(f"| {set_name} | {_attack_label(a)} | " + " | ".join(_pct(m[k]) for k, _ in _COLUMNS) + " |")
+    if plots:
+        lines += ["", "## Plots", ""] + [f"- [{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _plot_score(out_dir: Path, score: str, report: dict[str, Any], raw: dict[str, np.ndarray]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attacks = list(report["attacks"])
+    sets = list(report["results"][score])
+    written = []
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, set_name in enumerate(sets):
+        for a in attacks:
+            s_in, s_out = raw.get(f"{score}__in__{a}"), raw.get(f"{score}__{set_name}__{a}")
+            if s_in is None or s_out is None:
+                continue
+            roc = roc_curve(s_in, s_out)
+            auroc = report["results"][score][set_name][a]["auroc"]
+            ax.plot(roc.fpr, roc.tpr, color=colours[i % len(colours)], linestyle="-" if a == "none" else "--",
+                    label=f"{set_name} {_attack_label(a)} (AUROC {100 * auroc:.1f})")
+    ax.plot([0, 1], [0, 1], color="grey", linewidth=0.5)
+    ax.set(xlabel="FPR (OOD accepted)", ylabel="TPR (in-distribution accepted)", title=f"ROC — {score}")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    name = f"roc_{score}.png"
+    fig.savefig(out_dir / name, dpi=110)
+    plt.close(fig)
+    written.append(name)
+
+    fig, axes = plt.subplots(len(attacks), len(sets), figsize=(3.2 * len(sets), 2.6 * len(attacks)), squeeze=False)
+    for r, a in enumerate(attacks):
+        for c, set_name in enumerate(sets):
+            ax = axes[r][c]
+            s_in, s_out = raw.get(f"{score}__in__{a}"), raw.get(f"{score}__{set_name}__{a}")
+            if s_in is None or s_out is None:
+                ax.set_axis_off()
+                continue
+            lo, hi = float(min(s_in.min(), s_out.min())), float(max(s_in.max(), s_out.max()))
+            bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 50)
+            ax.hist(s_in, bins=bins, alpha=0.6, density=True, label="in-distribution")
+            ax.hist(s_out, bins=bins, alpha=0.6, density=True, label=set_name)
+            ax.set_title(f"{set_name} — {_attack_label(a)}", fontsize=8)
+            ax.tick_params(labelsize=7)
+            if r == 0 and c == 0:
+                ax.legend(fontsize=7)
+    fig.suptitle(f"{score} score (higher = more in-distribution)", fontsize=9)
+    fig.tight_layout()
+    name = f"hist_{score}.png"
+    fig.savefig(out_dir / name, dpi=100)
+    plt.close(fig)
+    written.append(name)
+    return written
+
+
+def write_report(out_dir: str | Path, report: dict[str, Any], raw: dict[str, np.ndarray] | None) -> list[str]:
+    """Write plots (when raw scores are given) and eval.md; returns the written file names."""
+    out_dir = Path(out_dir)
+    plots: list[str] = []
+    if raw:
+        for score in report["results"]:
+            plots += _plot_score(out_dir, score, report, raw)
+    (out_dir / EVAL_MD).write_text(render_markdown(report, plots), encoding="utf-8")
+    return [EVAL_MD, *plots]
