@@ -1,0 +1,158 @@
+"""Calibration: the threshold rule, coverage on synthetic scores, p-value uniformity, and a real bundle."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from oodguard.service.bundle import conformal_p_values, make_session, verify_bundle
+from oodguard.service.manifest import load_manifest
+from oodguard.training.calibrate import CalibrateConfig, calibrate_run, operating_point_name, threshold_for_tpr
+from oodguard.training.data import to_tensor
+from oodguard.training.evaluate import EvalConfig, evaluate_run
+from oodguard.training.export import export_run, run_onnx
+from oodguard.training.run_data import RunData
+
+from ._eval_helpers import make_run
+
+torch.set_num_threads(1)
+
+
+def test_threshold_rule_by_hand():
+    cal = np.arange(1, 20, dtype=np.float32)  # n = 19
+    assert threshold_for_tpr(cal, 0.90) == 2.0  # k = floor(0.1 * 20) = 2 -> 2nd smallest
+    assert threshold_for_tpr(cal, 0.95) == 1.0  # k = floor(0.05 * 20) = 1
+    with pytest.raises(ValueError, match="too few"):
+        threshold_for_tpr(cal, 0.99)  # would need n >= 99
+    with pytest.raises(ValueError, match=r"in \(0, 1\)"):
+        threshold_for_tpr(cal, 1.0)
+    assert operating_point_name(0.95) == "tpr95" and operating_point_name(0.995) == "tpr99.5"
+
+
+@pytest.mark.parametrize("tpr", [0.90, 0.95, 0.99])
+def test_threshold_equals_the_conformal_p_value_rule_with_ties(tpr):
+    rng = np.random.default_rng(int(tpr * 100))
+    cal = np.sort(rng.integers(0, 30, 400).astype(np.float32))  # many ties
+    thr = threshold_for_tpr(cal, tpr)
+    fresh = rng.integers(-2, 32, 5000).astype(np.float32)
+    accept_by_threshold = fresh >= thr
+    accept_by_p_value = conformal_p_values(cal, fresh) > 1 - tpr + 1e-12
+    np.testing.assert_array_equal(accept_by_threshold, accept_by_p_value)
+    assert np.mean(cal >= thr) >= tpr  # at least tpr of the calibration scores pass
+
+
+@pytest.mark.parametrize("tpr", [0.90, 0.95, 0.99])
+def test_coverage_on_fresh_in_distribution_draws(tpr):
+    rng = np.random.default_rng(7)
+    n, m = 2000, 20000
+    cal = np.sort(rng.normal(size=n).astype(np.float32))
+    fresh = rng.normal(size=m).astype(np.float32)
+    realised = np.mean(fresh >= threshold_for_tpr(cal, tpr))
+    # the threshold's own randomness (~Beta, var tpr(1-tpr)/n) plus the binomial of the m fresh draws
+    tol = 4 * np.sqrt(tpr * (1 - tpr) * (1 / n + 1 / m))
+    assert abs(realised - tpr) <= tol, (realised, tpr, tol)
+
+
+def test_marginal_guarantee_over_many_calibration_sets():
+    rng = np.random.default_rng(8)
+    n, m, reps, tpr = 200, 2000, 300, 0.9
+    realised = []
+    for _ in range(reps):
+        cal = np.sort(rng.standard_t(3, size=n).astype(np.float32))
+        realised.append(np.mean(rng.standard_t(3, size=m) >= threshold_for_tpr(cal, tpr)))
+    mean, se = float(np.mean(realised)), float(np.std(realised) / np.sqrt(reps))
+    assert tpr - 3 * se <= mean <= tpr + 1 / (n + 1) + 3 * se  # P(accept) in [tau, tau + 1/(n+1)]
+
+
+def test_in_distribution_p_values_are_uniform_and_ood_ones_small():
+    rng = np.random.default_rng(9)
+    cal = np.sort(rng.normal(size=5000).astype(np.float32))
+    p_in = conformal_p_values(cal, rng.normal(size=1000))
+    assert stats.kstest(p_in, "uniform").pvalue > 0.01
+    p_out = conformal_p_values(cal, rng.normal(-3.0, 1.0, size=1000))
+    assert np.median(p_out) < 0.01
+    # and a shifted "in-distribution" is detected as non-uniform by the same test (the test has power)
+    assert stats.kstest(conformal_p_values(cal, rng.normal(0.3, 1.0, size=1000)), "uniform").pvalue < 0.01
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, tiny_data_dir):
+    run = make_run(tmp_path_factory.mktemp("cal") / "run", tiny_data_dir)
+    evaluate_run(run, EvalConfig(ood=["tinyimagenet", "gaussian"], attacks=["paper"], scores=["msp", "energy"],
+                                 max_samples=32, batch_size=32, plots=True))
+    export_run(run, ["msp", "energy", "mahalanobis"])
+    built = calibrate_run(run, CalibrateConfig(score="msp", max_samples=64))
+    return run, built
+
+
+def test_calibration_uses_the_held_out_split_through_onnxruntime(bundle):
+    run, built = bundle
+    root = built.bundle_dir
+    cal = np.load(root / "calibration.npy", allow_pickle=False)
+    assert cal.dtype == np.float32 and cal.size == 100 and np.all(np.diff(cal) >= 0)
+    images = RunData.open(run).calibration_set().images
+    session = make_session(root / "model.onnx")
+    expected = np.sort(run_onnx(session, to_tensor(images).numpy(), output_names=["msp"])["msp"])
+    np.testing.assert_array_equal(cal, expected)
+    manifest = built.manifest
+    for op in manifest.operating_points:
+        assert op.threshold == threshold_for_tpr(cal, op.target_tpr)
+        assert 0.0 <= op.realised_tpr <= 1.0
+
+
+def test_manifest_fields(bundle):
+    run, built = bundle
+    m = load_manifest(built.bundle_dir)
+    assert m.model_dump(mode="json") == built.manifest.model_dump(mode="json")
+    assert m.name == "small_cnn-aloe" and re.fullmatch(r"\d{8}-\d{6}", m.version)
+    assert m.classes == [f"c{i}" for i in range(10)]
+    assert m.input.resize == "bilinear" and m.input.mean == (0.4914, 0.4822, 0.4465) and m.input.height == 32
+    assert m.outputs == ["logits", "probs", "msp", "energy", "mahalanobis"]
+    assert m.score.name == "msp" and m.score.output == "msp" and m.score.params == {"temperature": 1.0}
+    assert [op.name for op in m.operating_points] == ["tpr90", "tpr95", "tpr99"] and m.default_operating_point == "tpr95"
+    op = m.operating_point()
+    assert set(op.fpr) == {"tinyimagenet", "gaussian", "tinyimagenet/paper", "gaussian/paper"}
+    assert m.calibration.size == 100 and m.calibration.seed == 0
+    assert m.metrics["evaluation"]["results"]["msp"]["gaussian"]["paper"]["auroc"] >= 0
+    assert m.metrics["validation"]["operating_points"]["tpr95"]["realised_tpr_attacked"].keys() == {"paper"}
+    assert m.training["method"] == "aloe" and m.training["model"] == "small_cnn"
+    assert m.training["config"]["train"]["calibration_size"] == 100
+    assert set(m.lineage.datasets) >= {"cifar10_train.npz", "tinyimagenet_test.npz"}
+    assert re.fullmatch(r"[0-9a-f]{64}", m.lineage.checkpoint_sha256)
+    assert {"report/eval.md", "report/eval.json", "report/roc_msp.png", "report/export.json"} <= set(m.files)
+    assert "report/scores.npz" not in m.files  # raw scores stay in the run, not in the shipped bundle
+
+
+def test_bundle_and_archive_verify(bundle, tmp_path):
+    _, built = bundle
+    report = verify_bundle(built.bundle_dir)
+    assert report.checks == ["schema", "hashes", "calibration", "onnx", "golden"]
+    with np.load(built.bundle_dir / "golden.npz", allow_pickle=False) as golden:
+        assert golden["image"].shape == (8, 3, 32, 32) and golden["msp"].shape == (8,)
+    assert built.tarball == built.bundle_dir.with_name("bundle.tar.gz") and built.tarball.is_file()
+    from oodguard.service.store import safe_extract_tar
+
+    with open(built.tarball, "rb") as fh:
+        root = safe_extract_tar(fh, tmp_path)
+    assert verify_bundle(root).sha256 == report.sha256
+
+
+def test_calibrate_errors(tmp_path, tiny_data_dir):
+    run = make_run(tmp_path / "run", tiny_data_dir)
+    with pytest.raises(ValueError, match="oodguard export"):
+        calibrate_run(run, CalibrateConfig())
+    export_run(run, ["msp"])
+    with pytest.raises(ValueError, match="'energy' is not an output"):
+        calibrate_run(run, CalibrateConfig(score="energy"))
+    with pytest.raises(ValueError, match="--default 0.8"):
+        calibrate_run(run, CalibrateConfig(default_tpr=0.8))
+    split = json.loads((run / "split.json").read_text())
+    split["cal_indices"] = [10_000]
+    (run / "split.json").write_text(json.dumps(split))
+    with pytest.raises(ValueError, match="outside the training file"):
+        calibrate_run(run, CalibrateConfig())

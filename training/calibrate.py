@@ -1,0 +1,226 @@
+"""`oodguard calibrate`: thresholds and conformal p-values from the SERVED artefact, then the bundle.
+
+Calibration runs the exported ONNX graph with onnxruntime (exactly what the service will run) on the
+run's held-out calibration split (split.json: images carved out of the training file before
+training; never the test set, never a training image).
+
+Threshold rule (accept iff score >= threshold; scores higher = more in-distribution). With the n
+calibration scores sorted ascending s_(1) <= ... <= s_(n) and a target TPR tau:
+
+    k = floor((1 - tau) * (n + 1))          (the number of calibration scores allowed below it, + 1)
+    threshold = s_(k)                        (the k-th smallest; needs k >= 1, i.e. n >= 1/(1-tau) - 1)
+
+Equivalently: accept iff the conformal p-value p(x) = (1 + #{cal <= s(x)}) / (n + 1) is > 1 - tau.
+For a new in-distribution input exchangeable with the calibration images this gives
+P(accept) >= tau (split-conformal guarantee; at most tau + 1/(n+1) without ties), and at least
+tau of the calibration scores themselves pass.
+
+Validation: realised TPR on the in-distribution test split and FPR on each OOD set, clean (scored by
+onnxruntime here), and attacked when the run's evaluation (eval/scores.npz) holds attacked scores for
+this score — those are the torch scores of the evaluation's PGD inputs (the ONNX graph matches torch
+to 1e-4), at the thresholds calibrated here. Keys of `fpr`: "<set>" (clean), "<set>/<attack>".
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from oodguard.service.bundle import conformal_p_values, make_session, sha256_file
+from oodguard.service.manifest import BundleManifest, CalibrationInfo, InputSpec, Lineage, OperatingPoint, ScoreSpec
+
+from . import data
+from .checkpoint import last_checkpoint_path
+from .evaluate import git_commit, load_eval, set_key
+from .export import EXPORT_DIR, ONNX_FILE, read_export_info, run_onnx
+from .ood_sets import load_ood_set, subsample
+from .package import BuiltBundle, build_bundle
+from .run_data import RunData, RunError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TPRS = (0.90, 0.95, 0.99)
+GOLDEN_COUNT = 8
+BUNDLE_DIR = "bundle"
+
+
+def threshold_for_tpr(calibration_sorted: np.ndarray, target_tpr: float) -> float:
+    """The module docstring's rule: the k-th smallest calibration score, k = floor((1 - tau)(n + 1))."""
+    cal = np.asarray(calibration_sorted)
+    n = cal.size
+    if not 0.0 < target_tpr < 1.0:
+        raise ValueError(f"target TPR must be in (0, 1), got {target_tpr}")
+    # round() guards against (1 - 0.95) * 100 = 4.999999999999996 style float error
+    k = math.floor(round((1.0 - target_tpr) * (n + 1), 9))
+    if k < 1:
+        raise ValueError(f"{n} calibration scores are too few for a TPR of {target_tpr}: "
+                         f"need at least {math.ceil(1.0 / (1.0 - target_tpr)) - 1}")
+    return float(cal[k - 1])
+
+
+def operating_point_name(target_tpr: float) -> str:
+    return f"tpr{100 * target_tpr:.10g}"
+
+
+@dataclass
+class CalibrateConfig:
+    onnx: str | None = None  # default RUN_DIR/export/model.onnx
+    score: str = "msp"
+    tprs: list[float] = field(default_factory=lambda: list(DEFAULT_TPRS))
+    default_tpr: float = 0.95
+    name: str | None = None
+    version: str | None = None  # default: UTC timestamp
+    out: str | None = None  # default RUN_DIR/bundle
+    ood: list[str] | None = None  # default: the sets of the run's evaluation, else tinyimagenet + gaussian
+    max_samples: int | None = None  # for the validation sets (the calibration split is always used whole)
+    batch_size: int = 256
+    data_dir: str | None = None
+    seed: int = 0
+    tarball: bool = True
+
+    def validate(self) -> None:
+        tprs = sorted(set(float(t) for t in self.tprs))
+        if not tprs or any(not 0.0 < t < 1.0 for t in tprs):
+            raise ValueError(f"--tpr values must be in (0, 1), got {self.tprs}")
+        if not any(math.isclose(self.default_tpr, t) for t in tprs):
+            raise ValueError(f"--default {self.default_tpr} is not one of the --tpr values {tprs}")
+        self.tprs = tprs
+        if self.version is None:
+            self.version = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+def _default_name(run: RunData, model_name: str | None, method: str | None) -> str:
+    name = "-".join(p for p in (model_name, method) if p) or run.run_dir.name
+    return re.sub(r"[^A-Za-z0-9._-]", "-", name).strip("-.")[:64] or "oodguard"
+
+
+def _accept_rate(scores: np.ndarray, threshold: float) -> float:
+    """Fraction of scores accepted (>= threshold): TPR on in-distribution, FPR on OOD."""
+    return float(np.mean(np.asarray(scores) >= threshold))
+
+
+def calibrate_run(run_dir: str | Path, cfg: CalibrateConfig) -> BuiltBundle:
+    cfg.validate()
+    run = RunData.open(run_dir, data_dir=cfg.data_dir)
+    onnx_path = Path(cfg.onnx) if cfg.onnx else run.run_dir / EXPORT_DIR / ONNX_FILE
+    if not onnx_path.is_file():
+        raise RunError(f"{onnx_path}: no exported model; run `oodguard export {run.run_dir}` first (or pass --onnx)")
+    session = make_session(onnx_path, intra_op_threads=0, providers=["CPUExecutionProvider"])
+    outputs = [o.name for o in session.get_outputs()]
+    if cfg.score not in outputs:
+        raise ValueError(f"score {cfg.score!r} is not an output of {onnx_path} (outputs: {', '.join(outputs)})")
+    export_info = read_export_info(onnx_path) or {}
+    evaluation = load_eval(run.run_dir)
+    eval_report, eval_raw = evaluation if evaluation else ({}, {})
+
+    # -- calibration scores from the held-out split, with the served artefact --------------------------
+    cal_set = run.calibration_set()
+    cal_scores = run_onnx(session, data.to_tensor(cal_set.images).numpy(), cfg.batch_size, [cfg.score])[cfg.score]
+    cal_sorted = np.sort(cal_scores.astype(np.float32))
+    thresholds = {t: threshold_for_tpr(cal_sorted, t) for t in cfg.tprs}
+    log.info("calibrated %s on %d held-out images: %s", cfg.score, cal_sorted.size,
+             {operating_point_name(t): thr for t, thr in thresholds.items()})
+
+    # -- validation: in-distribution test split and OOD sets --------------------------------------------
+    test_set = subsample(run.test_set(), cfg.max_samples, cfg.seed)
+    test_scores = run_onnx(session, data.to_tensor(test_set.images).numpy(), cfg.batch_size, [cfg.score])[cfg.score]
+    ood_specs = cfg.ood or [v.get("spec", k) for k, v in eval_report.get("ood_sets", {}).items()] or ["tinyimagenet", "gaussian"]
+    ood_scores: dict[str, np.ndarray] = {}
+    lineage = dict(run.lineage())
+    for spec in ood_specs:
+        image_set = load_ood_set(spec, cfg.max_samples, cfg.seed, data_dir=run.data_dir)
+        ood_scores[set_key(spec)] = run_onnx(session, data.to_tensor(image_set.images).numpy(), cfg.batch_size, [cfg.score])[cfg.score]
+        if image_set.sha256 and not image_set.source.startswith("synthetic:"):
+            lineage[Path(image_set.source).name] = image_set.sha256
+    attacked = {k: v for k, v in eval_raw.items() if k.startswith(f"{cfg.score}__") and not k.endswith("__none")}
+
+    points, validation = [], {}
+    for tpr, thr in thresholds.items():
+        op_name = operating_point_name(tpr)
+        fpr = {k: _accept_rate(v, thr) for k, v in ood_scores.items()}
+        tpr_attacked = {}
+        for key, values in attacked.items():
+            _, set_name, attack = key.split("__")
+            if set_name == "in":
+                tpr_attacked[attack] = _accept_rate(values, thr)
+            else:
+                fpr[f"{set_name}/{attack}"] = _accept_rate(values, thr)
+        realised = _accept_rate(test_scores, thr)
+        points.append(OperatingPoint(name=op_name, target_tpr=tpr, threshold=thr, realised_tpr=realised, fpr=fpr))
+        validation[op_name] = {"threshold": thr, "target_tpr": tpr, "calibration_tpr": _accept_rate(cal_sorted, thr),
+                               "realised_tpr": realised, "realised_tpr_attacked": tpr_attacked, "fpr": fpr}
+
+    p_test = conformal_p_values(cal_sorted, test_scores)
+    metrics: dict[str, Any] = {
+        "validation": {
+            "score": cfg.score,
+            "test_images": int(test_scores.size),
+            "test_source": test_set.source,
+            "ood_images": {k: int(v.size) for k, v in ood_scores.items()},
+            "operating_points": validation,
+            "test_p_value_mean": float(np.mean(p_test)),  # ~0.5 when in-distribution p-values are uniform
+            "attacked_source": "eval/scores.npz: torch scores of the evaluation's PGD inputs" if attacked else None,
+        },
+    }
+    if eval_report:
+        metrics["evaluation"] = {
+            "convention": eval_report.get("convention"),
+            "accuracy": eval_report.get("accuracy"),
+            "attacks": eval_report.get("attacks"),
+            "attack_notes": eval_report.get("attack_notes"),
+            "results": eval_report.get("results"),
+        }
+
+    # -- manifest -------------------------------------------------------------------------------------
+    model, config = run.load_model()
+    model_config = dict(getattr(model, "model_config", {}))
+    method = eval_report.get("method") or _config_value(config, "method")
+    score_params = (export_info.get("score_params") or {}).get(cfg.score, {})
+    default_op = operating_point_name(next(t for t in cfg.tprs if math.isclose(t, cfg.default_tpr)))
+    ckpt = last_checkpoint_path(run.run_dir)
+    manifest = BundleManifest(
+        name=cfg.name or _default_name(run, model_config.get("name"), method),
+        version=cfg.version,
+        description=f"{model_config.get('name', 'model')} trained with {method or 'unknown method'}; "
+                    f"score {cfg.score}, calibrated on {cal_sorted.size} held-out images",
+        classes=run.classes,
+        input=InputSpec(height=int(model.input_size), width=int(model.input_size), resize="bilinear",
+                        mean=tuple(model.mean), std=tuple(model.std)),
+        outputs=outputs,
+        score=ScoreSpec(name=cfg.score, output=cfg.score, params={k: float(v) for k, v in score_params.items()}),
+        operating_points=points,
+        default_operating_point=default_op,
+        calibration=CalibrationInfo(size=int(cal_sorted.size), seed=run.split.get("seed"),
+                                    split=f"held-out calibration split of {Path(cal_set.source).name} (split.json)"),
+        metrics=metrics,
+        training={"method": method, "model": model_config.get("name"), "model_config": model_config, "config": config},
+        lineage=Lineage(datasets=lineage, code_version=git_commit(), run_dir=str(run.run_dir),
+                        checkpoint_sha256=sha256_file(ckpt) if ckpt.is_file() else None),
+    )
+
+    golden = subsample(test_set, GOLDEN_COUNT, cfg.seed + 1)
+    report_files = {}
+    eval_dir = run.run_dir / "eval"
+    if eval_dir.is_dir():
+        report_files = {p.name: p for p in sorted(eval_dir.iterdir())
+                        if p.is_file() and p.suffix in (".md", ".json", ".png")}
+    if (onnx_path.parent / "export.json").is_file():
+        report_files["export.json"] = onnx_path.parent / "export.json"
+    out = Path(cfg.out) if cfg.out else run.run_dir / BUNDLE_DIR
+    return build_bundle(out, onnx_path=onnx_path, manifest=manifest, calibration_scores=cal_sorted,
+                        golden_images=data.to_tensor(golden.images).numpy(), report_files=report_files,
+                        tarball=cfg.tarball)
+
+
+def _config_value(config: dict[str, Any], key: str) -> Any:
+    for section in (config, config.get("train") or {}):
+        if isinstance(section, dict) and section.get(key) is not None:
+            return section[key]
+    return None
