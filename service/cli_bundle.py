@@ -1,7 +1,141 @@
-"""CLI commands (placeholder until implemented)."""
+"""`oodguard bundle verify PATH` and `oodguard bundle info PATH` — numpy + onnxruntime only, no torch.
+
+PATH is a bundle directory or a bundle archive (.tar.gz / .tgz / .tar), which is extracted safely
+(no absolute paths, no `..`, no links or devices, bounded size: `store.safe_extract_tar`) into a
+temporary directory that is removed afterwards.
+
+verify runs `bundle.verify_bundle` — the same gate the service applies before serving — and prints
+each check that passed, or the one that failed with its message (exit 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from .bundle import BundleError, bundle_summary, manifest_sha256, verify_bundle
+from .manifest import load_manifest
+from .store import TarLimits, safe_extract_tar
+
+_out = Console(soft_wrap=True, highlight=False)
+_err = Console(stderr=True, soft_wrap=True, highlight=False)
+
+bundle_app = typer.Typer(help="Inspect and verify model bundles.", no_args_is_help=True)
+
+# verify_bundle's checks in order, and which of them each BundleError.check belongs to
+CHECKS = ("schema", "hashes", "calibration", "onnx", "golden")
+_STAGE_OF = {"path": "path", "schema": "schema", "files": "hashes", "hash": "hashes", "calibration": "calibration",
+             "onnx": "onnx", "contract": "onnx", "golden": "golden", "archive": "archive"}
+_DESCRIPTION = {
+    "path": "bundle path exists",
+    "archive": "archive extracted safely",
+    "schema": "manifest.json parses and matches the schema",
+    "hashes": "every file present and its sha256 matches the manifest",
+    "calibration": "calibration scores are a finite, sorted float array of the declared size",
+    "onnx": "model.onnx loads in onnxruntime with the declared input/output contract",
+    "golden": "golden outputs reproduce within 1e-4",
+}
+
+
+def _is_archive(path: Path) -> bool:
+    return path.is_file() and path.name.endswith((".tar.gz", ".tgz", ".tar"))
+
+
+@contextlib.contextmanager
+def open_bundle(path: Path) -> Iterator[Path]:
+    """Yield a bundle directory for `path` (a directory as is, an archive extracted to a temp dir)."""
+    if path.is_dir():
+        yield path
+        return
+    if not path.exists():
+        raise BundleError("path", f"{path} does not exist")
+    if not _is_archive(path):
+        raise BundleError("path", f"{path} is neither a bundle directory nor a .tar.gz / .tgz / .tar archive")
+    with tempfile.TemporaryDirectory(prefix="oodguard-bundle-") as tmp, open(path, "rb") as fh:
+        yield safe_extract_tar(fh, Path(tmp), TarLimits())
+
+
+@bundle_app.command("verify")
+def verify(
+    path: Path = typer.Argument(..., help="Bundle directory or .tar.gz archive."),
+    threads: int = typer.Option(1, "--threads", min=0, help="onnxruntime intra-op threads (0 = all cores)."),
+) -> None:
+    """Check schema, file hashes, calibration, ONNX contract and golden outputs; exit 1 on the first failure."""
+    passed: list[str] = []
+    try:
+        with open_bundle(path) as root:
+            if root != path:
+                passed.append("archive")
+            report = verify_bundle(root, intra_op_threads=threads)
+    except BundleError as exc:
+        stage = _STAGE_OF.get(exc.check, exc.check)
+        if stage in CHECKS:
+            passed += list(CHECKS[: CHECKS.index(stage)])
+        for check in passed:
+            _out.print(f"[green]✓[/green] {check}: {_DESCRIPTION[check]}")
+        _out.print(f"[red]✗ {stage}[/red]: {exc.message}")
+        _err.print(f"bundle {path} FAILED verification ({exc.check}): {exc.message}")
+        raise typer.Exit(1)
+    for check in passed + report.checks:
+        _out.print(f"[green]✓[/green] {check}: {_DESCRIPTION.get(check, check)}")
+    worst = max(report.golden_max_abs_diff.values(), default=0.0)
+    m = report.manifest
+    _out.print(f"bundle {m.name}:{m.version} OK (manifest sha256 {report.sha256}; golden max abs diff {worst:.2e})")
+
+
+@bundle_app.command("info")
+def info(
+    path: Path = typer.Argument(..., help="Bundle directory or .tar.gz archive."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Summarise a bundle: name, version, classes, score, operating points, calibration, metrics."""
+    try:
+        with open_bundle(path) as root:
+            manifest = load_manifest(root)
+            summary = bundle_summary(manifest, manifest_sha256(root))
+    except (BundleError, ValueError) as exc:
+        _err.print(f"error: {exc}")
+        raise typer.Exit(2)
+    if as_json:
+        _out.print_json(json.dumps(summary, default=str))
+        return
+    table = Table(title=f"bundle {manifest.name}:{manifest.version}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    table.add_row("sha256 (manifest)", summary["sha256"])
+    table.add_row("created", summary["created_at"])
+    table.add_row("description", manifest.description or "-")
+    table.add_row("model / method", f"{summary['model'] or '?'} / {summary['method'] or '?'}")
+    table.add_row("classes", ", ".join(manifest.classes))
+    inp = manifest.input
+    table.add_row("input", f"{inp.name} {inp.dtype} N×{inp.channels}×{inp.height}×{inp.width} {inp.layout} "
+                           f"{inp.color} in {list(inp.value_range)}, resize {inp.resize}")
+    table.add_row("outputs", ", ".join(manifest.outputs))
+    params = ", ".join(f"{k}={v:g}" for k, v in manifest.score.params.items())
+    table.add_row("score", f"{manifest.score.name} (output {manifest.score.output}{', ' + params if params else ''}; "
+                           "higher = more in-distribution)")
+    table.add_row("calibration", f"{manifest.calibration.size} scores; {manifest.calibration.split}")
+    for op in manifest.operating_points:
+        default = " (default)" if op.name == manifest.default_operating_point else ""
+        realised = f", realised TPR {100 * op.realised_tpr:.2f}%" if op.realised_tpr is not None else ""
+        fpr = ("; FPR " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in op.fpr.items())) if op.fpr else ""
+        table.add_row(f"operating point {op.name}{default}",
+                      f"accept iff score >= {op.threshold:.6g} (target TPR {100 * op.target_tpr:g}%{realised}){fpr}")
+    lineage = manifest.lineage
+    table.add_row("code version", lineage.code_version or "-")
+    for name, digest in lineage.datasets.items():
+        table.add_row(f"dataset {name}", digest)
+    table.add_row("files", ", ".join(sorted(manifest.files)))
+    _out.print(table)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root `oodguard` app."""
+    """Add `oodguard bundle verify|info` to the root app."""
+    app.add_typer(bundle_app, name="bundle")

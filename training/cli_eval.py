@@ -1,7 +1,183 @@
-"""CLI commands (placeholder until implemented)."""
+"""`oodguard evaluate`, `oodguard export`, `oodguard calibrate`: from a trained run to a served bundle.
+
+    oodguard evaluate runs/NAME --ood tinyimagenet --ood gaussian --attack none,paper --max-samples 1000
+    oodguard export runs/NAME                       # -> runs/NAME/export/model.onnx (+ export.json)
+    oodguard calibrate runs/NAME                    # -> runs/NAME/bundle/ and runs/NAME/bundle.tar.gz
+    oodguard bundle verify runs/NAME/bundle
+
+torch is imported inside the commands, so the rest of the CLI works with only the `serve` extra.
+Exit codes: 0 ok, 1 a check failed (parity gate, bundle verification), 2 bad input (paths, flags, data).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
+_out = Console(soft_wrap=True)
+_err = Console(stderr=True, soft_wrap=True)
+
+
+def _split_list(values: list[str] | None) -> list[str]:
+    """`--x a,b --x c` -> [a, b, c]."""
+    out: list[str] = []
+    for v in values or []:
+        out += [p.strip() for p in v.split(",") if p.strip()]
+    return out
+
+
+def _floats(values: list[str], flag: str) -> list[float]:
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        raise typer.BadParameter(f"{flag} takes numbers like 0.90,0.95,0.99, got {','.join(values)}") from None
+
+
+def _fail(message: str, code: int = 2) -> None:
+    _err.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+    raise typer.Exit(code)
+
+
+def _input_errors():
+    """Exception types that mean bad input (exit 2), imported lazily with torch."""
+    from oodguard.service.bundle import BundleError
+
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .run_data import RunError
+
+    return (RunError, CheckpointError, DataError, BundleError, FileNotFoundError, ValueError)
+
+
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="Training run directory (config.json, split.json, checkpoints/last.pt)."),
+    ood: Optional[list[str]] = typer.Option(
+        None, "--ood", help="OOD set, repeatable: tinyimagenet, gaussian, uniform, blobs, or a path (.npz / image "
+        "folder). Default: tinyimagenet, gaussian, uniform, blobs."),
+    attack: Optional[list[str]] = typer.Option(
+        None, "--attack", help="Comma-separated protocols: none, paper (eps 1/255, 10 steps of 1/255), strong "
+        "(eps 8/255, 100 steps of 2/255, random start). Default: none,paper."),
+    scores: Optional[list[str]] = typer.Option(
+        None, "--scores", help="Comma-separated scores: msp, energy, odin, mahalanobis. Default: all four."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1, help="Images per set (seeded subset)."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1),
+    maha_fit_samples: int = typer.Option(5000, "--maha-fit-samples", min=10,
+                                         help="Training images (calibration split excluded) to fit Mahalanobis on."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory. Default RUN_DIR/eval."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="OODGUARD_DATA_DIR",
+                                            help="Where named datasets live."),
+    seed: int = typer.Option(0, "--seed"),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write ROC and histogram PNGs."),
+) -> None:
+    """Measure OOD detection clean and under PGD attack on each score; writes eval.json, eval.md and plots."""
+    from .evaluate import EvalConfig, evaluate_run
+
+    cfg = EvalConfig(max_samples=max_samples, batch_size=batch_size, maha_fit_samples=maha_fit_samples,
+                     seed=seed, data_dir=str(data_dir) if data_dir else None, plots=plots)
+    if ood:
+        cfg.ood = list(ood)
+    if attack:
+        cfg.attacks = _split_list(attack)
+    if scores:
+        cfg.scores = _split_list(scores)
+    try:
+        report = evaluate_run(run_dir, cfg, out)
+    except _input_errors() as exc:
+        _fail(str(exc))
+    table = Table(title=f"AUROC / FPR95 (%) — {run_dir}")
+    table.add_column("score")
+    table.add_column("OOD set")
+    for a in report["attacks"]:
+        table.add_column("clean" if a == "none" else a, justify="right")
+    for score, per_set in report["results"].items():
+        for set_name, per_attack in per_set.items():
+            cells = [f"{100 * m['auroc']:.1f} / {100 * m['fpr_at_95_tpr']:.1f}" for m in per_attack.values()]
+            table.add_row(score, set_name, *cells)
+    _out.print(table)
+    _out.print(f"accuracy (clean): {100 * report['accuracy']['clean']:.2f}%")
+    _out.print(f"wrote {Path(out) if out else Path(run_dir) / 'eval'}/eval.md, eval.json, plots")
+
+
+def export(
+    run_dir: Path = typer.Argument(..., help="Training run directory."),
+    scores: Optional[list[str]] = typer.Option(
+        None, "--scores", help="Comma-separated exported scores: msp, energy, mahalanobis (ODIN is not exportable: "
+        "its input pre-processing needs gradients). Default: msp,energy,mahalanobis."),
+    out: Optional[Path] = typer.Option(None, "--out", help="ONNX file. Default RUN_DIR/export/model.onnx."),
+    parity_samples: int = typer.Option(256, "--parity-samples", min=256,
+                                       help="Real images for the onnxruntime-vs-torch parity gate."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="OODGUARD_DATA_DIR"),
+) -> None:
+    """Export model + scores to ONNX (opset 17, dynamic batch); fails and writes nothing if parity > 1e-4."""
+    from .export import ExportError, export_run
+
+    try:
+        result = export_run(run_dir, _split_list(scores) or None, out, parity_samples=parity_samples,
+                            data_dir=str(data_dir) if data_dir else None)
+    except ExportError as exc:
+        _fail(str(exc), code=1)
+    except _input_errors() as exc:
+        _fail(str(exc))
+    _out.print(f"wrote {result.onnx_path} (outputs: {', '.join(result.outputs)})")
+    diffs = ", ".join(f"{k} {v:.2e}" for k, v in result.parity_max_abs_diff.items())
+    _out.print(f"parity on {result.info['parity']['images']} real images, max |onnxruntime - torch|: {diffs}")
+
+
+def calibrate(
+    run_dir: Path = typer.Argument(..., help="Training run directory (exported first with `oodguard export`)."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Exported model. Default RUN_DIR/export/model.onnx."),
+    score: str = typer.Option("msp", "--score", help="The ONNX score output the service thresholds."),
+    tpr: Optional[list[str]] = typer.Option(None, "--tpr", help="Comma-separated TPR targets. Default 0.90,0.95,0.99."),
+    default: float = typer.Option(0.95, "--default", help="The default operating point (one of --tpr)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Bundle name. Default <model>-<method>."),
+    version: Optional[str] = typer.Option(None, "--version", help="Bundle version. Default: UTC time YYYYmmdd-HHMMSS."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Bundle directory. Default RUN_DIR/bundle (+ .tar.gz)."),
+    ood: Optional[list[str]] = typer.Option(None, "--ood", help="OOD sets for the FPR validation. Default: those "
+                                            "of the run's evaluation, else tinyimagenet and gaussian."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1,
+                                              help="Images per validation set (the calibration split is used whole)."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="OODGUARD_DATA_DIR"),
+    tarball: bool = typer.Option(True, "--tarball/--no-tarball", help="Also write <bundle>.tar.gz."),
+) -> None:
+    """Calibrate thresholds on the held-out split with onnxruntime and assemble a verified bundle."""
+    from oodguard.service.bundle import BundleError
+
+    from .calibrate import CalibrateConfig, calibrate_run
+
+    cfg = CalibrateConfig(onnx=str(onnx) if onnx else None, score=score, default_tpr=default, name=name,
+                          version=version, out=str(out) if out else None, ood=list(ood) if ood else None,
+                          max_samples=max_samples, batch_size=batch_size,
+                          data_dir=str(data_dir) if data_dir else None, tarball=tarball)
+    if tpr:
+        cfg.tprs = _floats(_split_list(tpr), "--tpr")
+    try:
+        built = calibrate_run(run_dir, cfg)
+    except BundleError as exc:  # the assembled bundle failed verification
+        _fail(f"bundle verification failed: {exc}", code=1)
+    except _input_errors() as exc:
+        _fail(str(exc))
+    m = built.manifest
+    table = Table(title=f"{m.name}:{m.version} — score {m.score.name}, {m.calibration.size} calibration images")
+    for col in ("operating point", "threshold", "target TPR", "realised TPR (test)", "FPR per OOD set"):
+        table.add_column(col)
+    for op in m.operating_points:
+        mark = " (default)" if op.name == m.default_operating_point else ""
+        fprs = ", ".join(f"{k} {100 * v:.1f}%" for k, v in op.fpr.items())
+        table.add_row(op.name + mark, f"{op.threshold:.6g}", f"{100 * op.target_tpr:.1f}%",
+                      f"{100 * (op.realised_tpr or 0):.2f}%", fprs)
+    _out.print(table)
+    _out.print(f"bundle: {built.bundle_dir} (verified: {', '.join(built.verify.checks)})")
+    if built.tarball:
+        _out.print(f"archive: {built.tarball}")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root `oodguard` app."""
+    """Add `evaluate`, `export` and `calibrate` to the root `oodguard` app."""
+    app.command("evaluate")(evaluate)
+    app.command("export")(export)
+    app.command("calibrate")(calibrate)
