@@ -39,7 +39,7 @@ def score_outputs(model, outputs: dict[str, np.ndarray], top_k: int, op: Operati
     k = min(top_k, probs.shape[1])
     # Stable descending order: ties keep the lower class index first, so answers are deterministic.
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    top_probs = np.take_along_axis(probs, order, axis=1)
+    top_probs = probs[np.arange(n)[:, None], order]
     p_values = model.p_values(scores)
     accepted = scores >= op.threshold
 
