@@ -19,6 +19,7 @@ from starlette.requests import ClientDisconnect
 
 from ..bundle import BundleError
 from ..errors import error_body
+from ..schemas import ErrorResponse
 from ..registry import ModelRegistry, RegistryError
 from ..security import AdminAuth
 from ..store import StoreError
@@ -41,23 +42,63 @@ def _error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
     return body
 
 
+def _documented(description: str, example: dict[str, Any] | None = None) -> dict[str, Any]:
+    doc: dict[str, Any] = {"model": ErrorResponse, "description": description}
+    if example is not None:
+        doc["content"] = {"application/json": {"example": example}}
+    return doc
+
+
 _ERRORS = {
-    status.HTTP_400_BAD_REQUEST: {"description": "Path outside the models directory / not a bundle / bad request"},
-    status.HTTP_401_UNAUTHORIZED: {"description": "No bearer token"},
-    status.HTTP_403_FORBIDDEN: {"description": "Wrong bearer token"},
-    status.HTTP_404_NOT_FOUND: {"description": "Admin API disabled (no OODGUARD_ADMIN_TOKEN) or unknown version"},
-    status.HTTP_409_CONFLICT: {"description": "No models directory, version exists with other contents, no history"},
-    413: {"description": "Upload larger than max_upload_bytes"},
-    status.HTTP_415_UNSUPPORTED_MEDIA_TYPE: {"description": "Body is neither JSON, multipart nor a .tar.gz"},
-    422: {
-        "description": "Bundle failed validation; `error.check` names the failed check",
-        "content": {
-            "application/json": {
-                "example": _error_body("bundle_invalid", "hash: sha256 mismatch for model.onnx: …", check="hash")
-            }
-        },
-    },
+    400: _documented("Path outside the models directory, not a bundle, or a malformed request"),
+    401: _documented("No bearer token (`WWW-Authenticate: Bearer`)"),
+    403: _documented("Wrong bearer token"),
+    404: _documented("Admin API disabled (no OODGUARD_ADMIN_TOKEN), or unknown version"),
+    409: _documented("No models directory, version exists with other contents, or nothing to roll back to"),
+    413: _documented("Upload larger than max_upload_bytes"),
+    415: _documented("Body is neither JSON, multipart nor a .tar.gz"),
+    422: _documented(
+        "Bundle failed validation; `error.check` names the failed check "
+        "(archive, schema, files, hash, calibration, onnx, contract, golden, location, warm)",
+        _error_body("bundle_invalid", "hash: sha256 mismatch for model.onnx: …", check="hash"),
+    ),
 }
+
+
+class RegisterResult(BaseModel):
+    """What registering a bundle did. Registration validates but never activates."""
+
+    name: str
+    version: str
+    sha256: str = Field(description="sha256 of the bundle's manifest.json (pins every file).")
+    created: bool = Field(description="False when this exact bundle was already registered.")
+    checks: list[str] = Field(description="Checks passed, in order.")
+    golden_max_abs_diff: dict[str, float] = Field(description="Per output: max |onnxruntime - golden|.")
+    contract_compatible: bool = Field(description="Same classes / input / outputs / score as the active version.")
+    contract_changes: dict[str, dict[str, Any]] = Field(description="What differs from the active version: {old, new}.")
+    validate_s: float = Field(description="Seconds spent validating.")
+    path: str = Field(description="Where the bundle now lives in the models directory.")
+
+
+class SwapResponse(BaseModel):
+    """The outcome of an activation or rollback."""
+
+    action: str = Field(description="activate | rollback | watch")
+    result: str = Field(description="success | unchanged")
+    previous: dict[str, Any] | None = Field(None, description="Summary of the version served before.")
+    current: dict[str, Any] | None = Field(None, description="Summary of the version served now.")
+    timings_s: dict[str, float] = Field(default_factory=dict, description="validate and warm seconds.")
+    checks: list[str] = Field(default_factory=list, description="Checks passed before switching.")
+    message: str = ""
+
+
+class AdminModelsResponse(BaseModel):
+    active: dict[str, Any] | None = Field(description="Summary of the served version.")
+    models_dir: str | None = Field(description="The models directory; null in single --bundle mode.")
+    versions: list[dict[str, Any]] = Field(description="Every stored version (oldest first), `active` marked, key metrics.")
+    history: list[str] | None = Field(None, description="Rollback stack: previously active name/version, newest last.")
+    events: list[dict[str, Any]] | None = Field(None, description="The last activations, rollbacks and failures.")
+
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminAuth], responses=_ERRORS)
 
@@ -130,6 +171,8 @@ async def _multipart_archive(request: Request, limit: int):
     "/models",
     summary="Upload (.tar.gz) or register (path) a bundle; validates it, does not activate it",
     status_code=status.HTTP_201_CREATED,
+    response_model=RegisterResult,
+    responses={200: {"model": RegisterResult, "description": "This exact bundle was already registered."}},
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -193,7 +236,11 @@ async def upload_model(request: Request) -> JSONResponse:
     return JSONResponse(result, status_code=201 if result["created"] else 200)
 
 
-@router.post("/models/{name}/{version}/activate", summary="Validate, warm and switch to a registered version")
+@router.post(
+    "/models/{name}/{version}/activate",
+    response_model=SwapResponse,
+    summary="Validate, warm and switch to a registered version",
+)
 async def activate_model(
     request: Request,
     name: str,
@@ -208,7 +255,7 @@ async def activate_model(
     return JSONResponse(result.to_dict())
 
 
-@router.post("/rollback", summary="Switch back to the previously active version")
+@router.post("/rollback", response_model=SwapResponse, summary="Switch back to the previously active version")
 async def rollback(request: Request) -> JSONResponse:
     registry = _registry(request)
     try:
@@ -218,7 +265,11 @@ async def rollback(request: Request) -> JSONResponse:
     return JSONResponse(result.to_dict())
 
 
-@router.get("/models", summary="Every stored version (active marked) with its key metrics, and the history")
+@router.get(
+    "/models",
+    response_model=AdminModelsResponse,
+    summary="Every stored version (active marked) with its key metrics, and the history",
+)
 async def list_models(request: Request) -> JSONResponse:
     registry = _registry(request)
     active = registry.active

@@ -301,3 +301,13 @@ def test_watch_mode_follows_the_active_pointer(admin_client, src, tmp_path):
         time.sleep(0.05)
     assert served_version(client) == "2" and info_version(client) == "2"
     assert metric(client, "oodguard_model_swaps_total", {"result": "success"}) == 1.0
+
+
+def test_openapi_documents_the_admin_api(admin_client):
+    spec = admin_client().get("/openapi.json").json()
+    upload_doc = spec["paths"]["/admin/models"]["post"]
+    assert {"200", "201", "401", "403", "413", "422"} <= set(upload_doc["responses"])
+    assert {"multipart/form-data", "application/gzip", "application/json"} <= set(upload_doc["requestBody"]["content"])
+    for path in ("/admin/models/{name}/{version}/activate", "/admin/rollback"):
+        assert {"200", "401", "403", "404", "409", "422"} <= set(spec["paths"][path]["post"]["responses"])
+    assert "HTTPBearer" in spec["components"]["securitySchemes"]
