@@ -236,21 +236,19 @@ class ModelStore:
         Re-installing identical content is a no-op; a different bundle under an existing version is refused.
         """
         manifest = load_manifest(staged_bundle)
+        target = ref(manifest.name, manifest.version)
         dest = self.version_dir(manifest.name, manifest.version)
-        if dest.exists():
-            if manifest_sha256(dest) == manifest_sha256(staged_bundle):
-                return manifest.name, manifest.version, dest, False
-            raise StoreError(
-                "version_exists",
-                f"{ref(manifest.name, manifest.version)} already exists with different contents; bump the version",
-            )
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(staged_bundle, dest)
-        _fsync_dir(dest.parent)
-        with self._locked():
+        with self._locked():  # two uploads of the same version must not race between check and rename
+            if dest.exists():
+                if manifest_sha256(dest) == manifest_sha256(staged_bundle):
+                    return manifest.name, manifest.version, dest, False
+                raise StoreError("version_exists", f"{target} already exists with different contents; bump the version")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(staged_bundle, dest)
+            _fsync_dir(dest.parent)
             state = self.read_state()
-            state.registered[ref(manifest.name, manifest.version)] = _now()
-            state.events.append({"at": _now(), "action": "register", "to": ref(manifest.name, manifest.version)})
+            state.registered[target] = _now()
+            state.events.append({"at": _now(), "action": "register", "to": target})
             self._write_state(state)
         return manifest.name, manifest.version, dest, True
 

@@ -271,3 +271,38 @@ def test_state_file_is_plain_json(tmp_path, bundles):
     store.set_active("tiny", "1")
     raw = json.loads((tmp_path / STATE_FILE).read_text())
     assert raw["active"] == "tiny/1" and "tiny/1" in raw["registered"]
+
+
+def test_concurrent_installs_of_one_version_create_it_once(tmp_path, bundles, monkeypatch):
+    import threading
+    import time
+
+    from oodguard.service.store import copy_bundle
+
+    real_rename = os.rename
+
+    def slow_rename(src, dst):  # widen the window between "does it exist?" and the rename
+        time.sleep(0.05)
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", slow_rename)
+    store = ModelStore(tmp_path)
+    results, errors = [], []
+    barrier = threading.Barrier(4)
+
+    def install():
+        try:
+            with store.staging_dir() as stage:
+                staged = copy_bundle(bundles["1"], stage / "b")
+                barrier.wait()
+                results.append(store.install(staged)[3])
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=install) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and sorted(results) == [False, False, False, True]
+    assert manifest_sha256(tmp_path / "tiny" / "1") == manifest_sha256(bundles["1"])
