@@ -280,7 +280,7 @@ class ModelRegistry:
         }
 
     # -- registering --------------------------------------------------------------------------------
-    def _require_store(self) -> ModelStore:
+    def require_store(self) -> ModelStore:
         if self.store is None:
             raise RegistryError(
                 "no_models_dir",
@@ -298,7 +298,7 @@ class ModelRegistry:
 
     def register_tar(self, fileobj: BinaryIO | str | Path) -> dict[str, Any]:
         """Safely extract an uploaded bundle archive, validate it and install it. Does not activate."""
-        store = self._require_store()
+        store = self.require_store()
         with self._counting_rejections(), store.staging_dir() as stage:
             if isinstance(fileobj, (str, Path)):
                 with open(fileobj, "rb") as fh:
@@ -309,7 +309,7 @@ class ModelRegistry:
 
     def register_path(self, path: str | Path, _trusted: bool = False) -> dict[str, Any]:
         """Validate and install a bundle directory that lies inside the models dir (or, `_trusted`, anywhere)."""
-        store = self._require_store()
+        store = self.require_store()
         src = Path(path)
         if not _trusted and not store.is_inside(src):
             raise RegistryError("outside_models_dir", f"{path} is not inside the models directory {store.root}", 400)
@@ -356,7 +356,7 @@ class ModelRegistry:
     # -- swapping -----------------------------------------------------------------------------------
     def activate(self, name: str, version: str, allow_contract_change: bool = False, action: str = "activate") -> SwapResult:
         """Validate + warm `name/version`, persist it as active, switch. A failure changes nothing."""
-        store = self._require_store()
+        store = self.require_store()
         with self._swap_lock:
             old = self._active
             if old is not None and old.name == name and old.version == version:
@@ -374,7 +374,7 @@ class ModelRegistry:
 
     def rollback(self) -> SwapResult:
         """Go back to the previously active version (repeatable: walks back through the history)."""
-        store = self._require_store()
+        store = self.require_store()
         with self._swap_lock:
             target = store.rollback_target()
             if target is None:

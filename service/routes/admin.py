@@ -192,8 +192,10 @@ async def _multipart_archive(request: Request, limit: int):
 )
 async def upload_model(request: Request) -> JSONResponse:
     registry = _registry(request)
-    if registry.store is None:
-        return _failure(RegistryError("no_models_dir", _no_models_dir_message(), 409))
+    try:
+        store = registry.require_store()  # before reading any of the body
+    except RegistryError as exc:
+        return _failure(exc)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     limit = _max_upload(request)
     try:
@@ -204,7 +206,7 @@ async def upload_model(request: Request) -> JSONResponse:
                 return JSONResponse(_error_body("bad_request", f"expected {{\"path\": ...}}: {exc}"), status_code=400)
             path = Path(body.path)
             if not path.is_absolute():
-                path = registry.store.root / path
+                path = store.root / path
             result = await asyncio.to_thread(registry.register_path, path)
         elif content_type == "multipart/form-data":
             upload = await _multipart_archive(request, limit)
@@ -215,7 +217,7 @@ async def upload_model(request: Request) -> JSONResponse:
             finally:
                 await upload.close()
         elif content_type in _ARCHIVE_TYPES:
-            with registry.store.staging_dir() as stage:
+            with store.staging_dir() as stage:
                 archive = stage / "upload.tar.gz"
                 with open(archive, "wb") as sink:
                     await _spool_limited(request, limit, sink)
@@ -284,9 +286,3 @@ async def list_models(request: Request) -> JSONResponse:
         body["events"] = state.events[-20:]
     return JSONResponse(body)
 
-
-def _no_models_dir_message() -> str:
-    return (
-        "this service serves a single --bundle without a models directory; "
-        "start it with --models-dir / OODGUARD_MODELS_DIR to upload, activate or roll back"
-    )
