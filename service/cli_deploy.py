@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .bundle import BundleError, bundle_summary, manifest_sha256, verify_bundle
+from .loaded_model import contract_diff
 from .manifest import MANIFEST_FILE, BundleManifest, load_manifest
 from .store import ModelStore, StoreError, TarLimits, copy_bundle, ref, safe_extract_tar, split_ref
 
@@ -226,13 +227,11 @@ def _active_summary(store: ModelStore) -> tuple[dict[str, Any] | None, BundleMan
 
 
 def _deploy_models_dir(bundle: Path, models_dir: Path, activate: bool, allow_contract_change: bool, keep: int) -> None:
-    from .registry import _contract_diff  # one definition of "contract changed"
-
     store = ModelStore(models_dir, keep_versions=keep)
     old, old_manifest = _active_summary(store)
     report = verify_bundle(bundle)
     new_manifest = report.manifest
-    changes = _contract_diff(old_manifest, new_manifest) if old_manifest else {}
+    changes = contract_diff(old_manifest, new_manifest) if old_manifest else {}
     if changes and activate and not allow_contract_change:
         raise DeployError(f"the new bundle changes the client contract ({', '.join(changes)}); pass --allow-contract-change")
     with store.staging_dir() as stage:

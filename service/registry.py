@@ -22,11 +22,14 @@ from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 
-from .bundle import BundleError, bundle_summary, conformal_p_values, load_calibration, manifest_sha256, verify_bundle
+from .bundle import BundleError, load_calibration, manifest_sha256, verify_bundle
+from .loaded_model import LoadedModel, contract_diff, key_metrics
 from .manifest import BundleManifest, load_manifest
 from .store import ModelStore, StoreError, TarLimits, copy_bundle, ref, safe_extract_tar, split_ref
 
 log = logging.getLogger(__name__)
+
+__all__ = ["LoadedModel", "ModelRegistry", "RegistryError", "SwapResult"]
 
 
 class RegistryError(Exception):
@@ -37,54 +40,6 @@ class RegistryError(Exception):
         self.code = code
         self.message = message
         self.status = status
-
-
-class LoadedModel:
-    """One validated, warmed bundle with its onnxruntime session."""
-
-    def __init__(self, bundle_dir: Path, manifest: BundleManifest, sha256: str, session, calibration: np.ndarray):
-        self.bundle_dir = bundle_dir
-        self.manifest = manifest
-        self.name = manifest.name
-        self.version = manifest.version
-        self.sha256 = sha256
-        self.calibration = calibration
-        self.output_names: list[str] = [o.name for o in session.get_outputs()]
-        self.input_name: str = manifest.input.name
-        self.loaded_at = time.time()
-        self._session = session
-        self._inflight = 0  # guarded by the registry's pin lock
-        self._retired = False
-
-    @property
-    def ref(self) -> str:
-        return ref(self.name, self.version)
-
-    @property
-    def inflight(self) -> int:
-        return self._inflight
-
-    @property
-    def released(self) -> bool:
-        return self._session is None
-
-    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """float32 NCHW in [0,1] -> {output name: array}. Thread-safe (onnxruntime sessions are)."""
-        session = self._session
-        if session is None:
-            raise RuntimeError(f"model {self.ref} was released; acquire() the active model before running it")
-        outputs = session.run(None, {self.input_name: np.ascontiguousarray(images, dtype=np.float32)})
-        return dict(zip(self.output_names, outputs))
-
-    def p_values(self, scores: np.ndarray) -> np.ndarray:
-        return conformal_p_values(self.calibration, scores)
-
-    def summary(self) -> dict[str, Any]:
-        return bundle_summary(self.manifest, self.sha256)
-
-    def _release(self) -> None:
-        self._session = None  # onnxruntime frees the session's memory when the last reference goes
-        log.info("released session of %s (sha256 %s…)", self.ref, self.sha256[:12])
 
 
 @dataclass
@@ -101,20 +56,6 @@ class SwapResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-def key_metrics(manifest: BundleManifest) -> dict[str, Any]:
-    """The few numbers worth printing next to a version: its operating point and evaluation metrics."""
-    op = manifest.operating_point()
-    return {
-        "method": manifest.training.get("method"),
-        "score": manifest.score.name,
-        "operating_point": op.name,
-        "threshold": op.threshold,
-        "realised_tpr": op.realised_tpr,
-        "fpr": dict(op.fpr),
-        "metrics": manifest.metrics,
-    }
 
 
 class ModelRegistry:
@@ -334,7 +275,7 @@ class ModelRegistry:
         report = verify_bundle(root, intra_op_threads=threads)
         name, version, dest, created = store.install(root)
         active = self._active
-        contract_changes = _contract_diff(active.manifest, report.manifest) if active else {}
+        contract_changes = contract_diff(active.manifest, report.manifest) if active else {}
         log.info("registered %s (%s, checks %s)", ref(name, version), "new" if created else "already present", report.checks)
         if created:
             with self._swap_lock:  # never prune a version while a swap may be loading it
@@ -389,7 +330,7 @@ class ModelRegistry:
         try:
             new, timings, checks = self._load(vdir, expect=target)
             if old is not None and not allow_contract_change:
-                changes = _contract_diff(old.manifest, new.manifest)
+                changes = contract_diff(old.manifest, new.manifest)
                 if changes:
                     raise BundleError(
                         "contract",
@@ -478,8 +419,3 @@ class ModelRegistry:
         info = getattr(self.metrics, "model_info", None)
         if info is not None:
             info.info({"name": model.name, "version": model.version, "sha256": model.sha256})
-
-
-def _contract_diff(old: BundleManifest, new: BundleManifest) -> dict[str, dict[str, Any]]:
-    a, b = old.contract, new.contract
-    return {k: {"old": a.get(k), "new": b.get(k)} for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}

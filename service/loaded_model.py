@@ -1,0 +1,88 @@
+"""One validated, warmed bundle as the service runs it, and what two bundles differ in for a client.
+
+`LoadedModel` is created by the registry only after `verify_bundle` passed on the very session it
+holds; the registry pins it per request/batch and releases its session once retired and drained.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .bundle import bundle_summary, conformal_p_values
+from .manifest import BundleManifest
+from .store import ref
+
+log = logging.getLogger(__name__)
+
+
+class LoadedModel:
+    """One validated, warmed bundle with its onnxruntime session."""
+
+    def __init__(self, bundle_dir: Path, manifest: BundleManifest, sha256: str, session, calibration: np.ndarray):
+        self.bundle_dir = bundle_dir
+        self.manifest = manifest
+        self.name = manifest.name
+        self.version = manifest.version
+        self.sha256 = sha256
+        self.calibration = calibration
+        self.output_names: list[str] = [o.name for o in session.get_outputs()]
+        self.input_name: str = manifest.input.name
+        self.loaded_at = time.time()
+        self._session = session
+        self._inflight = 0  # guarded by the registry's pin lock
+        self._retired = False
+
+    @property
+    def ref(self) -> str:
+        return ref(self.name, self.version)
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    @property
+    def released(self) -> bool:
+        return self._session is None
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """float32 NCHW in [0,1] -> {output name: array}. Thread-safe (onnxruntime sessions are)."""
+        session = self._session
+        if session is None:
+            raise RuntimeError(f"model {self.ref} was released; acquire() the active model before running it")
+        outputs = session.run(None, {self.input_name: np.ascontiguousarray(images, dtype=np.float32)})
+        return dict(zip(self.output_names, outputs))
+
+    def p_values(self, scores: np.ndarray) -> np.ndarray:
+        return conformal_p_values(self.calibration, scores)
+
+    def summary(self) -> dict[str, Any]:
+        return bundle_summary(self.manifest, self.sha256)
+
+    def _release(self) -> None:
+        self._session = None  # onnxruntime frees the session's memory when the last reference goes
+        log.info("released session of %s (sha256 %s…)", self.ref, self.sha256[:12])
+
+
+def key_metrics(manifest: BundleManifest) -> dict[str, Any]:
+    """The few numbers worth printing next to a version: its operating point and evaluation metrics."""
+    op = manifest.operating_point()
+    return {
+        "method": manifest.training.get("method"),
+        "score": manifest.score.name,
+        "operating_point": op.name,
+        "threshold": op.threshold,
+        "realised_tpr": op.realised_tpr,
+        "fpr": dict(op.fpr),
+        "metrics": manifest.metrics,
+    }
+
+
+def contract_diff(old: BundleManifest, new: BundleManifest) -> dict[str, dict[str, Any]]:
+    """Contract fields (classes, input, outputs, score) that differ: {field: {"old", "new"}}."""
+    a, b = old.contract, new.contract
+    return {k: {"old": a.get(k), "new": b.get(k)} for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
