@@ -26,6 +26,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import time
 import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -41,6 +42,7 @@ STATE_FILE = "ACTIVE"
 _LOCK_FILE = ".lock"
 _INCOMING = ".incoming"
 _MAX_EVENTS = 200  # audit trail kept in the state file, newest last
+_STALE_STAGING_S = 3600.0  # staging dirs older than this were left by a killed process
 
 
 class StoreError(Exception):
@@ -98,6 +100,19 @@ class ModelStore:
         self.root = Path(models_dir).resolve()
         self.keep_versions = max(1, int(keep_versions))
         self.root.mkdir(parents=True, exist_ok=True)
+        self._sweep_stale_staging()
+
+    def _sweep_stale_staging(self, max_age_s: float = _STALE_STAGING_S) -> None:
+        """Remove half-written uploads left by a killed process (never a fresh one: another process may own it)."""
+        incoming = self.root / _INCOMING
+        if not incoming.is_dir():
+            return
+        now = time.time()
+        for entry in incoming.iterdir():
+            with contextlib.suppress(OSError):
+                if now - entry.stat().st_mtime > max_age_s:
+                    shutil.rmtree(entry, ignore_errors=True)
+                    log.info("removed stale staging dir %s", entry)
 
     # -- state ----------------------------------------------------------------------------------
     @property

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -306,3 +307,15 @@ def test_concurrent_installs_of_one_version_create_it_once(tmp_path, bundles, mo
         t.join()
     assert not errors and sorted(results) == [False, False, False, True]
     assert manifest_sha256(tmp_path / "tiny" / "1") == manifest_sha256(bundles["1"])
+
+
+def test_stale_staging_dirs_from_killed_processes_are_swept(tmp_path):
+    store = ModelStore(tmp_path)
+    with store.staging_dir() as fresh:
+        stale = tmp_path / ".incoming" / "stage-old"
+        stale.mkdir()
+        (stale / "half-written").write_bytes(b"x")
+        old = time.time() - 2 * 3600
+        os.utime(stale, (old, old))
+        ModelStore(tmp_path)  # a restart
+        assert not stale.exists() and fresh.exists()
