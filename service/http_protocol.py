@@ -32,6 +32,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._head_bytes = 0
+        self._tail = b""  # last bytes of the previous read: a terminator may straddle two reads
         self._in_head = True
         self._head_timer: asyncio.TimerHandle | None = None
         self._arm_head_timer()
@@ -44,10 +45,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         if self._in_head:
-            self._head_bytes += len(data)
-            if self._head_bytes > self.max_head_bytes:
+            allowed = self.max_head_bytes - self._head_bytes
+            # One read may hold the end of the head and the start of the body: the head is too
+            # large only if its blank-line terminator is not within the allowance.
+            if len(data) > allowed and b"\r\n\r\n" not in self._tail + data[: max(allowed, 0) + 4]:
                 self._refuse(431, f"request head larger than {self.max_head_bytes} bytes")
                 return
+            self._head_bytes += len(data)
+            self._tail = data[-3:]
         super().data_received(data)
 
     # -- parser callbacks ---------------------------------------------------------------------------
@@ -59,6 +64,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._head_bytes = 0
+        self._tail = b""
         self._cancel_head_timer()
         super().on_headers_complete()
 
@@ -67,6 +73,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # Between requests the keep-alive timer owns the connection; the next head re-arms ours.
         self._in_head = True
         self._head_bytes = 0
+        self._tail = b""
 
     # -- guards -------------------------------------------------------------------------------------
     def _arm_head_timer(self) -> None:
