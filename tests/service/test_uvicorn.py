@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
@@ -10,7 +11,9 @@ import sys
 import time
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from .bundle_factory import encode_image
 
@@ -69,6 +72,14 @@ def test_serve_predict_errors_metrics_and_clean_shutdown(server):
         garbage = c.post("/v1/predict", files={"file": ("x.jpg", os.urandom(512), "image/jpeg")})
         assert 400 <= garbage.status_code < 500
         assert garbage.headers["content-type"].startswith("application/json") and "code" in garbage.json()["error"]
+
+        # A body far larger than the head limit, sent with its head in one write, is still served.
+        noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(noise).save(buf, format="PNG")
+        assert len(buf.getvalue()) > 100_000
+        big = c.post("/v1/predict", content=buf.getvalue(), headers={"content-type": "image/png"})
+        assert big.status_code == 200, big.text
 
         huge = c.post("/v1/predict", content=b"\0" * (17 << 20), headers={"content-type": "image/png"})
         assert huge.status_code == 413 and huge.json()["error"]["code"] == "body_too_large"
