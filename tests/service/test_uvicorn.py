@@ -73,6 +73,14 @@ def test_serve_predict_errors_metrics_and_clean_shutdown(server):
         assert 400 <= garbage.status_code < 500
         assert garbage.headers["content-type"].startswith("application/json") and "code" in garbage.json()["error"]
 
+        huge = c.post("/v1/predict", content=b"\0" * (17 << 20), headers={"content-type": "image/png"})
+        assert huge.status_code == 413 and huge.json()["error"]["code"] == "body_too_large"
+
+        metrics = c.get("/metrics").text
+        assert 'oodguard_requests_total{endpoint="/v1/predict",status="200"} 1.0' in metrics
+        assert 'oodguard_decisions_total{decision="accept"} 1.0' in metrics
+        assert "server" not in {k.lower() for k in r.headers}  # no server banner
+
         # A body far larger than the head limit, sent with its head in one write, is still served.
         noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
         buf = io.BytesIO()
@@ -81,13 +89,6 @@ def test_serve_predict_errors_metrics_and_clean_shutdown(server):
         big = c.post("/v1/predict", content=buf.getvalue(), headers={"content-type": "image/png"})
         assert big.status_code == 200, big.text
 
-        huge = c.post("/v1/predict", content=b"\0" * (17 << 20), headers={"content-type": "image/png"})
-        assert huge.status_code == 413 and huge.json()["error"]["code"] == "body_too_large"
-
-        metrics = c.get("/metrics").text
-        assert 'oodguard_requests_total{endpoint="/v1/predict",status="200"} 1.0' in metrics
-        assert 'oodguard_decisions_total{decision="accept"} 1.0' in metrics
-        assert "server" not in {k.lower() for k in r.headers}  # no server banner
 
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)
