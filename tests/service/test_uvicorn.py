@@ -89,7 +89,6 @@ def test_serve_predict_errors_metrics_and_clean_shutdown(server):
         big = c.post("/v1/predict", content=buf.getvalue(), headers={"content-type": "image/png"})
         assert big.status_code == 200, big.text
 
-
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
