@@ -22,6 +22,7 @@ from .metrics import ServiceMetrics
 from .middleware import ServiceMiddleware
 from .preprocess import ImageLimits, configure_pillow
 from .registry import ModelRegistry
+from .schemas import ErrorResponse
 from .routes import admin, health, models, predict, v2
 from .routes import metrics as metrics_route
 from .settings import Settings
@@ -90,7 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=_version(),
         lifespan=lifespan,
         responses={
-            500: {"description": "Unexpected server error (a bug): JSON error with the request id."},
+            500: {"model": ErrorResponse, "description": "Unexpected server error (a bug): JSON error with the request id."},
         },
     )
     state = app.state
