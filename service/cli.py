@@ -45,12 +45,13 @@ def run_server(settings) -> int:
     from .app import create_app
 
     app = create_app(settings)
+    http = _http_protocol(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         workers=1,  # one process: the model, its threads and the batcher are per process
-        http=_http_protocol(settings),
+        http=http,
         lifespan="on",
         log_level=settings.log_level.lower(),
         access_log=settings.access_log,
@@ -58,7 +59,8 @@ def run_server(settings) -> int:
         h11_max_incomplete_event_size=settings.max_header_bytes,
         timeout_keep_alive=max(1, int(round(settings.keep_alive_timeout_s))),
         timeout_graceful_shutdown=max(1, int(round(settings.graceful_shutdown_s))),
-        limit_concurrency=settings.limit_concurrency,
+        # The guarded httptools protocol limits connections itself (JSON 503); h11 keeps uvicorn's.
+        limit_concurrency=settings.limit_concurrency if isinstance(http, str) else None,
     )
     server = uvicorn.Server(config)
     with _signals_end_cleanly():
@@ -86,7 +88,7 @@ def _http_protocol(settings):
         return "h11"
     from .http_protocol import guarded_httptools_protocol
 
-    return guarded_httptools_protocol(settings.max_header_bytes, settings.client_timeout_s)
+    return guarded_httptools_protocol(settings.max_header_bytes, settings.client_timeout_s, settings.limit_concurrency)
 
 
 @contextlib.contextmanager
@@ -138,6 +140,9 @@ def register(app: typer.Typer) -> None:
         client_timeout_s: float | None = typer.Option(
             None, "--client-timeout", help="Seconds to wait for a request head or the next body chunk. Default: 15."
         ),
+        max_connections: int | None = typer.Option(
+            None, "--max-connections", help="Open connections at most; more get 503 at once. Default: 1024."
+        ),
         keep_versions: int | None = typer.Option(None, "--keep-versions", help="Versions kept for rollback. Default: 5."),
         http: str | None = typer.Option(None, "--http", help="uvicorn HTTP parser: auto, h11, httptools. Default: auto."),
         access_log: bool | None = typer.Option(None, "--access-log/--no-access-log", help="Log every request. Default: off."),
@@ -165,6 +170,7 @@ def register(app: typer.Typer) -> None:
             request_timeout_s=request_timeout_s,
             watch_interval_s=watch_interval_s,
             client_timeout_s=client_timeout_s,
+            limit_concurrency=max_connections,
             keep_versions=keep_versions,
             http=http,
             access_log=access_log,

@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     client_timeout_s: float = Field(
         15.0, gt=0.0, le=600.0, description="Longest wait for a request head, or between body chunks (408 after)."
     )
-    limit_concurrency: int | None = Field(1024, ge=1, description="Connections+tasks before uvicorn answers 503.")
+    limit_concurrency: int | None = Field(1024, ge=1, description="Open connections at most; more get 503 at once.")
     graceful_shutdown_s: float = Field(30.0, gt=0.0, description="Longest wait for in-flight requests on shutdown.")
     access_log: bool = Field(False, description="Log every request (uvicorn access log); off: it costs throughput.")
 

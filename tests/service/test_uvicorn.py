@@ -124,3 +124,19 @@ def test_oversized_and_slow_request_heads_are_cut_off(server):
 
     ok = _raw(base, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert ok.startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize("server", [["--max-connections", "2"]], indirect=True)
+def test_connections_beyond_the_limit_get_a_json_503(server):
+    _, base = server
+    host, port = base.removeprefix("http://").split(":")
+    held = [socket.create_connection((host, int(port)), timeout=5) for _ in range(2)]
+    try:
+        time.sleep(0.2)
+        reply = _raw(base, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 503") and b'"too_many_connections"' in reply and b"retry-after: 1" in reply
+    finally:
+        for s in held:
+            s.close()
+    time.sleep(0.2)
+    assert _raw(base, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").startswith(b"HTTP/1.1 200")
