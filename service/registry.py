@@ -24,7 +24,7 @@ import numpy as np
 
 from .bundle import BundleError, load_calibration, manifest_sha256, verify_bundle
 from .loaded_model import LoadedModel, contract_diff, key_metrics
-from .manifest import BundleManifest, load_manifest
+from .manifest import MANIFEST_FILE, BundleManifest, load_manifest
 from .store import ModelStore, StoreError, TarLimits, copy_bundle, ref, safe_extract_tar, split_ref
 
 log = logging.getLogger(__name__)
@@ -254,8 +254,11 @@ class ModelRegistry:
         src = Path(path)
         if not _trusted and not store.is_inside(src):
             raise RegistryError("outside_models_dir", f"{path} is not inside the models directory {store.root}", 400)
-        if src.is_symlink() or not src.is_dir():
-            raise RegistryError("not_a_bundle", f"{path} is not a bundle directory", 400)
+        if src.is_symlink() or not src.is_dir() or not (src / MANIFEST_FILE).is_file():
+            # Checked before copying: the models dir itself (path "") would be copied into its own staging dir.
+            raise RegistryError("not_a_bundle", f"{path} is not a bundle directory (no {MANIFEST_FILE})", 400)
+        if not _trusted and any(part.startswith(".") for part in src.resolve().relative_to(store.root).parts):
+            raise RegistryError("not_a_bundle", f"{path} is in a hidden (staging) directory of the models dir", 400)
         with self._counting_rejections(), store.staging_dir() as stage:
             copy = copy_bundle(src.resolve(), stage / "bundle")
             return self._validate_and_install(store, copy)
