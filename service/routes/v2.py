@@ -40,6 +40,8 @@ _ERRORS = {
     },
     503: {"model": ErrorResponse, "description": "Not ready, queue full, or inference failed; has Retry-After."},
 }
+# FastAPI answers a body that is not JSON at all with 400 before the route runs.
+_INFER_ERRORS = {400: {"model": ErrorResponse, "description": "The body is not valid JSON (`bad_request`)."}, **_ERRORS}
 
 
 def _server_version() -> str:
@@ -113,13 +115,13 @@ async def model_ready(name: str, model: ActiveModelDep) -> dict:
     return {"name": model.name, "ready": True}
 
 
-@router.post("/models/{name}/infer", response_model=V2InferResponse, responses=_ERRORS, summary="Run the model")
+@router.post("/models/{name}/infer", response_model=V2InferResponse, responses=_INFER_ERRORS, summary="Run the model")
 async def infer(name: str, body: V2InferRequest, model: ActiveModelDep, batcher: BatcherDep, settings: SettingsDep) -> JSONResponse:
     return await _infer(name, None, body, model, batcher, settings)
 
 
 @router.post(
-    "/models/{name}/versions/{version}/infer", response_model=V2InferResponse, responses=_ERRORS, summary="Run a model version"
+    "/models/{name}/versions/{version}/infer", response_model=V2InferResponse, responses=_INFER_ERRORS, summary="Run a model version"
 )
 async def infer_version(
     name: str, version: str, body: V2InferRequest, model: ActiveModelDep, batcher: BatcherDep, settings: SettingsDep
