@@ -21,22 +21,21 @@ import os
 from collections import Counter
 
 import pytest
-
-schemathesis = pytest.importorskip("schemathesis")  # dev extra; `make test` installs it
-from hypothesis import HealthCheck, settings  # noqa: E402
-from schemathesis import GenerationMode  # noqa: E402
-from schemathesis.checks import (  # noqa: E402
+import schemathesis  # dev extra; `make test` installs it
+from hypothesis import HealthCheck, settings
+from schemathesis import GenerationMode
+from schemathesis.checks import (
     content_type_conformance,
     not_a_server_error,
     response_schema_conformance,
     status_code_conformance,
 )
-from schemathesis.python.asgi import ASGIClient, shutdown_lifespans  # noqa: E402
+from schemathesis.python.asgi import ASGIClient, shutdown_lifespans
 
-from oodguard.service.app import create_app  # noqa: E402
-from oodguard.service.settings import Settings  # noqa: E402
+from oodguard.service.app import create_app
+from oodguard.service.settings import Settings
 
-from .bundle_factory import make_tiny_bundle  # noqa: E402
+from .bundle_factory import make_tiny_bundle
 
 TOKEN = "fuzz-admin-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
