@@ -18,7 +18,9 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from .bundle import BundleError, bundle_summary, manifest_sha256, verify_bundle
 from .manifest import load_manifest
@@ -80,14 +82,15 @@ def verify(
             passed += list(CHECKS[: CHECKS.index(stage)])
         for check in passed:
             _out.print(f"[green]✓[/green] {check}: {_DESCRIPTION[check]}")
-        _out.print(f"[red]✗ {stage}[/red]: {exc.message}")
-        _err.print(f"bundle {path} FAILED verification ({exc.check}): {exc.message}")
+        _out.print(f"[red]✗ {stage}[/red]: {escape(exc.message)}")
+        _err.print(f"bundle {path} FAILED verification ({exc.check}): {exc.message}", markup=False)
         raise typer.Exit(1)
     for check in passed + report.checks:
         _out.print(f"[green]✓[/green] {check}: {_DESCRIPTION.get(check, check)}")
     worst = max(report.golden_max_abs_diff.values(), default=0.0)
     m = report.manifest
-    _out.print(f"bundle {m.name}:{m.version} OK (manifest sha256 {report.sha256}; golden max abs diff {worst:.2e})")
+    _out.print(f"bundle {m.name}:{m.version} OK (manifest sha256 {report.sha256}; golden max abs diff {worst:.2e})",
+               markup=False)
 
 
 @bundle_app.command("info")
@@ -101,39 +104,46 @@ def info(
             manifest = load_manifest(root)
             summary = bundle_summary(manifest, manifest_sha256(root))
     except (BundleError, ValueError) as exc:
-        _err.print(f"error: {exc}")
+        _err.print(f"error: {exc}", markup=False)
         raise typer.Exit(2)
     if as_json:
         _out.print_json(json.dumps(summary, default=str))
         return
-    table = Table(title=f"bundle {manifest.name}:{manifest.version}", show_header=False)
-    table.add_column("field", style="bold")
-    table.add_column("value")
-    table.add_row("sha256 (manifest)", summary["sha256"])
-    table.add_row("created", summary["created_at"])
-    table.add_row("description", manifest.description or "-")
-    table.add_row("model / method", f"{summary['model'] or '?'} / {summary['method'] or '?'}")
-    table.add_row("classes", ", ".join(manifest.classes))
+    _out.print(_info_table(manifest, summary))
+
+
+def _info_table(manifest, summary: dict) -> Table:
+    rows: list[tuple[str, str]] = [
+        ("sha256 (manifest)", summary["sha256"]),
+        ("created", summary["created_at"]),
+        ("description", manifest.description or "-"),
+        ("model / method", f"{summary['model'] or '?'} / {summary['method'] or '?'}"),
+        ("classes", ", ".join(manifest.classes)),
+    ]
     inp = manifest.input
-    table.add_row("input", f"{inp.name} {inp.dtype} N×{inp.channels}×{inp.height}×{inp.width} {inp.layout} "
-                           f"{inp.color} in {list(inp.value_range)}, resize {inp.resize}")
-    table.add_row("outputs", ", ".join(manifest.outputs))
+    rows.append(("input", f"{inp.name} {inp.dtype} N×{inp.channels}×{inp.height}×{inp.width} {inp.layout} "
+                          f"{inp.color} in {list(inp.value_range)}, resize {inp.resize}"))
+    rows.append(("outputs", ", ".join(manifest.outputs)))
     params = ", ".join(f"{k}={v:g}" for k, v in manifest.score.params.items())
-    table.add_row("score", f"{manifest.score.name} (output {manifest.score.output}{', ' + params if params else ''}; "
-                           "higher = more in-distribution)")
-    table.add_row("calibration", f"{manifest.calibration.size} scores; {manifest.calibration.split}")
+    rows.append(("score", f"{manifest.score.name} (output {manifest.score.output}{', ' + params if params else ''}; "
+                          "higher = more in-distribution)"))
+    rows.append(("calibration", f"{manifest.calibration.size} scores; {manifest.calibration.split}"))
     for op in manifest.operating_points:
         default = " (default)" if op.name == manifest.default_operating_point else ""
         realised = f", realised TPR {100 * op.realised_tpr:.2f}%" if op.realised_tpr is not None else ""
         fpr = ("; FPR " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in op.fpr.items())) if op.fpr else ""
-        table.add_row(f"operating point {op.name}{default}",
-                      f"accept iff score >= {op.threshold:.6g} (target TPR {100 * op.target_tpr:g}%{realised}){fpr}")
-    lineage = manifest.lineage
-    table.add_row("code version", lineage.code_version or "-")
-    for name, digest in lineage.datasets.items():
-        table.add_row(f"dataset {name}", digest)
-    table.add_row("files", ", ".join(sorted(manifest.files)))
-    _out.print(table)
+        rows.append((f"operating point {op.name}{default}",
+                     f"accept iff score >= {op.threshold:.6g} (target TPR {100 * op.target_tpr:g}%{realised}){fpr}"))
+    rows.append(("code version", manifest.lineage.code_version or "-"))
+    rows += [(f"dataset {name}", digest) for name, digest in manifest.lineage.datasets.items()]
+    rows.append(("files", ", ".join(sorted(manifest.files))))
+
+    table = Table(title=Text(f"bundle {manifest.name}:{manifest.version}"), show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    for field, value in rows:
+        table.add_row(Text(field), Text(value))  # manifest text is data, never rich markup
+    return table
 
 
 def register(app: typer.Typer) -> None:

@@ -38,8 +38,8 @@ from oodguard.service.manifest import BundleManifest, CalibrationInfo, InputSpec
 
 from . import data
 from .checkpoint import last_checkpoint_path
-from .evaluate import git_commit, load_eval, set_key
-from .export import EXPORT_DIR, ONNX_FILE, read_export_info, run_onnx
+from .evaluate import EVAL_DIR, git_commit, load_eval, set_key
+from .export import EXPORT_DIR, EXPORT_JSON, ONNX_FILE, read_export_info, run_onnx
 from .ood_sets import load_ood_set, subsample
 from .package import BuiltBundle, build_bundle
 from .run_data import RunData, RunError
@@ -107,84 +107,69 @@ def _accept_rate(scores: np.ndarray, threshold: float) -> float:
 
 
 def calibrate_run(run_dir: str | Path, cfg: CalibrateConfig) -> BuiltBundle:
+    """Calibrate the run's exported model and assemble the bundle (module docstring)."""
     cfg.validate()
     run = RunData.open(run_dir, data_dir=cfg.data_dir)
     onnx_path = Path(cfg.onnx) if cfg.onnx else run.run_dir / EXPORT_DIR / ONNX_FILE
     if not onnx_path.is_file():
         raise RunError(f"{onnx_path}: no exported model; run `oodguard export {run.run_dir}` first (or pass --onnx)")
+    ckpt = last_checkpoint_path(run.run_dir)
+    ckpt_sha = sha256_file(ckpt) if ckpt.is_file() else None
+    export_info = read_export_info(onnx_path) or {}
+    if export_info.get("checkpoint_sha256") not in (None, ckpt_sha):
+        raise RunError(f"{onnx_path} was exported from another checkpoint than {ckpt}; "
+                       f"run `oodguard export {run.run_dir}` again")
     session = make_session(onnx_path, intra_op_threads=0, providers=["CPUExecutionProvider"])
     outputs = [o.name for o in session.get_outputs()]
     if cfg.score not in outputs:
         raise ValueError(f"score {cfg.score!r} is not an output of {onnx_path} (outputs: {', '.join(outputs)})")
-    export_info = read_export_info(onnx_path) or {}
-    evaluation = load_eval(run.run_dir)
-    eval_report, eval_raw = evaluation if evaluation else ({}, {})
+    eval_report, eval_raw = load_eval(run.run_dir) or ({}, {})
+
+    def served_scores(images_u8: np.ndarray) -> np.ndarray:
+        return run_onnx(session, data.to_tensor(images_u8).numpy(), cfg.batch_size, [cfg.score])[cfg.score]
 
     # -- calibration scores from the held-out split, with the served artefact --------------------------
     cal_set = run.calibration_set()
-    cal_scores = run_onnx(session, data.to_tensor(cal_set.images).numpy(), cfg.batch_size, [cfg.score])[cfg.score]
-    cal_sorted = np.sort(cal_scores.astype(np.float32))
+    cal_sorted = np.sort(served_scores(cal_set.images).astype(np.float32))
     thresholds = {t: threshold_for_tpr(cal_sorted, t) for t in cfg.tprs}
     log.info("calibrated %s on %d held-out images: %s", cfg.score, cal_sorted.size,
              {operating_point_name(t): thr for t, thr in thresholds.items()})
 
     # -- validation: in-distribution test split and OOD sets --------------------------------------------
     test_set = subsample(run.test_set(), cfg.max_samples, cfg.seed)
-    test_scores = run_onnx(session, data.to_tensor(test_set.images).numpy(), cfg.batch_size, [cfg.score])[cfg.score]
-    ood_specs = cfg.ood or [v.get("spec", k) for k, v in eval_report.get("ood_sets", {}).items()] or ["tinyimagenet", "gaussian"]
+    test_scores = served_scores(test_set.images)
+    lineage = {**run.lineage(), Path(test_set.source).name: test_set.sha256}
+    evaluated_sets = [v.get("spec", k) for k, v in eval_report.get("ood_sets", {}).items()]
     ood_scores: dict[str, np.ndarray] = {}
-    lineage = dict(run.lineage())
-    for spec in ood_specs:
+    for spec in cfg.ood or evaluated_sets or ["tinyimagenet", "gaussian"]:
         image_set = load_ood_set(spec, cfg.max_samples, cfg.seed, data_dir=run.data_dir)
-        ood_scores[set_key(spec)] = run_onnx(session, data.to_tensor(image_set.images).numpy(), cfg.batch_size, [cfg.score])[cfg.score]
+        ood_scores[set_key(spec)] = served_scores(image_set.images)
         if image_set.sha256 and not image_set.source.startswith("synthetic:"):
             lineage[Path(image_set.source).name] = image_set.sha256
-    attacked = {k: v for k, v in eval_raw.items() if k.startswith(f"{cfg.score}__") and not k.endswith("__none")}
-
-    points, validation = [], {}
-    for tpr, thr in thresholds.items():
-        op_name = operating_point_name(tpr)
-        fpr = {k: _accept_rate(v, thr) for k, v in ood_scores.items()}
-        tpr_attacked = {}
-        for key, values in attacked.items():
-            _, set_name, attack = key.split("__")
-            if set_name == "in":
-                tpr_attacked[attack] = _accept_rate(values, thr)
-            else:
-                fpr[f"{set_name}/{attack}"] = _accept_rate(values, thr)
-        realised = _accept_rate(test_scores, thr)
-        points.append(OperatingPoint(name=op_name, target_tpr=tpr, threshold=thr, realised_tpr=realised, fpr=fpr))
-        validation[op_name] = {"threshold": thr, "target_tpr": tpr, "calibration_tpr": _accept_rate(cal_sorted, thr),
-                               "realised_tpr": realised, "realised_tpr_attacked": tpr_attacked, "fpr": fpr}
-
-    p_test = conformal_p_values(cal_sorted, test_scores)
-    metrics: dict[str, Any] = {
-        "validation": {
-            "score": cfg.score,
-            "test_images": int(test_scores.size),
-            "test_source": test_set.source,
-            "ood_images": {k: int(v.size) for k, v in ood_scores.items()},
-            "operating_points": validation,
-            "test_p_value_mean": float(np.mean(p_test)),  # ~0.5 when in-distribution p-values are uniform
-            "attacked_source": "eval/scores.npz: torch scores of the evaluation's PGD inputs" if attacked else None,
-        },
-    }
+    # "<score>__<set>__<attack>" -> attacked scores of the evaluation (torch, on its PGD inputs)
+    attacked = {tuple(k.split("__", 1)[1].rsplit("__", 1)): v for k, v in eval_raw.items()
+                if k.startswith(f"{cfg.score}__") and not k.endswith("__none")}
+    points, validation = _operating_points(thresholds, cal_sorted, test_scores, ood_scores, attacked)
+    metrics: dict[str, Any] = {"validation": {
+        "score": cfg.score,
+        "test_images": int(test_scores.size),
+        "test_source": test_set.source,
+        "ood_images": {k: int(v.size) for k, v in ood_scores.items()},
+        "operating_points": validation,
+        # ~0.5 when the test split's conformal p-values are uniform, as they should be in-distribution
+        "test_p_value_mean": float(np.mean(conformal_p_values(cal_sorted, test_scores))),
+        "attacked_source": "eval/scores.npz: torch scores of the evaluation's PGD inputs" if attacked else None,
+    }}
     if eval_report:
-        metrics["evaluation"] = {
-            "convention": eval_report.get("convention"),
-            "accuracy": eval_report.get("accuracy"),
-            "attacks": eval_report.get("attacks"),
-            "attack_notes": eval_report.get("attack_notes"),
-            "results": eval_report.get("results"),
-        }
+        keep = ("convention", "accuracy", "attacks", "attack_notes", "results")
+        metrics["evaluation"] = {k: eval_report.get(k) for k in keep}
 
-    # -- manifest -------------------------------------------------------------------------------------
+    # -- manifest and bundle ----------------------------------------------------------------------------
     model, config = run.load_model()
     model_config = dict(getattr(model, "model_config", {}))
     method = eval_report.get("method") or _config_value(config, "method")
     score_params = (export_info.get("score_params") or {}).get(cfg.score, {})
     default_op = operating_point_name(next(t for t in cfg.tprs if math.isclose(t, cfg.default_tpr)))
-    ckpt = last_checkpoint_path(run.run_dir)
     manifest = BundleManifest(
         name=cfg.name or _default_name(run, model_config.get("name"), method),
         version=cfg.version,
@@ -201,22 +186,42 @@ def calibrate_run(run_dir: str | Path, cfg: CalibrateConfig) -> BuiltBundle:
                                     split=f"held-out calibration split of {Path(cal_set.source).name} (split.json)"),
         metrics=metrics,
         training={"method": method, "model": model_config.get("name"), "model_config": model_config, "config": config},
-        lineage=Lineage(datasets=lineage, code_version=git_commit(), run_dir=str(run.run_dir),
-                        checkpoint_sha256=sha256_file(ckpt) if ckpt.is_file() else None),
+        lineage=Lineage(datasets={k: v for k, v in lineage.items() if v}, code_version=git_commit(),
+                        run_dir=str(run.run_dir), checkpoint_sha256=ckpt_sha),
     )
-
     golden = subsample(test_set, GOLDEN_COUNT, cfg.seed + 1)
-    report_files = {}
-    eval_dir = run.run_dir / "eval"
-    if eval_dir.is_dir():
-        report_files = {p.name: p for p in sorted(eval_dir.iterdir())
-                        if p.is_file() and p.suffix in (".md", ".json", ".png")}
-    if (onnx_path.parent / "export.json").is_file():
-        report_files["export.json"] = onnx_path.parent / "export.json"
     out = Path(cfg.out) if cfg.out else run.run_dir / BUNDLE_DIR
     return build_bundle(out, onnx_path=onnx_path, manifest=manifest, calibration_scores=cal_sorted,
-                        golden_images=data.to_tensor(golden.images).numpy(), report_files=report_files,
-                        tarball=cfg.tarball)
+                        golden_images=data.to_tensor(golden.images).numpy(),
+                        report_files=_report_files(run.run_dir / EVAL_DIR, onnx_path.parent), tarball=cfg.tarball)
+
+
+def _operating_points(thresholds: dict[float, float], cal_sorted: np.ndarray, test_scores: np.ndarray,
+                      ood_scores: dict[str, np.ndarray], attacked: dict[tuple[str, str], np.ndarray]):
+    """OperatingPoints (realised TPR on the test split, FPR per OOD set clean and attacked) + a detailed record."""
+    points, validation = [], {}
+    for tpr, thr in thresholds.items():
+        name = operating_point_name(tpr)
+        fpr = {k: _accept_rate(v, thr) for k, v in ood_scores.items()}
+        fpr.update({f"{s}/{a}": _accept_rate(v, thr) for (s, a), v in attacked.items() if s != "in"})
+        realised = _accept_rate(test_scores, thr)
+        points.append(OperatingPoint(name=name, target_tpr=tpr, threshold=thr, realised_tpr=realised, fpr=fpr))
+        validation[name] = {
+            "threshold": thr, "target_tpr": tpr, "calibration_tpr": _accept_rate(cal_sorted, thr),
+            "realised_tpr": realised, "fpr": fpr,
+            "realised_tpr_attacked": {a: _accept_rate(v, thr) for (s, a), v in attacked.items() if s == "in"},
+        }
+    return points, validation
+
+
+def _report_files(eval_dir: Path, export_dir: Path) -> dict[str, Path]:
+    """report/: the evaluation's eval.md, eval.json and plots, plus export.json (not the raw scores)."""
+    files = {}
+    if eval_dir.is_dir():
+        files = {p.name: p for p in sorted(eval_dir.iterdir()) if p.is_file() and p.suffix in (".md", ".json", ".png")}
+    if (export_dir / EXPORT_JSON).is_file():
+        files[EXPORT_JSON] = export_dir / EXPORT_JSON
+    return files
 
 
 def _config_value(config: dict[str, Any], key: str) -> Any:

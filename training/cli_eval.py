@@ -16,7 +16,9 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 _out = Console(soft_wrap=True)
 _err = Console(stderr=True, soft_wrap=True)
@@ -38,7 +40,7 @@ def _floats(values: list[str], flag: str) -> list[float]:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    _err.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+    _err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -72,12 +74,13 @@ def evaluate(
                                             help="Where named datasets live."),
     seed: int = typer.Option(0, "--seed"),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write ROC and histogram PNGs."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda or cuda:N."),
 ) -> None:
     """Measure OOD detection clean and under PGD attack on each score; writes eval.json, eval.md and plots."""
     from .evaluate import EvalConfig, evaluate_run
 
     cfg = EvalConfig(max_samples=max_samples, batch_size=batch_size, maha_fit_samples=maha_fit_samples,
-                     seed=seed, data_dir=str(data_dir) if data_dir else None, plots=plots)
+                     seed=seed, data_dir=str(data_dir) if data_dir else None, plots=plots, device=device)
     if ood:
         cfg.ood = list(ood)
     if attack:
@@ -88,7 +91,7 @@ def evaluate(
         report = evaluate_run(run_dir, cfg, out)
     except _input_errors() as exc:
         _fail(str(exc))
-    table = Table(title=f"AUROC / FPR95 (%) — {run_dir}")
+    table = Table(title=Text(f"AUROC / FPR95 (%) — {run_dir}"))
     table.add_column("score")
     table.add_column("OOD set")
     for a in report["attacks"]:
@@ -96,10 +99,10 @@ def evaluate(
     for score, per_set in report["results"].items():
         for set_name, per_attack in per_set.items():
             cells = [f"{100 * m['auroc']:.1f} / {100 * m['fpr_at_95_tpr']:.1f}" for m in per_attack.values()]
-            table.add_row(score, set_name, *cells)
+            table.add_row(score, Text(set_name), *cells)
     _out.print(table)
     _out.print(f"accuracy (clean): {100 * report['accuracy']['clean']:.2f}%")
-    _out.print(f"wrote {Path(out) if out else Path(run_dir) / 'eval'}/eval.md, eval.json, plots")
+    _out.print(f"wrote {Path(out) if out else Path(run_dir) / 'eval'}/eval.md, eval.json, plots", markup=False)
 
 
 def export(
@@ -122,9 +125,9 @@ def export(
         _fail(str(exc), code=1)
     except _input_errors() as exc:
         _fail(str(exc))
-    _out.print(f"wrote {result.onnx_path} (outputs: {', '.join(result.outputs)})")
+    _out.print(f"wrote {result.onnx_path} (outputs: {', '.join(result.outputs)})", markup=False)
     diffs = ", ".join(f"{k} {v:.2e}" for k, v in result.parity_max_abs_diff.items())
-    _out.print(f"parity on {result.info['parity']['images']} real images, max |onnxruntime - torch|: {diffs}")
+    _out.print(f"parity on {result.info['parity']['images']} real images, max |onnxruntime - torch|: {diffs}", markup=False)
 
 
 def calibrate(
@@ -163,17 +166,23 @@ def calibrate(
         _fail(str(exc))
     m = built.manifest
     table = Table(title=f"{m.name}:{m.version} — score {m.score.name}, {m.calibration.size} calibration images")
-    for col in ("operating point", "threshold", "target TPR", "realised TPR (test)", "FPR per OOD set"):
-        table.add_column(col)
+    for col in ("operating point", "threshold", "target TPR", "realised TPR (test split)"):
+        table.add_column(col, justify="left" if col == "operating point" else "right")
     for op in m.operating_points:
         mark = " (default)" if op.name == m.default_operating_point else ""
-        fprs = ", ".join(f"{k} {100 * v:.1f}%" for k, v in op.fpr.items())
         table.add_row(op.name + mark, f"{op.threshold:.6g}", f"{100 * op.target_tpr:.1f}%",
-                      f"{100 * (op.realised_tpr or 0):.2f}%", fprs)
+                      f"{100 * (op.realised_tpr or 0):.2f}%")
     _out.print(table)
-    _out.print(f"bundle: {built.bundle_dir} (verified: {', '.join(built.verify.checks)})")
+    fpr = Table(title="FPR per OOD set (OOD accepted as in-distribution)")
+    fpr.add_column("OOD set (set/attack: attacked)")
+    for op in m.operating_points:
+        fpr.add_column(op.name, justify="right")
+    for key in m.operating_points[0].fpr:
+        fpr.add_row(Text(key), *(f"{100 * op.fpr[key]:.1f}%" for op in m.operating_points))
+    _out.print(fpr)
+    _out.print(f"bundle: {built.bundle_dir} (verified: {', '.join(built.verify.checks)})", markup=False)
     if built.tarball:
-        _out.print(f"archive: {built.tarball}")
+        _out.print(f"archive: {built.tarball}", markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -89,6 +89,7 @@ class EvalConfig:
     seed: int = 0
     data_dir: str | None = None
     plots: bool = True
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
 
     def validate(self) -> None:
         self.scores = check_score_names(self.scores)
@@ -117,21 +118,40 @@ def score_context(cfg: EvalConfig, maha: MahalanobisParams | None) -> ScoreConte
     )
 
 
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def extract_features(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+    device = _model_device(model)
     chunks = []
     with torch.no_grad():
         for _, x in data.iterate_batches(images, batch_size):
-            chunks.append(model.features(x))
+            chunks.append(model.features(x.to(device)).cpu())
     return torch.cat(chunks)
 
 
-def fit_mahalanobis_for_run(model: nn.Module, run: RunData, max_samples: int = 5000, seed: int = 0, batch_size: int = 256) -> MahalanobisParams:
+def fit_mahalanobis_for_run(
+    model: nn.Module, run: RunData, max_samples: int = 5000, seed: int = 0, batch_size: int = 256
+) -> MahalanobisParams:
     """Fit on the run's training split minus its calibration images (a seeded subset for speed)."""
     fit = run.fit_set(max_samples=max_samples, seed=seed)
     log.info("fitting Mahalanobis on %d training images (calibration images excluded)", len(fit))
     feats = extract_features(model, fit.images, batch_size)
     num_classes = int(model.head.out_features)
-    return fit_mahalanobis(feats, torch.as_tensor(fit.labels), num_classes)
+    return fit_mahalanobis(feats, torch.as_tensor(fit.labels), num_classes)  # on the CPU, float64
 
 
 def _score_batches(model: nn.Module, images: np.ndarray, names: list[str], ctx: ScoreContext, attack: AttackConfig | None,
@@ -142,23 +162,25 @@ def _score_batches(model: nn.Module, images: np.ndarray, names: list[str], ctx: 
     """
     scores: dict[str, list[np.ndarray]] = {n: [] for n in names}
     preds: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    generator = torch.Generator().manual_seed(seed)
+    device = _model_device(model)
+    generator = torch.Generator(device=device).manual_seed(seed)
     sign = -1.0 if is_in else 1.0  # inliers: minimise the score; outliers: maximise it
     total = (len(images) + batch_size - 1) // batch_size * (1 if attack is None else len(names))
     with tqdm(total=total, desc=desc, leave=False, unit="batch") as bar:
         for _, x in data.iterate_batches(images, batch_size):
+            x = x.to(device)
             if attack is None:
                 logits, out = compute_scores(model, x, names, ctx)
                 for n in names:
-                    scores[n].append(out[n].numpy())
-                    preds[n].append(logits.argmax(1).numpy())
+                    scores[n].append(out[n].cpu().numpy())
+                    preds[n].append(logits.argmax(1).cpu().numpy())
                 bar.update(1)
                 continue
             for n in names:
                 x_adv = pgd_with(attack, lambda xa, n=n: sign * attack_objective(model, xa, n, ctx), x, generator)
                 logits, out = compute_scores(model, x_adv, [n], ctx)
-                scores[n].append(out[n].numpy())
-                preds[n].append(logits.argmax(1).numpy())
+                scores[n].append(out[n].cpu().numpy())
+                preds[n].append(logits.argmax(1).cpu().numpy())
                 bar.update(1)
     return ({n: np.concatenate(v).astype(np.float32) for n, v in scores.items()},
             {n: np.concatenate(v) for n, v in preds.items()})
@@ -197,8 +219,9 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig, out_dir: str | Path | Non
     cfg.validate()
     started = time.perf_counter()
     run = RunData.open(run_dir, data_dir=cfg.data_dir)
+    device = resolve_device(cfg.device)
     model, _ = run.load_model()
-    model.eval()
+    model.to(device).eval()
     for p in model.parameters():  # attacks differentiate w.r.t. the input only
         p.requires_grad_(False)
     out_dir = Path(out_dir) if out_dir is not None else run.run_dir / EVAL_DIR
@@ -208,7 +231,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig, out_dir: str | Path | Non
     if "mahalanobis" in cfg.scores:
         maha = fit_mahalanobis_for_run(model, run, cfg.maha_fit_samples, cfg.seed, cfg.batch_size)
         maha.save_npz(out_dir / MAHALANOBIS_NPZ)
-    ctx = score_context(cfg, maha)
+    ctx = score_context(cfg, maha.to(device) if maha is not None else None)
 
     test = subsample(run.test_set(), cfg.max_samples, cfg.seed)
     labels = test.labels
@@ -261,6 +284,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig, out_dir: str | Path | Non
         "accuracy": accuracy,
         "results": results,
         "timings_s": {**timings, "total": round(time.perf_counter() - started, 2)},
+        "device": str(device),
         "versions": _versions(),
         "code_version": git_commit(),
     }

@@ -114,7 +114,9 @@ def run_torch(module: nn.Module, images: torch.Tensor, batch_size: int = 256) ->
     return [np.concatenate(parts) for parts in zip(*chunks)]
 
 
-def run_onnx(session, images: np.ndarray, batch_size: int = 256, output_names: list[str] | None = None) -> dict[str, np.ndarray]:
+def run_onnx(
+    session, images: np.ndarray, batch_size: int = 256, output_names: list[str] | None = None
+) -> dict[str, np.ndarray]:
     """All (or the named) outputs of an onnxruntime session on float32 NCHW images, batched."""
     names = output_names or [o.name for o in session.get_outputs()]
     chunks: list[list[np.ndarray]] = []
@@ -129,7 +131,10 @@ def parity(module: ScoringModule, onnx_path: str | Path, images: torch.Tensor, b
     session = make_session(onnx_path, intra_op_threads=0, providers=["CPUExecutionProvider"])
     expected = run_torch(module, images, batch_size)
     got = run_onnx(session, images.numpy(), batch_size, module.output_names)
-    return {n: float(np.max(np.abs(got[n].astype(np.float64) - e.astype(np.float64)))) for n, e in zip(module.output_names, expected)}
+    return {
+        n: float(np.max(np.abs(got[n].astype(np.float64) - e.astype(np.float64))))
+        for n, e in zip(module.output_names, expected)
+    }
 
 
 @dataclass
@@ -162,7 +167,9 @@ def parity_images(run: RunData, n: int, seed: int = 0) -> tuple[np.ndarray, str]
     return images, "; ".join(sources)
 
 
-def load_or_fit_mahalanobis(model: nn.Module, run: RunData, fit_samples: int = 5000, seed: int = 0) -> tuple[MahalanobisParams, str]:
+def load_or_fit_mahalanobis(
+    model: nn.Module, run: RunData, fit_samples: int = 5000, seed: int = 0
+) -> tuple[MahalanobisParams, str]:
     """The evaluation's fit when present (so exported and evaluated scores agree), else a fresh fit."""
     saved = run.run_dir / EVAL_DIR / MAHALANOBIS_NPZ
     if saved.is_file():

@@ -65,7 +65,9 @@ SYNTHETIC_SETS: dict[str, Callable[[np.random.Generator, int, int], np.ndarray]]
 }
 
 
-def synthetic_images(name: str, n: int = DEFAULT_SYNTHETIC_COUNT, seed: int = DEFAULT_SEED, size: int = SYNTHETIC_SIZE) -> np.ndarray:
+def synthetic_images(
+    name: str, n: int = DEFAULT_SYNTHETIC_COUNT, seed: int = DEFAULT_SEED, size: int = SYNTHETIC_SIZE
+) -> np.ndarray:
     """uint8 NHWC images of the synthetic set `name`; deterministic in (name, n, seed, size)."""
     if name not in SYNTHETIC_SETS:
         raise ValueError(f"unknown synthetic OOD set {name!r}; built-in sets: {', '.join(SYNTHETIC_SETS)}")

@@ -61,6 +61,20 @@ def _stage(staging: Path, onnx_path: Path, manifest: BundleManifest, calibration
     return write_manifest(staging, manifest)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _normalise_permissions(root: Path) -> None:
+    """Temp files and dirs are created 0600 / 0700; a bundle is read by whoever serves it (umask applies)."""
+    mask = _umask()
+    root.chmod(0o755 & ~mask)
+    for path in root.rglob("*"):
+        path.chmod((0o755 if path.is_dir() else 0o644) & ~mask)
+
+
 def build_bundle(bundle_dir: str | Path, *, onnx_path: str | Path, manifest: BundleManifest,
                  calibration_scores: np.ndarray, golden_images: np.ndarray,
                  report_files: dict[str, Path] | None = None, tarball: bool = True) -> BuiltBundle:
@@ -74,6 +88,7 @@ def build_bundle(bundle_dir: str | Path, *, onnx_path: str | Path, manifest: Bun
     staging = Path(tempfile.mkdtemp(dir=bundle_dir.parent, prefix=f".{bundle_dir.name}.staging-"))
     try:
         final = _stage(staging, Path(onnx_path), manifest, calibration_scores, golden_images, report_files or {})
+        _normalise_permissions(staging)
         verify_bundle(staging)  # never move a bundle into place that the service would refuse
         old = None
         if bundle_dir.exists():
@@ -111,6 +126,7 @@ def write_tarball(bundle_dir: str | Path, tar_path: str | Path | None = None) ->
                 if path.is_symlink() or not (path.is_file() or path.is_dir()):
                     raise ValueError(f"{path}: bundles hold regular files only")
                 tar.add(path, arcname=path.relative_to(bundle_dir).as_posix(), recursive=False, filter=_tar_filter)
+        Path(tmp).chmod(0o644 & ~_umask())
         os.replace(tmp, tar_path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

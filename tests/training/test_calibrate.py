@@ -156,3 +156,11 @@ def test_calibrate_errors(tmp_path, tiny_data_dir):
     (run / "split.json").write_text(json.dumps(split))
     with pytest.raises(ValueError, match="outside the training file"):
         calibrate_run(run, CalibrateConfig())
+
+
+def test_calibrate_refuses_a_model_exported_from_another_checkpoint(tmp_path, tiny_data_dir):
+    run = make_run(tmp_path / "run", tiny_data_dir)
+    export_run(run, ["msp"])
+    make_run(run, tiny_data_dir, seed=1)  # retrained in place: a new checkpoint, the old export
+    with pytest.raises(ValueError, match="exported from another checkpoint"):
+        calibrate_run(run, CalibrateConfig(max_samples=16))

@@ -55,6 +55,7 @@ def test_evaluate_export_calibrate_verify(tmp_path, tiny_data_dir):
         (["evaluate", "{run}", "--scores", "msp,bogus"], "unknown score 'bogus'"),
         (["evaluate", "{run}", "--ood", "{tmp}/missing.npz"], "missing.npz"),
         (["evaluate", "{tmp}/no-run"], "run directory not found"),
+        (["evaluate", "{run}", "--device", "tpu0"], "unknown device 'tpu0'"),
         (["export", "{run}", "--scores", "odin"], "not exportable"),
         (["export", "{run}", "--out", "{tmp}/model.txt"], "must name an .onnx file"),
         (["calibrate", "{run}"], "run `oodguard export"),

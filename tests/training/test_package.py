@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tarfile
 
 import numpy as np
@@ -50,6 +51,11 @@ def test_build_writes_a_verified_bundle_with_golden_outputs(tmp_path, parts):
         for name, value in zip(["logits", "probs", "msp", "energy"], expected):
             np.testing.assert_array_equal(golden[name], value)
     assert not list(tmp_path.glob(".bundle.*"))  # no staging leftovers
+    # readable by a service running as another user (temp files start out 0600 / 0700), umask permitting
+    old_mask = os.umask(0o022)
+    os.umask(old_mask)
+    if old_mask & 0o044 == 0:
+        assert all(p.stat().st_mode & 0o044 == 0o044 for p in [root, *root.rglob("*")])
 
 
 def test_tarball_is_flat_with_regular_files_and_no_owner(tmp_path, parts):
