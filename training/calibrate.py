@@ -33,11 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from oodguard.service.bundle import conformal_p_values, make_session, sha256_file
+from oodguard.service.bundle import conformal_p_values, make_session
 from oodguard.service.manifest import BundleManifest, CalibrationInfo, InputSpec, Lineage, OperatingPoint, ScoreSpec
 
 from . import data
-from .checkpoint import last_checkpoint_path
 from .evaluate import EVAL_DIR, git_commit, load_eval, set_key
 from .export import EXPORT_DIR, EXPORT_JSON, ONNX_FILE, read_export_info, run_onnx
 from .ood_sets import load_ood_set, subsample
@@ -113,17 +112,16 @@ def calibrate_run(run_dir: str | Path, cfg: CalibrateConfig) -> BuiltBundle:
     onnx_path = Path(cfg.onnx) if cfg.onnx else run.run_dir / EXPORT_DIR / ONNX_FILE
     if not onnx_path.is_file():
         raise RunError(f"{onnx_path}: no exported model; run `oodguard export {run.run_dir}` first (or pass --onnx)")
-    ckpt = last_checkpoint_path(run.run_dir)
-    ckpt_sha = sha256_file(ckpt) if ckpt.is_file() else None
+    ckpt_sha = run.checkpoint_sha256()
     export_info = read_export_info(onnx_path) or {}
     if export_info.get("checkpoint_sha256") not in (None, ckpt_sha):
-        raise RunError(f"{onnx_path} was exported from another checkpoint than {ckpt}; "
+        raise RunError(f"{onnx_path} was exported from another checkpoint than the run's last.pt; "
                        f"run `oodguard export {run.run_dir}` again")
     session = make_session(onnx_path, intra_op_threads=0, providers=["CPUExecutionProvider"])
     outputs = [o.name for o in session.get_outputs()]
     if cfg.score not in outputs:
         raise ValueError(f"score {cfg.score!r} is not an output of {onnx_path} (outputs: {', '.join(outputs)})")
-    eval_report, eval_raw = load_eval(run.run_dir) or ({}, {})
+    eval_report, eval_raw = load_eval(run) or ({}, {})
 
     def served_scores(images_u8: np.ndarray) -> np.ndarray:
         return run_onnx(session, data.to_tensor(images_u8).numpy(), cfg.batch_size, [cfg.score])[cfg.score]

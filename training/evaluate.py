@@ -278,6 +278,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig, out_dir: str | Path | Non
         "score_params": {n: SCORES[n].params(ctx) for n in cfg.scores},
         "model": dict(getattr(model, "model_config", {})),
         "method": _method(run.config),
+        "checkpoint_sha256": run.checkpoint_sha256(),
         "in_distribution": {**test.describe(), "spec": run.data_spec, "split": "test"},
         "ood_sets": {k: {**s.describe(), "spec": spec} for k, (spec, s) in ood_sets.items()},
         "mahalanobis": {"fit_samples": maha.num_fit_samples, "split": "train minus calibration"} if maha else None,
@@ -302,13 +303,16 @@ def _method(config: dict[str, Any]) -> str | None:
     return None
 
 
-def load_eval(run_or_eval_dir: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
-    """(eval.json, raw scores) of a run's evaluation, or None when it has not been evaluated."""
-    root = Path(run_or_eval_dir)
-    eval_dir = root if (root / EVAL_JSON).is_file() else root / EVAL_DIR
+def load_eval(run: RunData) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+    """(eval.json, raw scores) of the run's evaluation (RUN_DIR/eval), or None when it has not been
+    evaluated, or was evaluated on another checkpoint (retrained since: its numbers are stale)."""
+    eval_dir = run.run_dir / EVAL_DIR
     if not (eval_dir / EVAL_JSON).is_file():
         return None
     report = json.loads((eval_dir / EVAL_JSON).read_text(encoding="utf-8"))
+    if report.get("checkpoint_sha256") != run.checkpoint_sha256():
+        log.warning("%s was made from another checkpoint; ignoring it (run `oodguard evaluate` again)", eval_dir)
+        return None
     raw: dict[str, np.ndarray] = {}
     if (eval_dir / SCORES_NPZ).is_file():
         with np.load(eval_dir / SCORES_NPZ, allow_pickle=False) as z:

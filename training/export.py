@@ -33,8 +33,8 @@ from torch import nn
 from oodguard.service.bundle import make_session, sha256_file
 
 from . import data
-from .checkpoint import last_checkpoint_path, write_json_atomic
-from .evaluate import EVAL_DIR, MAHALANOBIS_NPZ, fit_mahalanobis_for_run, git_commit
+from .checkpoint import write_json_atomic
+from .evaluate import EVAL_DIR, MAHALANOBIS_NPZ, fit_mahalanobis_for_run, git_commit, load_eval
 from .ood_sets import subsample
 from .run_data import RunData
 from .scores import SCORES, MahalanobisParams, ScoreContext, check_score_names, forward_with_features
@@ -172,7 +172,8 @@ def load_or_fit_mahalanobis(
 ) -> tuple[MahalanobisParams, str]:
     """The evaluation's fit when present (so exported and evaluated scores agree), else a fresh fit."""
     saved = run.run_dir / EVAL_DIR / MAHALANOBIS_NPZ
-    if saved.is_file():
+    evaluation = load_eval(run)  # None when missing or made from another checkpoint
+    if saved.is_file() and evaluation and "mahalanobis" in evaluation[0].get("results", {}):
         return MahalanobisParams.load_npz(saved), str(saved)
     return fit_mahalanobis_for_run(model, run, fit_samples, seed), "fitted at export (train split minus calibration)"
 
@@ -225,7 +226,7 @@ def export_run(run_dir: str | Path, scores: list[str] | None = None, out: str | 
             "mahalanobis": {"source": maha_source, "fit_samples": maha.num_fit_samples} if maha else None,
             "parity": {"images": int(len(images)), "source": images_source, "atol": atol, "max_abs_diff": diffs},
             "model": dict(getattr(model, "model_config", {})),
-            "checkpoint_sha256": sha256_file(last_checkpoint_path(run.run_dir)),
+            "checkpoint_sha256": run.checkpoint_sha256(),
             "code_version": git_commit(),
             "versions": {"torch": torch.__version__},
         }

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from . import data
-from .checkpoint import CheckpointError, load_model_from_run, load_split, read_run_config
+from .data import sha256_file
+from .checkpoint import CheckpointError, last_checkpoint_path, load_model_from_run, load_split, read_run_config
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,11 @@ class RunData:
             # trained with --data DIR: named sets ("tinyimagenet") resolve in the same directory
             data_dir = str(Path(str(spec)).expanduser())
         return cls(run_dir=run_dir, config=config, split=split, data_spec=str(spec), data_dir=data_dir)
+
+    def checkpoint_sha256(self) -> str | None:
+        """sha256 of checkpoints/last.pt: ties evaluations, exports and bundles to the weights they describe."""
+        path = last_checkpoint_path(self.run_dir)
+        return sha256_file(path) if path.is_file() else None
 
     def load_model(self):
         """(model in eval mode, config) from the run's last checkpoint."""

@@ -54,7 +54,7 @@ def test_eval_json_has_every_number_and_its_config(evaluated, tiny_data_dir):
 
 def test_attacks_push_scores_the_right_way(evaluated):
     run, _ = evaluated
-    _, raw = load_eval(run)
+    _, raw = load_eval(RunData.open(run))
     for score in SCORES:
         clean_in, adv_in = raw[f"{score}__in__none"], raw[f"{score}__in__paper"]
         assert adv_in.mean() < clean_in.mean(), score  # inliers made to look OOD
@@ -121,3 +121,15 @@ def test_bad_config_is_a_clear_error(tmp_path, tiny_data_dir):
     with pytest.raises(ValueError, match="unknown score"):
         evaluate_run(run, EvalConfig(scores=["nope"]))
     assert set_key("/data/my svhn.npz") == "my_svhn" and set_key("gaussian") == "gaussian"
+
+
+def test_an_evaluation_of_other_weights_is_ignored(evaluated, tmp_path, tiny_data_dir):
+    run, report = evaluated
+    assert report["checkpoint_sha256"] == RunData.open(run).checkpoint_sha256()
+    assert load_eval(RunData.open(run)) is not None
+    copy = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(run, copy)
+    make_run(copy, tiny_data_dir, seed=5)  # retrained in place: eval/ now describes other weights
+    assert load_eval(RunData.open(copy)) is None

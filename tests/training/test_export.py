@@ -76,6 +76,7 @@ def test_export_run_writes_model_and_record(tmp_path, tiny_data_dir):
     assert "200 from the test split" in info["parity"]["source"]  # topped up from the calibration split
     assert info["outputs"] == ["logits", "probs", "msp", "energy", "mahalanobis"]
     assert info["mahalanobis"]["fit_samples"] == 300  # 400 train images minus 100 held out
+    assert info["mahalanobis"]["source"].startswith("fitted at export")
     assert "odin" in info["not_exported"]
     assert not list((run / "export").glob(".*"))  # no temp files left behind
 
@@ -101,3 +102,16 @@ def test_parity_gate_failure_writes_nothing(tmp_path, tiny_data_dir, monkeypatch
         export_run(run, ["msp"])
     assert [p.name for p in (run / "export").iterdir()] == ["model.onnx"]
     assert (run / "export" / "model.onnx").read_bytes() == b"old"
+
+
+def test_export_reuses_the_evaluations_mahalanobis_fit(tmp_path, tiny_data_dir):
+    from oodguard.training.evaluate import EvalConfig, evaluate_run
+
+    run = make_run(tmp_path / "run", tiny_data_dir)
+    evaluate_run(run, EvalConfig(ood=["uniform"], attacks=["none"], scores=["mahalanobis"], max_samples=16,
+                                 maha_fit_samples=50, plots=False))
+    info = export_run(run, ["mahalanobis"]).info
+    assert info["mahalanobis"] == {"source": str(run / "eval" / "mahalanobis.npz"), "fit_samples": 50}
+    make_run(run, tiny_data_dir, seed=3)  # new weights: the evaluation's fit no longer applies
+    info = export_run(run, ["mahalanobis"]).info
+    assert info["mahalanobis"]["source"].startswith("fitted at export") and info["mahalanobis"]["fit_samples"] == 300
