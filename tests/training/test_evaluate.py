@@ -133,3 +133,14 @@ def test_an_evaluation_of_other_weights_is_ignored(evaluated, tmp_path, tiny_dat
     shutil.copytree(run, copy)
     make_run(copy, tiny_data_dir, seed=5)  # retrained in place: eval/ now describes other weights
     assert load_eval(RunData.open(copy)) is None
+
+
+def test_user_folder_and_npz_are_ood_sets(tmp_path, make_image_folder, make_npz):
+    images = np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    folder = make_image_folder(tmp_path / "my_photos", images)
+    npz = make_npz(tmp_path / "svhn.npz", images)
+    from_folder, from_npz = load_ood_set(str(folder), max_samples=5), load_ood_set(str(npz))
+    assert len(from_folder) == 5 and len(from_npz) == 12
+    originals = {img.tobytes() for img in images}  # PNG is lossless: a subset of the very images written
+    assert all(img.tobytes() in originals for img in from_folder.images)
+    assert set_key(str(folder)) == "my_photos" and set_key(str(npz)) == "svhn"
