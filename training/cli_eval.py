@@ -147,7 +147,11 @@ def calibrate(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="OODGUARD_DATA_DIR"),
     tarball: bool = typer.Option(True, "--tarball/--no-tarball", help="Also write <bundle>.tar.gz."),
 ) -> None:
-    """Calibrate thresholds on the held-out split with onnxruntime and assemble a verified bundle."""
+    """Calibrate thresholds on the held-out split with onnxruntime and assemble a verified bundle.
+
+    For a TPR target t and n calibration scores: threshold = the k-th smallest score, k = floor((1 - t)(n + 1));
+    accept iff score >= threshold, i.e. iff the conformal p-value (1 + #{cal <= s}) / (n + 1) > 1 - t.
+    """
     from oodguard.service.bundle import BundleError
 
     from .calibrate import CalibrateConfig, calibrate_run
