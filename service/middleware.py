@@ -120,6 +120,18 @@ class ServiceMiddleware:
             log.exception("unhandled error in %s %s (request %s)", scope.get("method"), scope.get("path"), request_id)
             if not started:
                 await _send_json(send_with_id, 500, "internal_error", f"internal error; request id {request_id}")
+        except asyncio.CancelledError:
+            # uvicorn cancels requests still running when graceful_shutdown_s is over. Answer a clean
+            # JSON 503 (retry elsewhere) instead of its plain-text 500 and a logged traceback; the
+            # task ends here either way.
+            log.warning("%s %s (request %s) cancelled at shutdown", scope.get("method"), scope.get("path"), request_id)
+            if not started:
+                await _send_json(
+                    send_with_id, 503, "shutting_down", "the service is shutting down; retry on another instance",
+                    headers=[(b"retry-after", b"1")],
+                )
+            else:
+                raise
         finally:
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
@@ -127,9 +139,9 @@ class ServiceMiddleware:
             self.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - start)
 
 
-async def _send_json(send: Send, status: int, code: str, message: str) -> None:
+async def _send_json(send: Send, status: int, code: str, message: str, headers: list | None = None) -> None:
     body = json.dumps(error_body(code, message)).encode()
-    headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]
+    headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()), *(headers or ())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
