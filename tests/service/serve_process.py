@@ -76,15 +76,25 @@ class ServeProcess:
             self.proc.wait(timeout=10)
 
 
-def start_serve(args: list[str], log_path: Path, env: dict[str, str] | None = None, ready_timeout: float = 60.0) -> ServeProcess:
-    """Start `oodguard serve ARGS --port <free>` and wait until /readyz answers 200."""
+def start_serve(
+    args: list[str],
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    ready_timeout: float = 60.0,
+    python_code: str | None = None,
+) -> ServeProcess:
+    """Start `oodguard serve ARGS --port <free>` and wait until /readyz answers 200.
+
+    `python_code`: run `python -c CODE serve ARGS ...` instead of `python -m oodguard.cli` - a
+    test wrapper that patches something (a fault to inject) and then calls `oodguard.cli.main()`.
+    """
     port = free_port()
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("OODGUARD_")}
     child_env.setdefault("OMP_NUM_THREADS", "1")
     child_env.update(env or {})
     log = open(log_path, "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "oodguard.cli", "serve", *args, "--port", str(port)],
+        [sys.executable, *(["-c", python_code] if python_code else ["-m", "oodguard.cli"]), "serve", *args, "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, env=child_env,
     )
     log.close()  # the child holds its own descriptor
