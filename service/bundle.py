@@ -24,6 +24,7 @@ from .manifest import (
     BundleManifest,
     load_manifest,
 )
+from .onnx_scan import OnnxScanError, scan_onnx
 
 GOLDEN_ATOL = 1e-4
 # Only the standard ONNX operator domains: a bundle can never make us load a custom-op library.
@@ -136,21 +137,26 @@ def make_session(model_path: str | Path, intra_op_threads: int = 1, providers: l
 
 
 def _check_onnx_domains(model_path: Path) -> None:
-    """Refuse graphs that reference non-standard operator domains (custom ops)."""
+    """Refuse graphs that need operators from outside onnxruntime (custom-op domains) or external data.
+
+    Read with `onnx_scan` (a protobuf walk, no `onnx` package): the check is the same in the
+    serve-only install, and it reaches nested subgraphs and model-local functions. A domain the
+    model defines itself (a local function: a composite of other ops) is not a custom op.
+    """
     try:
-        import onnx  # optional: present with the train/dev extras
-    except ImportError:  # onnxruntime itself refuses unknown custom ops without a registered library
-        return
-    try:
-        model = onnx.load(str(model_path), load_external_data=False)
-    except Exception as exc:
+        scan = scan_onnx(model_path.read_bytes())
+    except OnnxScanError as exc:
         raise BundleError("onnx", f"{MODEL_FILE} is not a valid ONNX file ({exc})") from None
-    domains = {op.domain for op in model.opset_import} | {n.domain for n in model.graph.node}
-    bad = sorted(d for d in domains if d not in _ALLOWED_DOMAINS)
+    allowed = _ALLOWED_DOMAINS | scan.function_domains
+    bad = sorted(d for d in scan.opset_domains | scan.node_domains if d not in allowed)
     if bad:
         raise BundleError("onnx", f"{MODEL_FILE} uses non-standard operator domains {bad}; custom ops are not allowed")
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        raise BundleError("onnx", f"{MODEL_FILE} references external data files; bundles must be self-contained")
+    if scan.external_tensors:
+        raise BundleError(
+            "onnx",
+            f"{MODEL_FILE} references external data files (tensors {scan.external_tensors[:5]}); "
+            "bundles must be self-contained",
+        )
 
 
 @dataclass
