@@ -311,6 +311,8 @@ class ModelRegistry:
             vdir = store.version_dir(name, version)
             if not vdir.is_dir():
                 raise RegistryError("not_found", f"version {ref(name, version)} is not in the models directory", 404)
+            if not store.is_inside(vdir):  # a symlink placed in the models dir, pointing out of it
+                raise RegistryError("outside_models_dir", f"{ref(name, version)} resolves outside the models directory", 400)
             return self._swap_to(
                 vdir, ref(name, version), allow_contract_change, action,
                 persist=lambda: store.set_active(name, version, allow_contract_change, action=action),

@@ -225,7 +225,8 @@ class ModelStore:
         out = []
         for name_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             for vdir in sorted(p for p in name_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-                if (vdir / MANIFEST_FILE).is_file():
+                # A symlink pointing out of the models dir is not a stored version.
+                if (vdir / MANIFEST_FILE).is_file() and self.is_inside(vdir):
                     out.append((name_dir.name, vdir.name, vdir))
         registered = self.read_state().registered
         return sorted(out, key=lambda t: (registered.get(ref(t[0], t[1]), ""), t[0], t[1]))
