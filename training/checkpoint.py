@@ -7,7 +7,8 @@ torn one.
 
 Run directory layout (`--out runs/NAME`)::
 
-    config.json              resolved TrainConfig, model_config, data lineage (sha256), code version, environment
+    config.json              {"train": resolved TrainConfig, "model_config", "num_classes", "classes",
+                              "lineage": {"in_distribution", "outliers"} (source, sha256, n), "code_version", "environment"}
     split.json               held-out calibration indices into the training file (+ seed, size, sha256)
     log.jsonl                one JSON line per epoch (and a final summary line)
     checkpoints/last.pt      latest state (every epoch, and on Ctrl-C / SIGTERM / budget end)
@@ -41,6 +42,13 @@ def last_checkpoint_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT
 
 
+def _umask_mode() -> int:
+    """0o666 minus the process umask: what open() would have given a new file (mkstemp gives 0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -60,6 +68,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _umask_mode())
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -85,6 +94,7 @@ def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 2) -> Non
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _umask_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=indent, default=str)
             f.write("\n")

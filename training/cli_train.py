@@ -9,6 +9,7 @@ data-parallel (gloo on CPU, nccl on CUDA).
 from __future__ import annotations
 
 import json
+import os
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Optional
@@ -113,7 +114,8 @@ def train_command(
     channels_last: Optional[bool] = _opt("--channels-last/--no-channels-last", key="channels_last",
                                          help="channels_last memory format (faster convolutions on CPU)."),
     compile: Optional[bool] = _opt("--compile/--no-compile", key="compile", help="torch.compile the model."),
-    threads: Optional[int] = _opt("--threads", key="threads", help="torch intra-op threads.",
+    threads: Optional[int] = _opt("--threads", key="threads", help="torch intra-op threads. On a CPU shared with "
+                                  "other busy processes use 1: OpenMP threads then wait on each other at every op.",
                                   default_text="available cores / ranks per node"),
     log_every: Optional[int] = _opt("--log-every", key="log_every", help="Steps between progress-bar updates."),
     progress: Optional[bool] = _opt("--progress/--no-progress", key="progress", help="Progress bar on stderr."),
@@ -162,6 +164,15 @@ def train_command(
         _fail(str(exc))
     if resume:
         _check_resume_overrides(cfg, overrides)
+
+    # OpenMP threads that spin-wait for each other starve when other processes share the cores. Measured
+    # on the shared 2-core machine (small_cnn, batch 64, 2 threads; images/s busy machine / idle machine):
+    # libgomp default spinning 100-400 / 1280, OMP_WAIT_POLICY=PASSIVE 330-680 / 1030,
+    # GOMP_SPINCOUNT=10000 ~500 / 1250, 1 thread ~750 / 780. A short spin keeps the idle speed and avoids
+    # most of the collapse. libgomp reads it when torch is first imported, just below; set
+    # OMP_WAIT_POLICY or GOMP_SPINCOUNT yourself to override.
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["GOMP_SPINCOUNT"] = "10000"
 
     # torch from here on
     from .checkpoint import CheckpointError

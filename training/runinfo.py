@@ -67,6 +67,8 @@ def environment_info(device: torch.device, threads: int, dist_info: Any, amp: bo
         "python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
         "cpu_count": os.cpu_count(), "threads": threads, "device": str(device), "amp": amp,
         "world_size": dist_info.world_size, "backend": dist_info.backend,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
     if device.type == "cuda":
         env["cuda_device"] = torch.cuda.get_device_name(device)

@@ -123,6 +123,23 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
+def _warn_if_cpu_is_contended(threads: int, device: torch.device) -> None:
+    """Several OpenMP threads that spin-wait for each other starve when other processes share the cores:
+    on the shared 2-core machine this was built on, 2 spinning threads ran 5x slower than 1 under load.
+    `oodguard train` sets a short GOMP_SPINCOUNT (unless OpenMP waiting is configured) before importing
+    torch, which avoids most of it."""
+    if device.type != "cpu" or threads < 2 or not hasattr(os, "getloadavg"):
+        return
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" or "GOMP_SPINCOUNT" in os.environ:
+        return
+    load, cores = os.getloadavg()[0], len(os.sched_getaffinity(0))
+    if load > cores - 0.5:
+        log.warning("load average %.1f on %d cores and %d spinning OpenMP threads: set GOMP_SPINCOUNT=10000 or "
+                    "OMP_WAIT_POLICY=PASSIVE (before starting Python), or use --threads 1; each is often several "
+                    "times faster on a busy CPU", load, cores,
+                    threads)
+
+
 def resolve_device(name: str, info: ddp.DistInfo) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{info.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
@@ -238,6 +255,7 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
     device = resolve_device(cfg.device, info)
     threads = cfg.threads or max(1, len(os.sched_getaffinity(0)) // info.local_world_size)
     torch.set_num_threads(threads)
+    _warn_if_cpu_is_contended(threads, device)
     amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
     run_dir = Path(cfg.out)
     if info.is_main:  # only rank 0: the others might see the directory rank 0 has just created
@@ -269,7 +287,8 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
     scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" and not torch.cuda.is_bf16_supported() else None
     step, train_seconds_before, schedule_fitted = 0, 0.0, cfg.time_budget is None or not cfg.fit_schedule_to_budget
 
-    data_lineage = {"train": {**train_set.describe(), "classes": train_set.classes, "n": split["n_total"]},
+    # data lineage: the full training file (the calibration split indexes into it) and the outlier file
+    data_lineage = {"in_distribution": {**train_set.describe(), "n": split["n_total"]},
                     "outliers": outlier_set.describe() if outlier_set is not None else None}
     if cfg.resume:
         state = load_checkpoint(last_checkpoint_path(run_dir), map_location="cpu")
@@ -277,6 +296,9 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
         for key, s in (("train", train_set), ("outliers", outlier_set)):
             if s is not None and stored_sha.get(key) not in (None, s.sha256):
                 raise ValueError(f"--resume: {key} data {s.source} changed since the checkpoint (sha256 differs)")
+        if int(state.get("world_size", 1)) != info.world_size:
+            raise ValueError(f"--resume: the checkpoint was written by {state.get('world_size', 1)} process(es), "
+                             f"this launch has {info.world_size}; resume with the same number of processes")
         raw_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["scheduler"])
@@ -294,7 +316,7 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
     elif info.is_main:
         write_json_atomic(run_dir / CONFIG_FILE, {
             "train": cfg.to_dict(), "model_config": raw_model.model_config, "num_classes": num_classes,
-            "classes": train_set.classes, "data": data_lineage, "code_version": code_version(),
+            "classes": train_set.classes, "lineage": data_lineage, "code_version": code_version(),
             "environment": environment_info(device, threads, info, amp),
         })
         write_json_atomic(run_dir / SPLIT_FILE, split, indent=None)
@@ -421,11 +443,22 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
                                      acc=f"{stats[3].item() / (epoch_steps * n_in):.3f}", img_s=f"{ips:.0f}",
                                      lr=f"{lr:.4f}", refresh=False)
 
+            # stop conditions, agreed across ranks so every rank leaves at the same step
+            reason = None
+            if cfg.stop_at_step is not None and step >= cfg.stop_at_step:
+                reason = "stop_at_step"
+            elif cfg.time_budget is not None and loop_seconds + (timed_seconds / max(1, timed_steps)) > cfg.time_budget:
+                reason = "time_budget"
+            elif signals.received:
+                reason = signals.received
+            stopping = step < schedule.total_steps and ddp.any_rank(info, reason is not None, device)
+
+            # one log line per epoch (and for the partial epoch a run ends or stops in)
             end_of_epoch = in_stream.position == spe
-            if end_of_epoch or step == schedule.total_steps:
+            if end_of_epoch or stopping or step == schedule.total_steps:
                 totals = ddp.sum_across_ranks(info, stats.tolist() + [epoch_steps], device)
                 steps_all = max(1.0, totals[4])
-                record = {"epoch": in_stream.epoch + 1 if end_of_epoch else step / spe, "step": step,
+                record = {"epoch": in_stream.epoch + 1 if end_of_epoch else round(step / spe, 4), "step": step,
                           "loss": totals[0] / steps_all, "ce": totals[1] / steps_all,
                           "oe": totals[2] / steps_all if x_out is not None else None,
                           "train_acc": totals[3] / (steps_all * n_in),
@@ -440,16 +473,7 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
                     save(epoch_tag=in_stream.epoch + 1)
                 stats.zero_()
                 epoch_steps, epoch_seconds = 0, 0.0
-
-            # stop conditions, agreed across ranks so every rank leaves at the same step
-            reason = None
-            if cfg.stop_at_step is not None and step >= cfg.stop_at_step:
-                reason = "stop_at_step"
-            elif cfg.time_budget is not None and loop_seconds + (timed_seconds / max(1, timed_steps)) > cfg.time_budget:
-                reason = "time_budget"
-            elif signals.received:
-                reason = signals.received
-            if step < schedule.total_steps and ddp.any_rank(info, reason is not None, device):
+            if stopping:
                 stopped = reason or "interrupted"
                 break
 

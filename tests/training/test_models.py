@@ -50,6 +50,7 @@ def test_model_contract(name):
         torch.testing.assert_close(rebuilt(x), logits, rtol=0, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter announces its retirement
 @pytest.mark.parametrize("name", list_models())
 def test_model_exports_to_onnx_and_matches(name, tmp_path):
     ort = pytest.importorskip("onnxruntime")

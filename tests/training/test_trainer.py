@@ -47,13 +47,14 @@ def test_run_directory_contents(tiny_config, tmp_path, tiny_data_dir):
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["method"] == "aloe" and config["train"]["eps"] == pytest.approx(1 / 255)
     assert config["model_config"] == {"name": "small_cnn", "num_classes": 10, "widths": [8, 16, 16], "stem": 8}
-    assert config["data"]["train"]["sha256"] and config["data"]["outliers"]["sha256"]
+    assert config["lineage"]["in_distribution"]["sha256"] and config["lineage"]["outliers"]["sha256"]
+    assert config["lineage"]["in_distribution"]["n"] == 400 and config["classes"] == [f"c{i}" for i in range(10)]
     assert config["environment"]["torch"] == torch.__version__ and config["environment"]["threads"] == 1
     assert "code_version" in config
     split = load_split(run)
     _, cal = calibration_split(400, 40, 0)
     assert split["cal_indices"] == cal.tolist() and split["train_size"] == 360
-    assert split["dataset_sha256"] == config["data"]["train"]["sha256"]
+    assert split["dataset_sha256"] == config["lineage"]["in_distribution"]["sha256"]
     lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     epochs = [r for r in lines if "event" not in r]
     assert [r["step"] for r in epochs] == [11, 20]  # 360 images / 32 = 11 steps per epoch; the run ends at 20
@@ -86,6 +87,8 @@ def test_time_budget_stops_cleanly_and_fits_the_schedule(tiny_config, tmp_path):
     # the schedule was shrunk to what fits, so the LR got (close) to its minimum
     assert result.total_steps < 100_000
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == result.step
+    last = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()][-2]
+    assert last["step"] == result.step  # the partial epoch the budget ended in is logged too
 
 
 def test_cosine_schedule():
