@@ -26,6 +26,24 @@ from pathlib import Path
 import httpx
 
 
+def read_http_response(sock: socket.socket) -> bytes:
+    """One complete response (head + Content-Length body) from a raw socket that may stay open."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed before a complete response head: {data[:200]!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed in the middle of a response body")
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

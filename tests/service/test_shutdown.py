@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from .bundle_factory import encode_image
-from .serve_process import start_serve
+from .serve_process import read_http_response, start_serve
 
 pytestmark = pytest.mark.slow
 
@@ -44,18 +44,6 @@ def _read_until_closed(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
-def _read_one_response(sock: socket.socket) -> bytes:
-    """One complete response (head + Content-Length body) from a keep-alive connection."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
-    while len(body) < length:
-        body += sock.recv(65536)
-    return head + b"\r\n\r\n" + body
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_with_requests_in_flight(tiny_bundle, tmp_path, sig):
     server = start_serve(
@@ -66,7 +54,7 @@ def test_signal_with_requests_in_flight(tiny_bundle, tmp_path, sig):
         # A keep-alive connection that is idle when the signal comes: the server closes it.
         idle = _connect(server.base)
         idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert _read_one_response(idle).startswith(b"HTTP/1.1 200")
+        assert read_http_response(idle).startswith(b"HTTP/1.1 200")
 
         # A client in the middle of its upload when the signal comes.
         png = encode_image(COLORS["green"], fmt="PNG")

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from .bundle_factory import encode_image
-from .serve_process import start_serve
+from .serve_process import read_http_response, start_serve
 
 pytestmark = pytest.mark.slow
 
@@ -96,8 +96,7 @@ def test_a_client_stalling_mid_body_gets_408_and_is_closed(server):
 def test_an_idle_keep_alive_connection_is_closed(server):
     with _connect(server.base) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # keep-alive by default in HTTP/1.1
-        first = sock.recv(65536)
-        assert first.startswith(b"HTTP/1.1 200")
+        assert read_http_response(sock).startswith(b"HTTP/1.1 200")
         t0 = time.monotonic()
         rest = _read_until_closed(sock)  # the server closes the idle connection by itself
         elapsed = time.monotonic() - t0
