@@ -104,13 +104,17 @@ class SmallCNN(OODNet):
 
     Stem conv at 32x32, then three stages of [conv -> maxpool -> BN -> ReLU -> conv -> BN -> ReLU] at
     32->16, 16->8, 8->4 (the pool comes right after the first conv, so the expensive second conv runs at
-    a quarter of the pixels), then global max+avg pooling. widths=(32, 64, 128): ~0.3 M parameters,
-    ~18 M multiply-adds per image.
+    a quarter of the pixels), then global average pooling. widths=(32, 64, 128): ~0.3 M parameters,
+    ~18 M multiply-adds per image; ~1,100 training images/s on 2 idle CPU cores.
+
+    Global *average* pooling, not airbench's max: max-pooled features are large enough that SGD at the
+    paper's lr 0.1 without warm-up blew the loss up (4.7 after 20 steps) and stalled at chance for ~100
+    steps (21% test accuracy after 300 steps vs 53% with average pooling).
     """
 
     def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (32, 64, 128), stem: int = 24, **kw):
         widths = tuple(int(w) for w in widths)
-        super().__init__(feature_dim=2 * widths[-1], num_classes=num_classes, **kw)
+        super().__init__(feature_dim=widths[-1], num_classes=num_classes, **kw)
         layers: list[nn.Module] = _conv_bn(3, stem)
         cin = stem
         for w in widths:
@@ -125,9 +129,7 @@ class SmallCNN(OODNet):
         self.trunk = nn.Sequential(*layers)
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.trunk(x)
-        # max + mean pooling: max alone is what airbench uses; the mean half keeps gradients dense.
-        return torch.cat([torch.amax(h, dim=(2, 3)), torch.mean(h, dim=(2, 3))], dim=1)
+        return torch.mean(self.trunk(x), dim=(2, 3))
 
 
 @register_model("small_cnn")

@@ -372,7 +372,7 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
 
         progress = tqdm(total=schedule.total_steps, initial=step, unit="step", file=sys.stderr, dynamic_ncols=True,
                         desc=f"{cfg.method}/{cfg.model}", mininterval=1.0)
-    loop_start = time.perf_counter()
+    loop_start = progress_shown = time.perf_counter()
     with _StopSignals() as signals:
         while step < schedule.total_steps:
             t0 = time.perf_counter()
@@ -436,7 +436,9 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
                 log.info("time budget %.0fs: %.3fs/step -> schedule fitted to %d steps (%.2f epochs)",
                          cfg.time_budget, per_step, schedule.total_steps, schedule.total_steps / spe)
 
-            if progress is not None and (step % cfg.log_every == 0 or step == schedule.total_steps):
+            if progress is not None and (step % cfg.log_every == 0 or step == schedule.total_steps
+                                         or time.perf_counter() - progress_shown > 2.0):  # slow steps: by time
+                progress_shown = time.perf_counter()
                 progress.update(step - progress.n)
                 ips = n_in * info.world_size * epoch_steps / max(epoch_seconds, 1e-9)
                 progress.set_postfix(loss=f"{stats[0].item() / epoch_steps:.3f}",

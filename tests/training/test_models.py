@@ -69,4 +69,4 @@ def test_model_exports_to_onnx_and_matches(name, tmp_path):
 def test_small_cnn_kwargs_are_recorded():
     model = create_model("small_cnn", num_classes=3, widths=(8, 16, 16), stem=8)
     assert model.model_config == {"name": "small_cnn", "num_classes": 3, "widths": (8, 16, 16), "stem": 8}
-    assert model.head.in_features == 32
+    assert model.head.in_features == 16
