@@ -45,3 +45,15 @@ serve: $(SERVE_STAMP) ## serve the default bundle on $(HOST):$(PORT)
 
 clean:
 	rm -rf $(VENV) $(SERVE_VENV) build *.egg-info .pytest_cache
+
+BENCH_ARGS ?=
+# Serving benchmark (a few minutes): models/default and a ResNet-18 bundle (built once under runs/bench/),
+# every system incl. TorchServe (pip-installed into .venv on first use), concurrency 1, 8, 32, 128.
+bench-serve: $(STAMP) ## serving benchmark -> docs/bench/serve.{json,png}, docs/benchmarks-serve.md
+	$(VENV)/bin/python bench/serve.py --torchserve --concurrency 1,8,32,128 \
+	  --out docs/bench/serve.json --markdown docs/benchmarks-serve.md $(BENCH_ARGS)
+
+# Training benchmark (~10-15 min on 2 idle cores): the real trainer step of every method on small_cnn and
+# ResNet-18, plus channels_last / threads / torch.compile.
+bench-train: $(STAMP) ## training benchmark -> docs/bench/train.json, docs/benchmarks-train.md
+	$(VENV)/bin/python bench/train.py --out docs/bench/train.json --markdown docs/benchmarks-train.md $(BENCH_ARGS)

@@ -88,7 +88,7 @@ async def run_load(url: str, image: bytes, concurrency: int, max_requests: int, 
     return _summarise(latencies, statuses, elapsed, concurrency)
 
 
-def _multipart_request(host: str, image: bytes) -> bytes:
+def _multipart_request(host: str, image: bytes, path: str = "/v1/predict") -> bytes:
     """One complete keep-alive HTTP/1.1 multipart POST, built once and replayed by the raw client."""
     boundary = b"oodguardbenchboundary"
     body = (
@@ -97,13 +97,15 @@ def _multipart_request(host: str, image: bytes) -> bytes:
         b"Content-Type: image/jpeg\r\n\r\n" + image + b"\r\n--" + boundary + b"--\r\n"
     )
     head = (
-        f"POST /v1/predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary={boundary.decode()}\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary={boundary.decode()}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
     return head + body
 
 
-async def run_raw_load(url: str, image: bytes, concurrency: int, max_requests: int, max_seconds: float, warmup: int) -> LoadResult:
+async def run_raw_load(
+    url: str, image: bytes, concurrency: int, max_requests: int, max_seconds: float, warmup: int, path: str = "/v1/predict"
+) -> LoadResult:
     """The same closed loop with a minimal asyncio HTTP/1.1 client (keep-alive, Content-Length bodies).
 
     httpx costs about as much CPU per request as the service itself; on a small machine it, not the
@@ -111,7 +113,7 @@ async def run_raw_load(url: str, image: bytes, concurrency: int, max_requests: i
     """
     host_port = url.removeprefix("http://")
     host, port = host_port.split(":")
-    request = _multipart_request(host_port, image)
+    request = _multipart_request(host_port, image, path)
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     issued = 0
