@@ -51,6 +51,7 @@ SUMMARY_FILE = "summary.json"
 CHECKPOINT_FORMAT = 1
 _WARMUP_STEPS = 5  # steps excluded from images/s (allocator and oneDNN warm-up)
 _PROBE_STEPS = 20  # timed steps before fitting the schedule to a time budget
+_REFIT_EVERY = 50  # then re-fit every this many steps: a shared machine's speed drifts
 # Knobs that may change on --resume without breaking bit-for-bit continuation.
 OPERATIONAL_KEYS = ("out", "resume", "overwrite", "time_budget", "stop_at_step", "threads", "progress",
                     "log_every", "eval_test", "device", "data_dir", "cache_dir", "keep_epoch_checkpoints")
@@ -79,22 +80,43 @@ class TrainResult:
 
 
 class CosineSchedule:
-    """lr(step): optional linear warm-up, then cosine from lr to min_lr over `total_steps` (per iteration)."""
+    """lr(step): optional linear warm-up, then cosine from lr to min_lr over `total_steps` (per iteration).
+
+    `refit(step, total)` changes the end point mid-run (time budgets) without a jump in the learning
+    rate: the cosine progress reached at `step` is kept and the rest is spread over the new remainder.
+    Without refits, progress = (step - warmup) / (total - warmup), exactly the paper's schedule.
+    """
 
     def __init__(self, lr: float, min_lr: float, total_steps: int, warmup_steps: int = 0):
         self.lr, self.min_lr, self.total_steps, self.warmup_steps = lr, min_lr, total_steps, warmup_steps
+        self.anchor_step, self.anchor_progress = warmup_steps, 0.0  # progress at anchor_step
+
+    def progress(self, step: int) -> float:
+        if step <= self.anchor_step:  # the past (only reported): linear up to the anchor
+            done = step - self.warmup_steps
+            return self.anchor_progress * max(0, done) / max(1, self.anchor_step - self.warmup_steps)
+        span = max(1, self.total_steps - self.anchor_step)
+        return min(1.0, self.anchor_progress + (1.0 - self.anchor_progress) * (step - self.anchor_step) / span)
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
-        t = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        t = self.progress(step)
         return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
 
+    def refit(self, step: int, total_steps: int) -> None:
+        if step > self.anchor_step:
+            self.anchor_step, self.anchor_progress = step, self.progress(step)
+        self.total_steps = max(total_steps, step + 1)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"lr": self.lr, "min_lr": self.min_lr, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
+        return {"lr": self.lr, "min_lr": self.min_lr, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
+                "anchor_step": self.anchor_step, "anchor_progress": self.anchor_progress}
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
         self.lr, self.min_lr, self.total_steps, self.warmup_steps = s["lr"], s["min_lr"], s["total_steps"], s["warmup_steps"]
+        self.anchor_step = s.get("anchor_step", self.warmup_steps)
+        self.anchor_progress = s.get("anchor_progress", 0.0)
 
 
 class _StopSignals:
@@ -285,7 +307,9 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
     schedule = CosineSchedule(cfg.lr, cfg.min_lr, _planned_total(cfg, in_stream.batches_per_epoch), cfg.warmup_steps)
     attack_gen = torch.Generator(device=device).manual_seed(cfg.seed * 31 + info.rank)
     scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" and not torch.cuda.is_bf16_supported() else None
-    step, train_seconds_before, schedule_fitted = 0, 0.0, cfg.time_budget is None or not cfg.fit_schedule_to_budget
+    step, train_seconds_before = 0, 0.0
+    fit_to_budget = cfg.time_budget is not None and cfg.fit_schedule_to_budget
+    planned_total = schedule.total_steps  # the epochs/max-steps plan: a budget fit never goes beyond it
 
     # data lineage: the full training file (the calibration split indexes into it) and the outlier file
     data_lineage = {"in_distribution": {**train_set.describe(), "n": split["n_total"]},
@@ -311,7 +335,7 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         step, train_seconds_before = int(state["step"]), float(state.get("train_seconds", 0.0))
-        schedule_fitted = True  # the schedule (possibly fitted to an earlier budget) is part of the run
+        planned_total = max(planned_total, schedule.total_steps)
         log.info("resumed %s at step %d (epoch %.2f)", run_dir, step, step / in_stream.batches_per_epoch)
     elif info.is_main:
         write_json_atomic(run_dir / CONFIG_FILE, {
@@ -372,6 +396,7 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
 
         progress = tqdm(total=schedule.total_steps, initial=step, unit="step", file=sys.stderr, dynamic_ncols=True,
                         desc=f"{cfg.method}/{cfg.model}", mininterval=1.0)
+    last_fit: tuple[int, float] | None = None  # (step, loop seconds) of the last budget fit
     loop_start = progress_shown = time.perf_counter()
     with _StopSignals() as signals:
         while step < schedule.total_steps:
@@ -424,17 +449,24 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
                 timed_steps += 1
             loop_seconds = time.perf_counter() - loop_start
 
-            # fit the cosine schedule to the time budget once the step time is known
-            if not schedule_fitted and timed_steps >= _PROBE_STEPS:
-                per_step = timed_seconds / timed_steps
+            # fit the cosine schedule to the time budget once the step time is known, then keep re-fitting
+            # from the recent step time, so the learning rate reaches ~min_lr when the budget ends
+            if fit_to_budget and timed_steps >= _PROBE_STEPS and (last_fit is None or step - last_fit[0] >= _REFIT_EVERY):
+                if last_fit is None:
+                    per_step = timed_seconds / timed_steps
+                else:
+                    per_step = (loop_seconds - last_fit[1]) / (step - last_fit[0])
                 remaining = cfg.time_budget - loop_seconds
-                fitted = min(schedule.total_steps, step + max(1, int(0.95 * remaining / per_step)))
-                schedule.total_steps = ddp.broadcast_int(info, fitted, device)
-                schedule_fitted = True
+                fitted = min(planned_total, step + max(1, int(0.97 * remaining / per_step)))
+                fitted = ddp.broadcast_int(info, fitted, device)
+                if fitted != schedule.total_steps:
+                    log.log(logging.INFO if last_fit is None else logging.DEBUG,
+                            "time budget %.0fs: %.3fs/step -> schedule fitted to %d steps (%.2f epochs)",
+                            cfg.time_budget, per_step, fitted, fitted / spe)
+                schedule.refit(step, fitted)
+                last_fit = (step, loop_seconds)
                 if progress is not None:
                     progress.total = schedule.total_steps
-                log.info("time budget %.0fs: %.3fs/step -> schedule fitted to %d steps (%.2f epochs)",
-                         cfg.time_budget, per_step, schedule.total_steps, schedule.total_steps / spe)
 
             if progress is not None and (step % cfg.log_every == 0 or step == schedule.total_steps
                                          or time.perf_counter() - progress_shown > 2.0):  # slow steps: by time

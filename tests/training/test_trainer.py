@@ -89,6 +89,7 @@ def test_time_budget_stops_cleanly_and_fits_the_schedule(tiny_config, tmp_path):
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == result.step
     last = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()][-2]
     assert last["step"] == result.step  # the partial epoch the budget ended in is logged too
+    assert last["lr"] < 0.02  # re-fitted to the budget, the cosine got (nearly) to its end
 
 
 def test_cosine_schedule():
@@ -97,6 +98,22 @@ def test_cosine_schedule():
     assert s.lr_at(100) == pytest.approx(1e-6) and s.lr_at(1000) == pytest.approx(1e-6)
     w = CosineSchedule(lr=0.1, min_lr=0.0, total_steps=110, warmup_steps=10)
     assert w.lr_at(0) == pytest.approx(0.01) and w.lr_at(9) == pytest.approx(0.1) and w.lr_at(60) == pytest.approx(0.05)
+
+
+def test_schedule_refit_keeps_the_lr_continuous_and_ends_at_min_lr():
+    plain = CosineSchedule(lr=0.1, min_lr=0.0, total_steps=100)
+    same = CosineSchedule(lr=0.1, min_lr=0.0, total_steps=100)
+    same.refit(40, 100)  # a refit to the same end changes nothing
+    assert all(abs(same.lr_at(i) - plain.lr_at(i)) < 1e-12 for i in range(101))
+    longer = CosineSchedule(lr=0.1, min_lr=0.0, total_steps=100)
+    longer.refit(40, 200)  # the machine got faster: stretch the rest
+    assert longer.lr_at(40) == pytest.approx(plain.lr_at(40))
+    assert plain.lr_at(41) < longer.lr_at(41) < longer.lr_at(40)
+    assert longer.lr_at(200) == pytest.approx(0.0, abs=1e-12) and longer.lr_at(150) > 0
+    state = longer.state_dict()
+    restored = CosineSchedule(lr=0.1, min_lr=0.0, total_steps=100)
+    restored.load_state_dict(state)
+    assert [restored.lr_at(i) for i in range(40, 201)] == [longer.lr_at(i) for i in range(40, 201)]
 
 
 @pytest.mark.parametrize("mode", ["frozen", "eval"])
