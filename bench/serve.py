@@ -18,6 +18,13 @@ bench/load.py's raw asyncio client (closed loop, keep-alive, one pre-built multi
 CIFAR-size JPEG) in this process, the same for every system. On a small machine the client competes
 with the server for the cores, so its own CPU per request is measured and reported.
 
+Fairness (recorded in the JSON): every model runs with the same intra-op thread count as oodguard's
+onnxruntime (`--threads`, default 1; `--peer-threads 0` gives the peers their libraries' defaults
+instead), torch-based peers with the short OpenMP spin our own trainer uses (GOMP_SPINCOUNT=10000:
+libgomp's default spin collapses when the client shares the cores), TorchServe with one worker per
+core; every uvicorn server is one process. The ResNet-18 bundle is a one-step-trained network:
+weights do not change speed (bench/serve_bundles.py).
+
     python bench/serve.py                                   # both bundles, all systems but TorchServe
     python bench/serve.py --torchserve --out docs/bench/serve.json --markdown docs/benchmarks-serve.md
     python bench/serve.py --bundles runs/accept/bundle --concurrency 1,8 --requests 50 --duration 5   # smoke
@@ -85,6 +92,19 @@ def _free_port() -> int:
 def _clean_env() -> dict[str, str]:
     """This environment minus OODGUARD_* (a stray setting must not change what is measured)."""
     return {k: v for k, v in os.environ.items() if not k.startswith("OODGUARD_")}
+
+
+def torch_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for torch-based servers: the short OpenMP spin `oodguard train` uses, unless configured.
+
+    libgomp's default spin-wait collapses when other processes share the cores (here: the load client,
+    and anything else on a shared machine): measured on ResNet-18, 2 threads, 1.3 images/s spinning vs
+    17 with GOMP_SPINCOUNT=10000. The peers get the same setting as our own torch processes.
+    """
+    env = dict(base if base is not None else _clean_env())
+    if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
+        env["GOMP_SPINCOUNT"] = "10000"
+    return env
 
 
 def _probe(port: int, request: bytes) -> int | None:
@@ -230,9 +250,10 @@ def systems_for(bundle: serve_bundles.BenchBundle, args: argparse.Namespace, wor
     if bundle.run_dir is None:
         specs.append(("fastapi-torch", "no training run with checkpoints/last.pt for this bundle"))
     else:
+        env = torch_env()
         specs.append(ServerSpec("fastapi-torch", [py, str(PEERS_DIR / "fastapi_torch.py"), "--run", str(bundle.run_dir),
-                                                  *peer_threads], settings={"process": "1 uvicorn worker"},
-                                settings_url="/readyz"))
+                                                  *peer_threads], env=env, settings_url="/readyz",
+                                settings={"process": "1 uvicorn worker", "GOMP_SPINCOUNT": env.get("GOMP_SPINCOUNT")}))
     specs += _torchserve_specs(bundle, args, workdir)
     wanted = set(args.systems.split(",")) if args.systems else set(serve_report.SYSTEMS)
     return [s for s in specs if (s.system if isinstance(s, ServerSpec) else s[0]) in wanted]
@@ -259,6 +280,8 @@ def _torchserve_specs(bundle, args, workdir: Path) -> list[ServerSpec | tuple[st
     for name in names:
         ports = (_free_port(), _free_port(), _free_port())
         argv, env, settings = serve_torchserve.command(name, store, ts_dir, ports, workers)
+        env = torch_env(env)
+        settings["GOMP_SPINCOUNT"] = env.get("GOMP_SPINCOUNT")
         settings["torch_threads_per_worker"] = threads
         specs.append(ServerSpec(name, argv, path=f"/predictions/{serve_torchserve.MODEL_NAME}", env=env,
                                 settings={**settings, "inference_port": ports[0]}, ready_timeout_s=240))
@@ -356,9 +379,11 @@ def run(args: argparse.Namespace) -> dict:
             "oodguard": f"1 process (uvicorn, one worker), onnxruntime intra-op threads {args.threads}, decode threads "
                         f"per `oodguard serve` defaults unless in --server-args ({args.server_args or 'none'})",
             "hand-written peers": "1 uvicorn worker; onnxruntime / torch intra-op threads "
-                                  + (str(args.peer_threads) if args.peer_threads else "at library defaults (see settings)"),
+                                  + (str(args.peer_threads) if args.peer_threads else "at library defaults (see settings)")
+                                  + "; torch peers with GOMP_SPINCOUNT=10000 unless OpenMP waiting is configured",
             "ceiling": f"onnxruntime intra-op threads {args.threads} (as the service)",
-            "torchserve": "workers x torch threads = cores (see settings)",
+            "torchserve": f"{args.torchserve_workers or CORES} workers x {args.peer_threads or 'cores / workers'} torch "
+                          "thread(s) each (see settings)",
             "OMP environment": ", ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_"))) or "unset",
         },
         "bundles": {},
@@ -418,7 +443,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--torchserve", action="store_true", help="Run TorchServe (pip-installs torchserve 0.12 if missing).")
     p.add_argument("--torchserve-workers", type=int, default=0, help="TorchServe workers (default: the cores).")
     p.add_argument("--threads", type=int, default=1, help="oodguard's onnxruntime intra-op threads (and the ceiling's).")
-    p.add_argument("--peer-threads", type=int, default=0, help="Intra-op threads of the hand-written peers (0 = library default).")
+    p.add_argument("--peer-threads", type=int, default=None,
+                   help="Intra-op threads of the hand-written peers and of each TorchServe worker (default: --threads, "
+                        "as oodguard; 0 = the library's default, i.e. one per core).")
     p.add_argument("--server-args", default="", help="Extra `oodguard serve` flags, e.g. '--decode-threads 1'.")
     p.add_argument("--ceiling-seconds", type=float, default=3.0, help="Seconds of onnxruntime runs for the ceiling.")
     p.add_argument("--build-threads", type=int, default=None, help="Torch threads when building the ResNet-18 bundle.")
@@ -431,6 +458,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.bundles = [b for b in args.bundles.split(",") if b]
+    if args.peer_threads is None:
+        args.peer_threads = args.threads
     try:
         args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
     except ValueError:

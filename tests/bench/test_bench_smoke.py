@@ -205,9 +205,17 @@ def test_torchserve_config_for_each_setting(tmp_path):
         assert env["LOG_LOCATION"].startswith(str(tmp_path))
 
 
+def test_torch_peers_get_a_short_openmp_spin_unless_configured():
+    assert serve.torch_env({"PATH": "/bin"})["GOMP_SPINCOUNT"] == "10000"
+    assert "GOMP_SPINCOUNT" not in serve.torch_env({"OMP_WAIT_POLICY": "PASSIVE"})
+    assert serve.torch_env({"GOMP_SPINCOUNT": "5"})["GOMP_SPINCOUNT"] == "5"
+
+
 def test_cli_arguments():
     args = serve.parse_args(["--bundles", "a,b", "--concurrency", "1,32", "--systems", "floor,oodguard"])
     assert args.bundles == ["a", "b"] and args.concurrency == [1, 32]
+    assert args.peer_threads == args.threads == 1  # peers get oodguard's intra-op threads unless told otherwise
+    assert serve.parse_args(["--threads", "2", "--peer-threads", "0"]).peer_threads == 0
     with pytest.raises(SystemExit):
         serve.parse_args(["--systems", "nginx"])
 
