@@ -18,6 +18,7 @@ Run directory layout (`--out runs/NAME`)::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import tempfile
@@ -26,6 +27,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 SPLIT_FILE = "split.json"
@@ -116,6 +119,33 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable run config ({exc})") from None
 
 
+# Model configs whose architecture default changed after checkpoints existed: kwargs that rebuild the
+# old architecture, tried in order when a checkpoint's weights do not fit the current default.
+_LEGACY_MODEL_KWARGS = {"small_cnn": ({"pool": "maxavg"},)}
+
+
+def resolve_model_config(model_config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The model_config that builds a model `state_dict` loads into (the recorded one, or a legacy variant)."""
+    from .models import create_model
+
+    candidates = [dict(model_config)]
+    for extra in _LEGACY_MODEL_KWARGS.get(model_config.get("name", ""), ()):
+        if not set(extra) & set(model_config):
+            candidates.append({**model_config, **extra})
+    first_error = None
+    for candidate in candidates:
+        try:
+            create_model(**candidate).load_state_dict(state_dict)
+        except RuntimeError as exc:  # missing/unexpected keys or size mismatch
+            first_error = first_error or exc
+            continue
+        if candidate != model_config:
+            log.warning("checkpoint weights fit %s, not the current default %s (a checkpoint from an earlier version)",
+                        candidate, model_config)
+        return candidate
+    raise CheckpointError(f"checkpoint weights do not fit model {model_config}: {first_error}")
+
+
 def load_model_from_run(run_dir: str | Path, map_location: str | torch.device = "cpu", checkpoint: str | Path | None = None):
     """(model in eval mode, run config dict) from `run_dir/checkpoints/last.pt` (or `checkpoint`).
 
@@ -132,7 +162,7 @@ def load_model_from_run(run_dir: str | Path, map_location: str | torch.device = 
         config = read_run_config(run_dir)
     except CheckpointError:
         config = {"train": state.get("config", {}), "model_config": state.get("model_config", {})}
-    model_config = dict(state["model_config"])
+    model_config = resolve_model_config(dict(state["model_config"]), state["model"])
     model = create_model(**model_config)
     model.load_state_dict(state["model"])
     model.to(map_location)

@@ -37,7 +37,7 @@ from . import distributed as ddp
 from .attacks import pgd_linf
 from .checkpoint import (
     CHECKPOINT_DIR, CONFIG_FILE, LOG_FILE, SPLIT_FILE, capture_rng_state, last_checkpoint_path, load_checkpoint,
-    restore_rng_state, save_checkpoint, write_json_atomic,
+    resolve_model_config, restore_rng_state, save_checkpoint, write_json_atomic,
 )
 from .config import ATTACKS_INLIERS, ATTACKS_OUTLIERS, USES_OUTLIERS, TrainConfig, config_from_dict
 from .data import BatchStream, ImageSet, calibration_split, iterate_batches, load_in_distribution, load_outliers
@@ -247,7 +247,9 @@ def _resumed_config(cfg: TrainConfig) -> TrainConfig:
     """On --resume the stored config wins, except for operational knobs (see OPERATIONAL_KEYS)."""
     state = load_checkpoint(last_checkpoint_path(cfg.out))
     stored = config_from_dict(state["config"])
-    return replace(stored, **{k: getattr(cfg, k) for k in OPERATIONAL_KEYS})
+    model_config = resolve_model_config(dict(state["model_config"]), state["model"])  # legacy architectures
+    model_kwargs = {k: v for k, v in model_config.items() if k not in ("name", "num_classes")}
+    return replace(stored, model_kwargs=model_kwargs, **{k: getattr(cfg, k) for k in OPERATIONAL_KEYS})
 
 
 def _append_log(run_dir: Path, record: dict[str, Any]) -> None:

@@ -156,3 +156,26 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
         checkpoint.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
     assert checkpoint.load_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp files left behind
+
+
+def test_checkpoints_of_the_first_small_cnn_still_load(tiny_config, tmp_path):
+    """small_cnn first concatenated max- and mean-pooled features; runs made then still load."""
+    from oodguard.training import checkpoint
+    from oodguard.training.models import create_model
+
+    train(tiny_config(method="msp", max_steps=2, eval_test=False))
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = checkpoint.load_checkpoint(path)
+    legacy = create_model("small_cnn", widths=(8, 16, 16), stem=8, pool="maxavg").eval()
+    state["model"] = legacy.state_dict()
+    state["model_config"] = {"name": "small_cnn", "num_classes": 10, "widths": [8, 16, 16], "stem": 8}  # no "pool"
+    checkpoint.save_checkpoint(path, state)
+    model, _ = load_model_from_run(tmp_path / "run")
+    assert model.pool == "maxavg"
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), legacy(x))
+    resumed = train(tiny_config(method="msp", max_steps=2, resume=True, stop_at_step=3))  # resume rebuilds it too
+    assert resumed.model.pool == "maxavg"
+    with pytest.raises(checkpoint.CheckpointError, match="do not fit"):
+        checkpoint.resolve_model_config({"name": "small_cnn", "num_classes": 10}, legacy.state_dict())
