@@ -453,8 +453,9 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
 
             # fit the cosine schedule to the time budget once the step time is known, then keep re-fitting
             # from the recent step time, so the learning rate reaches ~min_lr when the budget ends
-            probed = timed_steps >= _PROBE_STEPS or (timed_steps >= 3 and loop_seconds > 0.1 * cfg.time_budget)
-            if fit_to_budget and probed and (last_fit is None or step - last_fit[0] >= _REFIT_EVERY):
+            probed = fit_to_budget and (timed_steps >= _PROBE_STEPS
+                                        or (timed_steps >= 3 and loop_seconds > 0.1 * cfg.time_budget))
+            if probed and (last_fit is None or step - last_fit[0] >= _REFIT_EVERY):
                 if last_fit is None:
                     per_step = timed_seconds / timed_steps
                 else:
