@@ -41,15 +41,10 @@ import json
 import logging
 import os
 import platform
-import resource
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import time
-from collections import defaultdict
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -61,132 +56,14 @@ if str(REPO) not in sys.path:  # `python bench/serve.py` puts bench/ first on sy
 import numpy as np  # noqa: E402
 
 from bench import load, serve_bundles, serve_report, serve_torchserve  # noqa: E402
+from bench.serve_process import (  # noqa: E402
+    ServerSpec, free_port, self_cpu_seconds, start, stop, torch_env, tree_cpu_seconds,
+)
 
-log = logging.getLogger("bench.serve")
 PEERS_DIR = REPO / "bench" / "peers"
 CORES = len(os.sched_getaffinity(0))
 VERSION_PACKAGES = ("onnxruntime", "numpy", "pillow", "fastapi", "starlette", "uvicorn", "httptools", "uvloop",
                     "python-multipart", "torch", "torchserve")
-
-
-@dataclass
-class ServerSpec:
-    system: str
-    argv: list[str]
-    path: str = "/v1/predict"
-    env: dict[str, str] | None = None
-    settings: dict = field(default_factory=dict)
-    ready_timeout_s: float = 120.0
-    settings_url: str | None = None  # GET for the server's own report of its thread settings
-
-
-# -- processes --------------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _clean_env() -> dict[str, str]:
-    """This environment minus OODGUARD_* (a stray setting must not change what is measured)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("OODGUARD_")}
-
-
-def torch_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for torch-based servers: the short OpenMP spin `oodguard train` uses, unless configured.
-
-    libgomp's default spin-wait collapses when other processes share the cores (here: the load client,
-    and anything else on a shared machine): measured on ResNet-18, 2 threads, 1.3 images/s spinning vs
-    17 with GOMP_SPINCOUNT=10000. The peers get the same setting as our own torch processes.
-    """
-    env = dict(base if base is not None else _clean_env())
-    if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
-        env["GOMP_SPINCOUNT"] = "10000"
-    return env
-
-
-def _probe(port: int, request: bytes) -> int | None:
-    """Status of one real request (the benchmark's own upload), None when nothing answers."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-            s.sendall(request)
-            head = s.recv(65536)
-        return int(head[9:12])
-    except (OSError, ValueError):
-        return None
-
-
-def start(spec: ServerSpec, port: int, image: bytes, log_path: Path) -> subprocess.Popen:
-    """Start a server in its own process group and wait until the benchmark request gets a 200."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as out:
-        proc = subprocess.Popen(spec.argv, stdout=out, stderr=subprocess.STDOUT, env=spec.env or _clean_env(),
-                                cwd=REPO, start_new_session=True)
-    request = load._multipart_request(f"127.0.0.1:{port}", image, spec.path)
-    deadline = time.monotonic() + spec.ready_timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with status {proc.returncode} before answering: {_tail(log_path)}")
-        if _probe(port, request) == 200:
-            return proc
-        time.sleep(0.25)
-    stop(proc)
-    raise RuntimeError(f"no 200 answer within {spec.ready_timeout_s:.0f} s: {_tail(log_path)}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group (TorchServe has a Java frontend and Python workers), then wait."""
-    for sig, wait_s in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=wait_s)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    try:  # workers that outlived their parent (same group)
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _tail(path: Path, n: int = 300) -> str:
-    """The log's last line (a traceback's last line names the error), and where the whole log is."""
-    try:
-        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        lines = []
-    return f"{(lines[-1] if lines else '(empty log)')[:n]} (log: {serve_bundles._rel(path)})"
-
-
-def tree_cpu_seconds(root: int) -> float:
-    """User + system CPU seconds of a process and all its descendants (Linux /proc)."""
-    children: dict[int, list[int]] = defaultdict(list)
-    stats: dict[int, list[str]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        pid = int(stat.parent.name)
-        stats[pid] = fields
-        children[int(fields[1])].append(pid)
-    total, todo = 0.0, [root]
-    while todo:
-        pid = todo.pop()
-        if pid in stats:
-            total += int(stats[pid][11]) + int(stats[pid][12])
-        todo.extend(children.get(pid, []))
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def _self_cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 # -- measurements ---------------------------------------------------------------------------------------
@@ -194,13 +71,13 @@ def _self_cpu_seconds() -> float:
 
 def measure_cell(port: int, path: str, image: bytes, concurrency: int, args: argparse.Namespace, server_pid: int) -> dict:
     """One bounded closed-loop run. CPU per request counts the warm-up requests too (they are inside the window)."""
-    server0, client0 = tree_cpu_seconds(server_pid), _self_cpu_seconds()
+    server0, client0 = tree_cpu_seconds(server_pid), self_cpu_seconds()
     wall0 = time.perf_counter()
     runner = load.run_raw_load(f"http://127.0.0.1:{port}", image, concurrency, args.requests, args.duration,
                                args.warmup, path)
     result = asyncio.run(asyncio.wait_for(runner, timeout=args.duration + 90))
     wall = time.perf_counter() - wall0
-    server_cpu, client_cpu = tree_cpu_seconds(server_pid) - server0, _self_cpu_seconds() - client0
+    server_cpu, client_cpu = tree_cpu_seconds(server_pid) - server0, self_cpu_seconds() - client0
     sent = result.requests + args.warmup
     return {
         "images_per_s": result.requests_per_s, "p50_ms": result.p50_ms, "p95_ms": result.p95_ms, "p99_ms": result.p99_ms,
@@ -278,7 +155,7 @@ def _torchserve_specs(bundle, args, workdir: Path) -> list[ServerSpec | tuple[st
         return [(n, str(exc)) for n in names]
     specs = []
     for name in names:
-        ports = (_free_port(), _free_port(), _free_port())
+        ports = (free_port(), free_port(), free_port())
         argv, env, settings = serve_torchserve.command(name, store, ts_dir, ports, workers)
         env = torch_env(env)
         settings["GOMP_SPINCOUNT"] = env.get("GOMP_SPINCOUNT")
@@ -289,7 +166,7 @@ def _torchserve_specs(bundle, args, workdir: Path) -> list[ServerSpec | tuple[st
 
 
 def run_system(spec: ServerSpec, bundle_name: str, image: bytes, args: argparse.Namespace, workdir: Path) -> dict:
-    port = spec.settings.pop("inference_port", None) or _free_port()
+    port = spec.settings.pop("inference_port", None) or free_port()
     argv = spec.argv if spec.system.startswith("torchserve") else [*spec.argv, "--port", str(port)]
     spec = ServerSpec(spec.system, argv, spec.path, spec.env, spec.settings, spec.ready_timeout_s, spec.settings_url)
     log_path = workdir / "logs" / f"{bundle_name}-{spec.system}.log"

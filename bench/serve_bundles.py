@@ -100,7 +100,8 @@ def resolve_bundle(spec: str, cache_dir: Path, threads: int | None = None) -> Be
         path = Path(raw_path)
         name, run = path.name if path.name != "bundle" else path.parent.name, Path(raw_run) if raw_run else None
     if not (path / "manifest.json").is_file() or not (path / "model.onnx").is_file():
-        raise SystemExit(f"error: {path} is not a bundle (no manifest.json / model.onnx)")
+        hint = " (build it with `make train-default`, or pass --bundles BUNDLE_DIR[:RUN_DIR])" if spec == "default" else ""
+        raise SystemExit(f"error: {path} is not a bundle (no manifest.json / model.onnx){hint}")
     run = run or _run_dir_from_manifest(path)
     if run is not None and not (run / "checkpoints" / "last.pt").is_file():
         log.warning("%s: run directory %s has no checkpoints/last.pt; torch peers will not run", name, run)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench import load, serve, serve_report, serve_torchserve
+from bench import load, serve, serve_process, serve_report, serve_torchserve
 from bench.peers import bare_asgi
 
 from ..service.bundle_factory import encode_image, make_tiny_bundle
@@ -187,11 +187,11 @@ def test_ceiling_runs_batches_of_32(tiny_bundle):
 
 
 def test_process_tree_cpu_counts_this_process():
-    before = serve.tree_cpu_seconds(os.getpid())
+    before = serve_process.tree_cpu_seconds(os.getpid())
     x = 0
     for i in range(2_000_000):
         x += i
-    assert serve.tree_cpu_seconds(os.getpid()) > before
+    assert serve_process.tree_cpu_seconds(os.getpid()) > before
 
 
 def test_torchserve_config_for_each_setting(tmp_path):
@@ -206,9 +206,9 @@ def test_torchserve_config_for_each_setting(tmp_path):
 
 
 def test_torch_peers_get_a_short_openmp_spin_unless_configured():
-    assert serve.torch_env({"PATH": "/bin"})["GOMP_SPINCOUNT"] == "10000"
-    assert "GOMP_SPINCOUNT" not in serve.torch_env({"OMP_WAIT_POLICY": "PASSIVE"})
-    assert serve.torch_env({"GOMP_SPINCOUNT": "5"})["GOMP_SPINCOUNT"] == "5"
+    assert serve_process.torch_env({"PATH": "/bin"})["GOMP_SPINCOUNT"] == "10000"
+    assert "GOMP_SPINCOUNT" not in serve_process.torch_env({"OMP_WAIT_POLICY": "PASSIVE"})
+    assert serve_process.torch_env({"GOMP_SPINCOUNT": "5"})["GOMP_SPINCOUNT"] == "5"
 
 
 def test_cli_arguments():
