@@ -186,7 +186,8 @@ def train_command(
         _fail(str(exc))
     except ValueError as exc:  # configuration problems found while building the run (sizes, devices, ...)
         _fail(str(exc))
-    _print_summary(result.config or cfg, result)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        _print_summary(result.config or cfg, result)
     if result.stopped in _EXIT_CODES:
         raise typer.Exit(_EXIT_CODES[result.stopped])
 
