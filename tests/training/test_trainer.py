@@ -124,12 +124,12 @@ def test_attack_bn_modes_do_not_touch_running_stats(mode):
 
     model = create_model("small_cnn", widths=(8, 16, 16), stem=8).train()
     before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
-    with trainer_mod._attack_bn(model, mode):
+    with trainer_mod.attack_bn(model, mode):
         pgd_linf(lambda z: oe_loss_per_sample(model(z)), torch.rand(8, 3, 32, 32), eps=1 / 255, steps=2, step_size=1 / 255)
     assert model.training
     for k, v in before.items():
         assert torch.equal(model.state_dict()[k], v), k
-    with trainer_mod._attack_bn(model, "train"):  # the reference behaviour: running stats move
+    with trainer_mod.attack_bn(model, "train"):  # the reference behaviour: running stats move
         model(torch.rand(8, 3, 32, 32))
     assert not torch.equal(model.state_dict()["trunk.1.running_mean"], before["trunk.1.running_mean"])
 
