@@ -3,8 +3,13 @@
 Requests queue their (already decoded) images; a collector task closes a batch when it holds
 `max_batch` images or when the oldest request has waited `max_wait_ms`, whichever comes first, and
 runs it on a dedicated inference thread, so the event loop never blocks on the model. While a batch
-runs, the next one accumulates: under load batches grow by themselves, when idle a request waits at
-most `max_wait_ms`. Each caller gets only its own rows back (views into the batch outputs, no copy).
+runs, the next one accumulates: under load batches grow by themselves.
+
+The collector only waits for requests it knows are coming: a route announces a request with
+`incoming()` before it reads and decodes the upload, and the ticket is handed over when the images
+are queued. With nothing announced the batch runs at once, so a lone request never pays
+`max_wait_ms` (at concurrency 1 a fixed wait would make batching slower than no batching).
+Each caller gets only its own rows back (views into the batch outputs, no copy).
 
 A request is never split across batches; one larger than `max_batch` runs as a batch of its own.
 If a batch fails, each of its requests is re-run alone, so one poisonous input fails only its own
@@ -95,6 +100,7 @@ class DynamicBatcher:
         self._pending: deque[_Pending] = deque()
         self._queued = 0  # images accepted and not yet answered (queued or running)
         self._running = 0  # onnxruntime calls in progress
+        self._incoming = 0  # requests announced (reading / decoding) and not yet queued
         self._nonempty = asyncio.Event()
         self._enough = asyncio.Event()
         self._idle = asyncio.Event()
@@ -132,8 +138,30 @@ class DynamicBatcher:
         return self._queued
 
     # -- requests -----------------------------------------------------------------------------------
-    async def infer(self, images: np.ndarray) -> BatchResult:
-        """Run `images` (float32 N,3,H,W) through the active model; returns this request's outputs."""
+    @contextlib.contextmanager
+    def incoming(self):
+        """Announce a request that will call `infer` soon (wrap its body read + decode + infer).
+
+        While announced requests are on their way, the collector waits (up to `max_wait_ms`) for them
+        to join the batch; when none are, it runs what it has immediately.
+        """
+        ticket = _Ticket(self)
+        self._incoming += 1
+        try:
+            yield ticket
+        finally:
+            ticket.release()
+
+    def _arrived(self) -> None:
+        self._incoming -= 1
+        if self._incoming == 0:
+            self._enough.set()  # nobody else is coming: no reason to keep the batch waiting
+
+    async def infer(self, images: np.ndarray, ticket: _Ticket | None = None) -> BatchResult:
+        """Run `images` (float32 N,3,H,W) through the active model; returns this request's outputs.
+
+        `ticket` (from `incoming()`) is released once the images are queued.
+        """
         n = int(images.shape[0])
         if self._closing:
             raise ShuttingDown("the service is shutting down; retry on another instance")
@@ -151,6 +179,8 @@ class DynamicBatcher:
         pending = _Pending(images, loop.create_future(), loop.time())
         self._pending.append(pending)
         self._nonempty.set()
+        if ticket is not None:
+            ticket.release()
         if self._queued >= self.max_batch:
             self._enough.set()
         return await pending.future
@@ -174,13 +204,17 @@ class DynamicBatcher:
                 self._nonempty.clear()
                 await self._nonempty.wait()
                 continue
-            if self._queued < self.max_batch and self.max_wait > 0 and not self._closing:
+            # Wait for announced requests to join, up to max_wait after the oldest queued one.
+            while self._queued < self.max_batch and self._incoming > 0 and self.max_wait > 0 and not self._closing:
                 delay = self._pending[0].enqueued + self.max_wait - loop.time()
-                if delay > 0:
-                    self._enough.clear()
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(delay):
-                            await self._enough.wait()
+                if delay <= 0:
+                    break
+                self._enough.clear()
+                try:
+                    async with asyncio.timeout(delay):
+                        await self._enough.wait()
+                except TimeoutError:
+                    break
             batch = self._take()
             if not batch:
                 continue
@@ -287,6 +321,20 @@ class DynamicBatcher:
         if self._metrics is not None:
             self._metrics.inference_errors.inc(n_requests)
         return BatcherError("inference failed for this request's images; retry later or check the input")
+
+
+class _Ticket:
+    """An announced request; released exactly once (queued, or the request failed before that)."""
+
+    __slots__ = ("_batcher",)
+
+    def __init__(self, batcher: DynamicBatcher):
+        self._batcher: DynamicBatcher | None = batcher
+
+    def release(self) -> None:
+        if self._batcher is not None:
+            batcher, self._batcher = self._batcher, None
+            batcher._arrived()
 
 
 @dataclass

@@ -129,23 +129,16 @@ async def predict(
         raise ApiError(422, "invalid_top_k", f"top_k must be between 1 and {len(manifest.classes)} (the number of classes)")
     _operating_point(manifest, operating_point)  # fail fast, before reading the body
 
-    blobs = await _read_images(request, settings.max_images_per_request)
-    loop = asyncio.get_running_loop()
-    try:
-        images = await loop.run_in_executor(state.decode_pool, decode_images, blobs, manifest.input, state.limits)
-    except ImageError as exc:
-        metrics.image_rejects.labels(exc.code).inc()
-        raise ApiError(exc.status, exc.code, exc.message) from None
-    del blobs
-
-    try:
-        async with asyncio.timeout(settings.request_timeout_s):
-            result = await batcher.infer(images)
-    except TimeoutError:
-        metrics.inference_errors.inc()
-        raise unavailable("timeout", f"inference took longer than {settings.request_timeout_s}s", settings.retry_after_s) from None
-    except BatcherError as exc:
-        raise unavailable(exc.code, exc.message, settings.retry_after_s) from None
+    with batcher.incoming() as ticket:  # lets the batcher wait for this request instead of running without it
+        blobs = await _read_images(request, settings.max_images_per_request)
+        loop = asyncio.get_running_loop()
+        try:
+            images = await loop.run_in_executor(state.decode_pool, decode_images, blobs, manifest.input, state.limits)
+        except ImageError as exc:
+            metrics.image_rejects.labels(exc.code).inc()
+            raise ApiError(exc.status, exc.code, exc.message) from None
+        del blobs
+        result = await _infer(batcher, images, ticket, settings, metrics)
 
     served = result.model  # the model that ran the batch (a hot-swap may have happened meanwhile)
     try:
@@ -161,6 +154,18 @@ async def predict(
             "predictions": scored.predictions,
         }
     )
+
+
+async def _infer(batcher, images, ticket, settings, metrics):
+    """Queue the decoded images; timeouts and batcher failures become 503 with Retry-After."""
+    try:
+        async with asyncio.timeout(settings.request_timeout_s):
+            return await batcher.infer(images, ticket)
+    except TimeoutError:
+        metrics.inference_errors.inc()
+        raise unavailable("timeout", f"inference took longer than {settings.request_timeout_s}s", settings.retry_after_s) from None
+    except BatcherError as exc:
+        raise unavailable(exc.code, exc.message, settings.retry_after_s) from None
 
 
 def _operating_point(manifest, name: str | None, swapped: bool = False):

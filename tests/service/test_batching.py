@@ -84,17 +84,51 @@ def test_concurrent_requests_are_grouped_and_each_gets_its_rows():
     assert metrics.queue_depth._value.get() == 0
 
 
-def test_batch_closes_after_max_wait_when_not_full():
+def test_batch_waits_for_announced_requests_at_most_max_wait():
     model = FakeModel()
 
     async def go(b):
-        t0 = time.perf_counter()
-        await b.infer(_images(0.5))
-        return time.perf_counter() - t0
+        with b.incoming(), b.incoming() as mine:  # two announced, only one ever arrives
+            t0 = time.perf_counter()
+            await b.infer(_images(0.5), mine)
+            return time.perf_counter() - t0
 
     elapsed, _ = asyncio.run(_with_batcher(model, go, max_batch=32, max_wait_ms=30))
     assert 0.025 <= elapsed < 1.0
     assert model.batch_sizes == [1]
+
+
+def test_a_lone_request_does_not_wait_for_the_batch_to_fill():
+    # Nothing else announced: waiting could not grow the batch, so it runs at once (max_wait is 1 s).
+    model = FakeModel()
+
+    async def go(b):
+        t0 = time.perf_counter()
+        for v in (0.1, 0.2, 0.3, 0.4, 0.5):
+            with b.incoming() as ticket:
+                await b.infer(_images(v), ticket)
+        return time.perf_counter() - t0
+
+    elapsed, _ = asyncio.run(_with_batcher(model, go, max_batch=32, max_wait_ms=1000))
+    assert elapsed < 1.0, f"5 sequential requests took {elapsed:.2f}s: each waited for max_wait"
+    assert model.batch_sizes == [1] * 5
+
+
+def test_announced_requests_join_the_batch_when_they_arrive():
+    model = FakeModel()
+
+    async def go(b):
+        async def late(v, ticket, delay):
+            await asyncio.sleep(delay)  # "decoding"
+            return await b.infer(_images(v), ticket)
+
+        with b.incoming() as t1, b.incoming() as t2, b.incoming() as t3:
+            return await asyncio.gather(late(0.1, t1, 0.0), late(0.2, t2, 0.02), late(0.3, t3, 0.04))
+
+    results, _ = asyncio.run(_with_batcher(model, go, max_batch=32, max_wait_ms=500))
+    assert model.batch_sizes == [3]  # the first waited for the two announced ones, then ran at once
+    for v, r in zip((0.1, 0.2, 0.3), results):
+        np.testing.assert_allclose(r.outputs["mean"], v, atol=1e-6)
 
 
 def test_full_batch_does_not_wait():

@@ -230,7 +230,7 @@ def test_not_ready_before_startup(make_settings):
 
 
 def test_queue_full_answers_503(client, monkeypatch):
-    async def full(images):
+    async def full(images, ticket=None):
         raise batching.QueueFull("inference queue is full (1024 images waiting); retry shortly")
 
     monkeypatch.setattr(client.app.state.batcher, "infer", full)
