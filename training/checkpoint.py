@@ -17,6 +17,8 @@ Run directory layout (`--out runs/NAME`)::
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 import logging
 import os
@@ -206,3 +208,34 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def load_initial_weights(model, source: str | Path, split: dict[str, Any]) -> dict[str, Any]:
+    """Copy the weights of `source` (a run directory or a .pt checkpoint) into `model` for fine-tuning.
+
+    Refuses a run whose calibration split differs from this run's: the starting weights would have
+    trained on images this run holds out for calibration. Returns a lineage record for config.json.
+    """
+    source = Path(source)
+    if source.is_dir():
+        theirs = load_split(source)
+        if sorted(theirs.get("cal_indices", [])) != sorted(split.get("cal_indices", [])) or \
+                theirs.get("dataset_sha256") != split.get("dataset_sha256"):
+            raise CheckpointError(f"--init-from {source}: its calibration split differs from this run's, so its "
+                                  "weights were trained on this run's calibration images; use the same data, "
+                                  "--calibration-size and --split-seed")
+        path = last_checkpoint_path(source)
+    else:
+        path = source  # a bare checkpoint: the caller vouches for its training data
+    state = load_checkpoint(path, map_location="cpu")
+    theirs_config = resolve_model_config(dict(state["model_config"]), state["model"])
+    if theirs_config != model.model_config:
+        raise CheckpointError(f"--init-from {source}: its model {theirs_config} is not this run's {model.model_config} "
+                              "(pass the same --model / --model-kwargs)")
+    model.load_state_dict(state["model"])
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"checkpoint": str(path.resolve()), "sha256": h.hexdigest(), "step": int(state.get("step", 0)),
+            "method": (state.get("config") or {}).get("method")}

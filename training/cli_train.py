@@ -80,6 +80,9 @@ def train_command(
     out: Path = typer.Option(..., "--out", help="Run directory (config.json, split.json, log.jsonl, checkpoints/)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out bit-for-bit from checkpoints/last.pt."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous run's files in --out."),
+    init_from: Optional[str] = _opt("--init-from", key="init_from",
+                                    help="Fine-tune: start from the weights of this run directory (or .pt checkpoint); "
+                                    "optimiser and schedule start fresh. The run must share this run's calibration split."),
     seed: Optional[int] = _opt("--seed", key="seed", help="Seed for initialisation, data order, augmentation."),
     epochs: Optional[int] = _opt("--epochs", key="epochs", help="Schedule length in epochs."),
     max_steps: Optional[int] = _opt("--max-steps", key="max_steps", help="Schedule length in steps (overrides --epochs)."),
@@ -138,6 +141,7 @@ def train_command(
         method=method, model=model, data=_existing_path_or_name(data), outliers=_existing_path_or_name(outliers),
         data_dir=data_dir, cache_dir=cache_dir, on_corrupt=on_corrupt, subset=subset,
         calibration_size=calibration_size, split_seed=split_seed, out=str(out), resume=resume, overwrite=overwrite,
+        init_from=str(Path(init_from).resolve()) if init_from else None,
         seed=seed, epochs=epochs, max_steps=max_steps, time_budget=time_budget,
         fit_schedule_to_budget=fit_schedule_to_budget, stop_at_step=stop_at_step, batch_size=batch_size,
         outlier_batch_size=outlier_batch_size, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, momentum=momentum,

@@ -14,6 +14,8 @@ Any explicit flag overrides the recipe.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -55,6 +57,7 @@ class TrainConfig:
     # run
     out: str = "runs/default"
     resume: bool = False
+    init_from: str | None = None  # run dir (or .pt) whose weights start this run: fine-tuning, fresh optimiser/schedule
     overwrite: bool = False
     seed: int = 1
     # length
@@ -131,6 +134,8 @@ class TrainConfig:
             problems.append("calibration_size, lambda_oe and warmup_steps must be >= 0")
         if self.resume and self.overwrite:
             problems.append("--resume and --overwrite are mutually exclusive")
+        if self.init_from is not None and not Path(self.init_from).exists():
+            problems.append(f"--init-from: {self.init_from} does not exist (a run directory or a .pt checkpoint)")
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -34,7 +34,7 @@ from . import distributed as ddp
 from .attacks import pgd_linf
 from .checkpoint import (
     CONFIG_FILE, LOG_FILE, SPLIT_FILE, capture_rng_state, last_checkpoint_path, load_checkpoint,
-    resolve_model_config, restore_rng_state, save_checkpoint, write_json_atomic,
+    load_initial_weights, resolve_model_config, restore_rng_state, save_checkpoint, write_json_atomic,
 )
 from .config import ATTACKS_INLIERS, ATTACKS_OUTLIERS, USES_OUTLIERS, TrainConfig, config_from_dict
 from .data import BatchStream, ImageSet, calibration_split, load_in_distribution, load_outliers
@@ -197,7 +197,11 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
         step, train_seconds_before = int(state["step"]), float(state.get("train_seconds", 0.0))
         planned_total = max(planned_total, schedule.total_steps)
         log.info("resumed %s at step %d (epoch %.2f)", run_dir, step, step / in_stream.batches_per_epoch)
-    elif info.is_main:
+    else:
+        if cfg.init_from:  # fine-tuning: weights only; optimiser, schedule and data order start fresh
+            data_lineage["init_from"] = load_initial_weights(raw_model, cfg.init_from, split)
+            log.info("initialised weights from %s", data_lineage["init_from"]["checkpoint"])
+    if not cfg.resume and info.is_main:
         write_json_atomic(run_dir / CONFIG_FILE, {
             "train": cfg.to_dict(), "model_config": raw_model.model_config, "num_classes": num_classes,
             "classes": train_set.classes, "lineage": data_lineage, "code_version": code_version(),

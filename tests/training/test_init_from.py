@@ -1,0 +1,52 @@
+"""--init-from: fine-tuning starts from another run's weights, never from one that saw our calibration images."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from oodguard.training.checkpoint import CheckpointError, load_checkpoint
+from oodguard.training.trainer import train
+
+
+def test_fine_tuning_starts_from_the_source_weights_and_records_them(tiny_config, tmp_path):
+    train(tiny_config(method="msp", max_steps=6, eval_test=False, out=str(tmp_path / "pre")))
+    source = load_checkpoint(tmp_path / "pre" / "checkpoints" / "last.pt")
+    # A negligible lr and no weight decay: the fine-tuned weights must stay the source's to ~1e-9
+    # (BN running statistics still move, so compare the learnable parameters only).
+    result = train(tiny_config(method="oe", max_steps=2, eval_test=False, lr=1e-9, min_lr=0.0, weight_decay=0.0,
+                               init_from=str(tmp_path / "pre"), out=str(tmp_path / "ft")))
+    assert result.step == 2
+    tuned = load_checkpoint(tmp_path / "ft" / "checkpoints" / "last.pt")
+    params = [k for k in source["model"] if "running" not in k and "num_batches" not in k]
+    assert params
+    for k in params:
+        assert torch.allclose(source["model"][k], tuned["model"][k], atol=1e-6), k
+    lineage = json.loads((tmp_path / "ft" / "config.json").read_text())["lineage"]["init_from"]
+    assert lineage["step"] == 6 and len(lineage["sha256"]) == 64 and lineage["method"] == "msp"
+
+
+def test_fine_tuning_from_scratch_differs(tiny_config, tmp_path):
+    # Control for the test above: without --init-from the same run does not start from those weights.
+    train(tiny_config(method="msp", max_steps=6, eval_test=False, out=str(tmp_path / "pre")))
+    source = load_checkpoint(tmp_path / "pre" / "checkpoints" / "last.pt")
+    train(tiny_config(method="oe", max_steps=2, eval_test=False, lr=1e-9, min_lr=0.0, weight_decay=0.0,
+                      out=str(tmp_path / "scratch")))
+    scratch = load_checkpoint(tmp_path / "scratch" / "checkpoints" / "last.pt")
+    assert any(not torch.allclose(source["model"][k], scratch["model"][k], atol=1e-3) for k in source["model"] if "weight" in k)
+
+
+def test_a_source_with_another_calibration_split_is_refused(tiny_config, tmp_path):
+    train(tiny_config(method="msp", max_steps=2, eval_test=False, split_seed=5, out=str(tmp_path / "pre")))
+    with pytest.raises(CheckpointError, match="calibration split differs"):
+        train(tiny_config(method="oe", max_steps=2, eval_test=False, init_from=str(tmp_path / "pre"),
+                          out=str(tmp_path / "ft")))
+
+
+def test_a_source_with_another_model_is_refused(tiny_config, tmp_path):
+    train(tiny_config(method="msp", max_steps=2, eval_test=False, out=str(tmp_path / "pre")))
+    with pytest.raises(CheckpointError, match="is not this run's"):
+        train(tiny_config(method="oe", max_steps=2, eval_test=False, init_from=str(tmp_path / "pre"),
+                          model_kwargs={"widths": [8, 16, 32], "stem": 8}, out=str(tmp_path / "ft")))
