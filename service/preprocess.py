@@ -128,7 +128,7 @@ def _to_model_array(img: Image.Image, spec: InputSpec) -> np.ndarray:
         ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when there is nothing to do
     except Exception as exc:  # malformed EXIF: keep the pixels as stored rather than refuse the image
         log.debug("ignoring unreadable EXIF orientation: %s", exc)
-    rgb = _to_rgb(img)
+    rgb = to_rgb(img)
     size = (spec.width, spec.height)
     if rgb.size != size:
         rgb = rgb.resize(size, resample=_RESAMPLE[spec.resize])
@@ -138,7 +138,8 @@ def _to_model_array(img: Image.Image, spec: InputSpec) -> np.ndarray:
     return arr
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB, the one rule training and serving share (alpha onto white, 16-bit scaled)."""
     mode = img.mode
     if mode == "RGB" and "transparency" not in img.info:
         return img

@@ -27,11 +27,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from oodguard.service.preprocess import to_rgb
+
 log = logging.getLogger(__name__)
 
 OnCorrupt = Literal["fail", "skip"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
-_CACHE_FORMAT = 1  # bump when the decoding rule changes: old cache entries are then ignored
+_CACHE_FORMAT = 2  # bump when the decoding rule changes: old cache entries are then ignored
 
 # Named datasets -> file name pattern in the data directory.
 _IN_DISTRIBUTION = {"cifar10": "cifar10_{split}.npz"}
@@ -105,7 +107,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 def pil_to_array(img: Image.Image, size: int = 32) -> np.ndarray:
     """The one preprocessing rule (the service's too): EXIF transpose, RGB, bilinear resize of the whole image."""
     img = ImageOps.exif_transpose(img)
-    img = img.convert("RGB")
+    img = to_rgb(img)  # the service's rule: transparency composited onto white, 16-bit scaled, not clipped
     if img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR)
     return np.asarray(img, dtype=np.uint8)
