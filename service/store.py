@@ -226,7 +226,9 @@ class ModelStore:
         for name_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             for vdir in sorted(p for p in name_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
                 # A symlink pointing out of the models dir is not a stored version.
-                if (vdir / MANIFEST_FILE).is_file() and self.is_inside(vdir):
+                # Only a bundle stored where its own manifest says (<name>/<version>) is a version: a drop
+                # folder such as incoming/b3 holding a copy of tiny/1 must not be listed twice.
+                if self.is_inside(vdir) and _manifest_identity(vdir) == (name_dir.name, vdir.name):
                     out.append((name_dir.name, vdir.name, vdir))
         registered = self.read_state().registered
         return sorted(out, key=lambda t: (registered.get(ref(t[0], t[1]), ""), t[0], t[1]))
@@ -377,3 +379,12 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _manifest_identity(bundle_dir: Path) -> tuple[str, str] | None:
+    """(name, version) a bundle's manifest claims, or None when it has no readable manifest."""
+    try:
+        raw = json.loads((bundle_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
+        return str(raw["name"]), str(raw["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -319,3 +319,13 @@ def test_stale_staging_dirs_from_killed_processes_are_swept(tmp_path):
         os.utime(stale, (old, old))
         ModelStore(tmp_path)  # a restart
         assert not stale.exists() and fresh.exists()
+
+
+def test_only_bundles_stored_under_their_own_name_and_version_are_listed(tmp_path, bundles):
+    store = ModelStore(tmp_path)
+    _install(store, bundles["1"])
+    from oodguard.service.store import copy_bundle
+
+    copy_bundle(bundles["2"], tmp_path / "incoming-drop" / "b3")  # a drop folder: tiny/2 stored as incoming-drop/b3
+    copy_bundle(bundles["3"], tmp_path / "tiny" / "not-3")  # right name, wrong version folder
+    assert [(n, v) for n, v, _ in store.list_versions()] == [("tiny", "1")]
