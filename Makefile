@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 SERVE_STAMP := $(SERVE_VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: install test tools serve install-serve clean train-default bench-serve bench-train
+.PHONY: install test tools serve install-serve clean bench-serve bench-train train-default
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -57,3 +57,6 @@ bench-serve: $(STAMP) ## serving benchmark -> docs/bench/serve.{json,png}, docs/
 # ResNet-18, plus channels_last / threads / torch.compile.
 bench-train: $(STAMP) ## training benchmark -> docs/bench/train.json, docs/benchmarks-train.md
 	$(VENV)/bin/python bench/train.py --out docs/bench/train.json --markdown docs/benchmarks-train.md $(BENCH_ARGS)
+
+train-default: $(STAMP) ## train + evaluate + export + calibrate the shipped bundle into models/default (~1 h on 2 cores)
+	$(VENV)/bin/python scripts/train_default.py $(TRAIN_DEFAULT_ARGS)
