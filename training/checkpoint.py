@@ -17,7 +17,6 @@ Run directory layout (`--out runs/NAME`)::
 
 from __future__ import annotations
 
-import hashlib
 
 import json
 import logging
@@ -29,6 +28,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from oodguard.service.bundle import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -233,9 +234,5 @@ def load_initial_weights(model, source: str | Path, split: dict[str, Any]) -> di
         raise CheckpointError(f"--init-from {source}: its model {theirs_config} is not this run's {model.model_config} "
                               "(pass the same --model / --model-kwargs)")
     model.load_state_dict(state["model"])
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return {"checkpoint": str(path.resolve()), "sha256": h.hexdigest(), "step": int(state.get("step", 0)),
+    return {"checkpoint": str(path.resolve()), "sha256": sha256_file(path), "step": int(state.get("step", 0)),
             "method": (state.get("config") or {}).get("method")}

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from oodguard.service.bundle import sha256_file
 from oodguard.service.preprocess import to_rgb
 
 log = logging.getLogger(__name__)
@@ -91,14 +92,6 @@ def default_data_dir() -> Path:
 def default_cache_dir() -> Path:
     env = os.environ.get("OODGUARD_CACHE_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "oodguard"
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # -- decoding -----------------------------------------------------------------------------------------

@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from oodguard.service.bundle import sha256_file
+
 from . import data
-from .data import sha256_file
 from .checkpoint import CheckpointError, last_checkpoint_path, load_model_from_run, load_split, read_run_config
 
 log = logging.getLogger(__name__)
