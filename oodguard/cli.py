@@ -52,8 +52,24 @@ def _register_all() -> None:
 _register_all()
 
 
+# Third-party module -> the extra that installs it, for a readable error instead of a traceback.
+_EXTRA_OF = {
+    **dict.fromkeys(("torch", "torchvision", "onnx", "onnxscript", "matplotlib", "sklearn", "tqdm", "safetensors"), "train"),
+    **dict.fromkeys(("fastapi", "uvicorn", "onnxruntime", "prometheus_client", "PIL", "multipart", "pydantic_settings",
+                     "httpx", "starlette"), "serve"),
+}
+
+
 def main() -> None:
-    app()
+    try:
+        app()
+    except ModuleNotFoundError as exc:
+        extra = _EXTRA_OF.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        typer.echo(f"Error: this command needs the '{extra}' extra ({exc.name} is not installed): "
+                   f"pip install 'oodguard[{extra}]'", err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
