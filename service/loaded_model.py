@@ -83,6 +83,13 @@ def key_metrics(manifest: BundleManifest) -> dict[str, Any]:
 
 
 def contract_diff(old: BundleManifest, new: BundleManifest) -> dict[str, dict[str, Any]]:
-    """Contract fields (classes, input, outputs, score) that differ: {field: {"old", "new"}}."""
+    """Contract fields (classes, input, outputs, score) that changed incompatibly: {field: {"old", "new"}}.
+
+    Adding graph outputs is compatible (every output a client used is still there, e.g. a retrained
+    bundle that also exports `mahalanobis`); removing or renaming one is not.
+    """
     a, b = old.contract, new.contract
-    return {k: {"old": a.get(k), "new": b.get(k)} for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    diff = {k: {"old": a.get(k), "new": b.get(k)} for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    if "outputs" in diff and set(a.get("outputs") or []) <= set(b.get("outputs") or []):
+        del diff["outputs"]
+    return diff
