@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .atomic import atomic_write_text
 from .manifest import (
     CALIBRATION_FILE,
     GOLDEN_FILE,
@@ -68,20 +67,6 @@ def write_manifest(bundle_dir: str | Path, manifest: BundleManifest) -> BundleMa
     final = final.model_copy(update={"content_sha256": final.compute_content_sha256()})
     atomic_write_text(root / MANIFEST_FILE, final.to_json())
     return final
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def manifest_sha256(bundle_dir: str | Path) -> str:

@@ -33,7 +33,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
-from .bundle import BundleError, atomic_write_text, manifest_sha256
+from .atomic import atomic_write_text, fsync_dir
+from .bundle import BundleError, manifest_sha256
 from .manifest import MANIFEST_FILE, load_manifest
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ class ModelStore:
         state.updated_at = _now()
         state.events = state.events[-_MAX_EVENTS:]
         atomic_write_text(self.state_path, state.to_json())
-        _fsync_dir(self.root)  # make the rename itself durable
+        fsync_dir(self.root)  # make the rename itself durable
 
     def set_active(self, name: str, version: str, allow_contract_change: bool = False, action: str = "activate") -> StoreState:
         """Persist `name/version` as active; the previous active goes onto the rollback history."""
@@ -263,7 +264,7 @@ class ModelStore:
                 raise StoreError("version_exists", f"{target} already exists with different contents; bump the version")
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.rename(staged_bundle, dest)
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
             state = self.read_state()
             state.registered[target] = _now()
             state.events.append({"at": _now(), "action": "register", "to": target})
@@ -371,14 +372,6 @@ def copy_bundle(src: Path, dest: Path) -> Path:
 
     shutil.copytree(src, dest, symlinks=True, ignore=_refuse_links)
     return dest
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _manifest_identity(bundle_dir: Path) -> tuple[str, str] | None:

@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from oodguard.service.atomic import atomic_write
 from oodguard.service.bundle import sha256_file
 from oodguard.service.preprocess import to_rgb
 
@@ -138,10 +138,8 @@ def _write_cache(cache_dir: Path | None, key: str, images: np.ndarray, meta: dic
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         for path, write in ((images_path, lambda f: np.save(f, images)), (meta_path, lambda f: f.write(json.dumps(meta).encode()))):
-            fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{path.name}.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
+            with atomic_write(path) as f:
                 write(f)
-            os.replace(tmp, path)
     except OSError as exc:  # a read-only cache only costs time
         log.warning("could not write decode cache in %s: %s", cache_dir, exc)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from oodguard.service.atomic import atomic_write, umask
 from oodguard.service.bundle import VerifyReport, make_session, verify_bundle, write_manifest
 from oodguard.service.manifest import CALIBRATION_FILE, GOLDEN_FILE, INPUT_NAME, MODEL_FILE, BundleManifest
 
@@ -61,15 +62,9 @@ def _stage(staging: Path, onnx_path: Path, manifest: BundleManifest, calibration
     return write_manifest(staging, manifest)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _normalise_permissions(root: Path) -> None:
     """Temp files and dirs are created 0600 / 0700; a bundle is read by whoever serves it (umask applies)."""
-    mask = _umask()
+    mask = umask()
     root.chmod(0o755 & ~mask)
     for path in root.rglob("*"):
         path.chmod((0o755 if path.is_dir() else 0o644) & ~mask)
@@ -118,17 +113,9 @@ def write_tarball(bundle_dir: str | Path, tar_path: str | Path | None = None) ->
     """`<bundle_dir>.tar.gz` with the bundle's files at the top level; written atomically."""
     bundle_dir = Path(bundle_dir)
     tar_path = Path(tar_path) if tar_path is not None else bundle_dir.with_name(bundle_dir.name + ".tar.gz")
-    fd, tmp = tempfile.mkstemp(dir=tar_path.parent, prefix=f".{tar_path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with tarfile.open(tmp, "w:gz") as tar:
-            for path in sorted(bundle_dir.rglob("*")):
-                if path.is_symlink() or not (path.is_file() or path.is_dir()):
-                    raise ValueError(f"{path}: bundles hold regular files only")
-                tar.add(path, arcname=path.relative_to(bundle_dir).as_posix(), recursive=False, filter=_tar_filter)
-        Path(tmp).chmod(0o644 & ~_umask())
-        os.replace(tmp, tar_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(tar_path) as f, tarfile.open(fileobj=f, mode="w:gz") as tar:
+        for path in sorted(bundle_dir.rglob("*")):
+            if path.is_symlink() or not (path.is_file() or path.is_dir()):
+                raise ValueError(f"{path}: bundles hold regular files only")
+            tar.add(path, arcname=path.relative_to(bundle_dir).as_posix(), recursive=False, filter=_tar_filter)
     return tar_path
