@@ -72,6 +72,9 @@ def test_prometheus_scrapes_oodguard(tiny_bundle, tmp_path):
 
 
 def _scrape_checks(base: str, prom: subprocess.Popen, prom_port: int) -> None:
+    # Prometheus answers 503 "Service Unavailable" (not JSON) until its storage is up.
+    _wait(lambda: httpx.get(f"http://127.0.0.1:{prom_port}/-/ready", timeout=2).status_code == 200, 60,
+          "prometheus ready", prom)
     api = f"http://127.0.0.1:{prom_port}/api/v1"
     with httpx.Client(base_url=base, timeout=10) as c:
         for rgb in ((255, 0, 0), (0, 255, 0), (128, 128, 128)):
