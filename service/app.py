@@ -114,6 +114,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for module in (predict, models, health, metrics_route, v2, admin):
         app.include_router(module.router)
+    if settings.fast_predict:
+        predict.install_fast_path(app)
     return app
 
 

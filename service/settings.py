@@ -43,7 +43,20 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0, description="Longest a request waits for its batch to fill.")
     max_queue_images: int = Field(1024, ge=1, description="Images waiting for inference before 503 queue_full.")
     intra_op_threads: int = Field(1, ge=0, le=256, description="onnxruntime intra-op threads (0 = onnxruntime default).")
+    fast_predict: bool = Field(
+        True,
+        description="Serve POST /v1/predict with a plain ASGI endpoint (same contract, less per-request "
+        "work); off: through FastAPI's routing, as documented in OpenAPI.",
+    )
     decode_threads: int = Field(2, ge=1, le=64, description="Threads decoding images off the event loop.")
+    inline_decode_max_bytes: int = Field(
+        32768, ge=0, le=1 << 20,
+        description="Requests whose images total at most this many bytes are decoded on the event loop "
+        "(cheaper than a thread hand-off) if they also declare at most inline_decode_max_pixels; 0 = always the pool.",
+    )
+    inline_decode_max_pixels: int = Field(
+        65536, ge=0, le=1 << 20, description="Declared pixels (all images of a request) at most decoded on the event loop.",
+    )
     request_timeout_s: float = Field(30.0, gt=0.0, le=600.0, description="Longest a request waits for inference.")
     retry_after_s: int = Field(1, ge=0, le=3600, description="Retry-After header value on 503 responses.")
 

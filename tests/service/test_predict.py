@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from oodguard.service import batching
 from oodguard.service.bundle import conformal_p_values
@@ -300,3 +302,103 @@ def test_openapi_documents_forms_errors_and_examples(client):
         "label", "class_index", "confidence", "top_k", "ood_score", "score_name", "p_value", "threshold",
         "operating_point", "decision",
     }
+
+
+# -- the fast path (PredictEndpoint) and the FastAPI route: one contract -------------------------------------
+
+_CASES = [  # (query, request kwargs) covering every body form and every early error
+    ("", {"content": _png(RED), "headers": {"content-type": "image/png"}}),
+    ("?top_k=1&operating_point=tpr99", {"files": [("files", ("a.png", _png(GREEN), "image/png")),
+                                                  ("files", ("b.png", _png(BLUE), "image/png"))]}),
+    ("", {"json": {"images": [_b64(_png(GREY)), "data:image/png;base64," + _b64(_png(RED))]}}),
+    ("?top_k=0", {"content": _png(RED), "headers": {"content-type": "image/png"}}),
+    ("?top_k=abc", {"content": _png(RED), "headers": {"content-type": "image/png"}}),
+    ("?top_k=4", {"content": _png(RED), "headers": {"content-type": "image/png"}}),
+    ("?top_k=1001", {"content": _png(RED), "headers": {"content-type": "image/png"}}),
+    ("?operating_point=tpr50", {"content": _png(RED), "headers": {"content-type": "image/png"}}),
+    ("?operating_point=" + "a" * 65, {"content": _png(RED), "headers": {"content-type": "image/png"}}),
+    ("", {"content": b"hello", "headers": {"content-type": "text/plain"}}),
+    ("", {"content": b"\x89PNG\r\n\x1a\nbroken", "headers": {"content-type": "image/png"}}),
+    ("", {"files": [("other", ("a.png", _png(RED), "image/png"))]}),
+    ("", {"data": {"file": "not a file"}, "files": [("x", ("a.png", _png(RED), "image/png"))]}),
+    ("", {"content": b"--b\r\nnot multipart", "headers": {"content-type": "multipart/form-data"}}),
+    ("", {"json": {"images": ["%%%"]}}),
+]
+
+
+def _comparable(response) -> tuple:
+    body = response.json()
+    body.pop("request_id", None)
+    if "error" in body:
+        return response.status_code, body["error"]["code"]  # messages may word pydantic's errors differently
+    return response.status_code, body
+
+
+def test_fast_path_serves_predict_and_answers_like_the_fastapi_route(make_client):
+    fast, routed = make_client(fast_predict=True), make_client(fast_predict=False)
+    assert type(fast.app.router.routes[0].app).__name__ == "PredictEndpoint"
+    assert all(type(getattr(r, "app", None)).__name__ != "PredictEndpoint" for r in routed.app.router.routes)
+    for query, kwargs in _CASES:
+        a, b = fast.post("/v1/predict" + query, **kwargs), routed.post("/v1/predict" + query, **kwargs)
+        assert _comparable(a) == _comparable(b), (query, kwargs.keys(), a.text, b.text)
+        assert a.headers["x-request-id"] and a.headers["content-type"] == "application/json"
+    # Both document the same operation, and other methods still get the JSON 405.
+    assert fast.get("/openapi.json").json()["paths"]["/v1/predict"] == routed.get("/openapi.json").json()["paths"]["/v1/predict"]
+    _assert_error(fast.get("/v1/predict"), 405, "method_not_allowed")
+
+
+def test_fast_path_metrics_use_the_route_template(client):
+    client.post("/v1/predict", content=_png(RED), headers={"content-type": "image/png"})
+    text = client.get("/metrics").text
+    assert 'oodguard_requests_total{endpoint="/v1/predict",status="200"}' in text
+
+
+class _CountingPool:
+    """The decode pool, counting what is handed to it."""
+
+    def __init__(self, pool):
+        self.pool, self.submitted = pool, 0
+
+    def submit(self, fn, *args):
+        self.submitted += 1
+        return self.pool.submit(fn, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.pool, name)
+
+
+@pytest.mark.parametrize(
+    "size, max_bytes, max_pixels, in_pool",
+    [((8, 8), 32768, 65536, False),  # small in bytes and pixels: on the event loop
+     ((300, 300), 1 << 20, 65536, True),  # 90,000 declared pixels: the pool
+     ((8, 8), 0, 65536, True),  # inline decoding off
+     ((8, 8), 32768, 0, True)],
+)
+def test_small_images_decode_inline_large_ones_in_the_pool(make_client, size, max_bytes, max_pixels, in_pool):
+    client = make_client(inline_decode_max_bytes=max_bytes, inline_decode_max_pixels=max_pixels)
+    state = client.app.state
+    state.decode_pool = counting = _CountingPool(state.decode_pool)
+    r = client.post("/v1/predict", content=_png(RED, size), headers={"content-type": "image/png"})
+    assert r.status_code == 200 and _labels(r) == ["red"]
+    assert counting.submitted == (1 if in_pool else 0)
+    # Errors are the same either way: an undecodable image names its index.
+    noise = np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="PNG")
+    truncated = buf.getvalue()[: len(buf.getvalue()) // 2]
+    bad = client.post("/v1/predict", files=[("files", ("a.png", _png(RED, size), "image/png")),
+                                            ("files", ("b.png", truncated, "image/png"))])
+    _assert_error(bad, 422, "invalid_image", "image 1")
+
+
+def test_multipart_limits(make_client):
+    client = make_client(max_images_per_request=2)
+    png = ("a.png", _png(RED), "image/png")
+    _assert_error(client.post("/v1/predict", files=[("files", png)] * 3), 422, "too_many_images", "2")
+    many_fields = {f"note{i}": "x" for i in range(17)}
+    _assert_error(client.post("/v1/predict", data=many_fields, files=[("file", png)]), 422, "invalid_multipart", "16 parts")
+    _assert_error(client.post("/v1/predict", data={"note": "x" * (64 * 1024 + 1)}, files=[("file", png)]),
+                  422, "invalid_multipart", "64 KiB")
+    # Other text fields and other file parts are ignored, within the limits.
+    r = client.post("/v1/predict", data={"note": "hello"}, files=[("file", png), ("thumbnail", png)])
+    assert r.status_code == 200 and _labels(r) == ["red"]

@@ -1,0 +1,162 @@
+"""A predict request's body -> the encoded images it carries (bytes), or an ApiError naming the problem.
+
+Three body forms, chosen by Content-Type:
+  multipart/form-data     one `file` field or repeated `files` fields (both may be mixed)
+  image/* or application/octet-stream   the raw bytes of one image
+  application/json        {"images": ["<base64>", ...]} (a `data:image/...;base64,` prefix is allowed)
+
+Multipart is parsed with python-multipart's streaming parser straight into memory. Starlette's form
+parser spools every file part through a `SpooledTemporaryFile` wrapped in an `UploadFile` (built for
+large uploads kept on disk); for one CIFAR-size JPEG that bookkeeping cost more than decoding the image
+(profiled under load). The body is already bounded by the middleware's `max_body_bytes`, and every
+image is decoded in memory anyway, so nothing is lost by not spooling.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import AsyncIterator, Callable
+
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from .errors import ApiError
+
+IMAGE_FIELDS = (b"file", b"files")
+MAX_TEXT_PART = 64 * 1024  # non-image multipart parts are never large
+MAX_OTHER_PARTS = 16  # parts that are not images (ignored, but bounded)
+
+
+async def read_images(
+    content_type: str, stream: Callable[[], AsyncIterator[bytes]], body: Callable, max_images: int
+) -> list[bytes]:
+    """`stream()` yields the body's chunks, `await body()` returns it whole (Starlette Request's methods)."""
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type == "multipart/form-data":
+        blobs = await read_multipart_images(content_type, stream(), max_images)
+    elif media_type == "application/json" or media_type.endswith("+json"):
+        blobs = decode_json_images(await body(), max_images)
+    elif media_type.startswith("image/") or media_type == "application/octet-stream":
+        blobs = [await body()]
+    else:
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"unsupported Content-Type {content_type or '(none)'!r}; send multipart/form-data (file/files), "
+            "application/json ({\"images\": [base64...]}) or an image/* body",
+        )
+    if not blobs:
+        raise ApiError(422, "no_images", "the request contains no images")
+    if len(blobs) > max_images:
+        raise ApiError(422, "too_many_images", f"{len(blobs)} images in one request; at most {max_images} allowed")
+    return blobs
+
+
+def _invalid(message: str) -> ApiError:
+    return ApiError(422, "invalid_multipart", f"malformed multipart body: {message}")
+
+
+class _ImageParts:
+    """python-multipart callbacks: keep the data of `file`/`files` file parts, bound everything else."""
+
+    def __init__(self, max_images: int):
+        self.max_images = max_images
+        self.images: list[bytearray] = []
+        self.other_parts = 0
+        self._header_name = bytearray()
+        self._header_value = bytearray()
+        self._disposition = b""
+        self._sink: bytearray | None = None  # where this part's data goes; None: counted, then dropped
+        self._text_bytes = 0
+        self._is_file = False
+
+    def on_part_begin(self) -> None:
+        self._disposition = b""
+        self._sink = None
+        self._text_bytes = 0
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        if self._header_name.lower() == b"content-disposition":
+            self._disposition = bytes(self._header_value)
+        self._header_name.clear()
+        self._header_value.clear()
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        name = options.get(b"name")
+        if name is None:
+            raise _invalid('a part has no Content-Disposition "name"')
+        self._is_file = b"filename" in options
+        if name in IMAGE_FIELDS:
+            if not self._is_file:
+                raise ApiError(422, "invalid_multipart", f"multipart field {name.decode('latin-1')!r} must be a file upload, not text")
+            if len(self.images) >= self.max_images:
+                raise ApiError(422, "too_many_images", f"more than {self.max_images} files in one request")
+            self._sink = bytearray()
+            self.images.append(self._sink)
+        else:
+            self.other_parts += 1
+            if self.other_parts > MAX_OTHER_PARTS:
+                raise _invalid(f"more than {MAX_OTHER_PARTS} parts besides `file`/`files`")
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._sink is not None:
+            self._sink += data[start:end]
+        elif not self._is_file:
+            self._text_bytes += end - start
+            if self._text_bytes > MAX_TEXT_PART:
+                raise _invalid(f"a text field is larger than {MAX_TEXT_PART // 1024} KiB")
+
+
+async def read_multipart_images(content_type: str, chunks: AsyncIterator[bytes], max_images: int) -> list[bytes]:
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise _invalid("Missing boundary in multipart.")
+    parts = _ImageParts(max_images)
+    callbacks = {name: getattr(parts, name) for name in (
+        "on_part_begin", "on_header_field", "on_header_value", "on_header_end", "on_headers_finished", "on_part_data",
+    )}
+    try:
+        parser = MultipartParser(boundary, callbacks)
+        async for chunk in chunks:
+            parser.write(chunk)
+        parser.finalize()
+    except (FormParserError, ValueError, UnicodeDecodeError) as exc:
+        raise _invalid(str(exc) or type(exc).__name__) from None
+    if not parts.images:
+        raise ApiError(422, "no_images", "multipart body has no `file` or `files` field")
+    return [bytes(image) for image in parts.images]
+
+
+def decode_json_images(body: bytes, max_images: int) -> list[bytes]:
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: absurd nesting
+        raise ApiError(422, "invalid_json", f"body is not valid JSON: {type(exc).__name__}: {exc}"[:300]) from None
+    images = payload.get("images") if isinstance(payload, dict) else None
+    if not isinstance(images, list):
+        raise ApiError(422, "invalid_json", 'JSON body must be an object {"images": ["<base64>", ...]}')
+    if len(images) > max_images:
+        raise ApiError(422, "too_many_images", f"{len(images)} images in one request; at most {max_images} allowed")
+    blobs = []
+    for i, item in enumerate(images):
+        if not isinstance(item, str):
+            raise ApiError(422, "invalid_base64", f"image {i}: expected a base64 string, got {type(item).__name__}")
+        if item.startswith("data:"):
+            _, sep, item = item.partition(",")
+            if not sep:
+                raise ApiError(422, "invalid_base64", f"image {i}: malformed data: URL")
+        try:
+            blobs.append(base64.b64decode(item, validate=True))
+        except (binascii.Error, ValueError) as exc:
+            raise ApiError(422, "invalid_base64", f"image {i}: invalid base64 ({exc})") from None
+    return blobs
