@@ -10,7 +10,8 @@ Steps, per the bundle's `InputSpec`:
   5. `np.asarray(img, float32) / 255`, HWC -> CHW.
 
 Every problem raises `ImageError(code, message, status)`; decoding never raises anything else.
-This module is pure CPU work: the service calls it from a thread pool, never on the event loop.
+This module is pure CPU work. The service decodes small images on the event loop (bounded by bytes
+and by the pixels `open_images` reads from the headers) and everything else in a thread pool.
 """
 
 from __future__ import annotations
@@ -77,6 +78,14 @@ def configure_pillow(limits: ImageLimits) -> None:
 
 def decode_image(data: bytes, spec: InputSpec, limits: ImageLimits = ImageLimits()) -> np.ndarray:
     """One encoded image -> uint8 array (H, W, 3) at the spec's size. Raises ImageError."""
+    return load_image(open_image(data, limits), spec)
+
+
+def open_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
+    """Read and check an image's header only (format, size, pixel count): cheap, no pixel is decoded.
+
+    The returned image is lazy; `load_image` decodes it. Raises ImageError.
+    """
     if not data:
         raise ImageError("invalid_image", "empty image (0 bytes)")
     try:
@@ -92,23 +101,29 @@ def decode_image(data: bytes, spec: InputSpec, limits: ImageLimits = ImageLimits
     except Exception as exc:  # malformed header: SyntaxError, OSError, struct.error, ...
         raise ImageError("invalid_image", f"cannot read image header: {_short(exc)}") from None
 
+    width, height = img.size
+    fmt = img.format or "image"
+    error = None
+    if width < 1 or height < 1:
+        error = ImageError("invalid_image", f"{fmt} declares an empty size {width}x{height}")
+    elif width > limits.max_image_side or height > limits.max_image_side:
+        error = ImageError(
+            "image_too_large", f"{fmt} is {width}x{height}; the largest side allowed is {limits.max_image_side} px", status=413
+        )
+    elif width * height > limits.max_pixels:
+        error = ImageError(
+            "too_many_pixels", f"{fmt} is {width}x{height} = {width * height} pixels; at most {limits.max_pixels} allowed", status=413
+        )
+    if error is not None:
+        img.close()
+        raise error
+    return img
+
+
+def load_image(img: Image.Image, spec: InputSpec) -> np.ndarray:
+    """An `open_image` result -> uint8 array (H, W, 3) at the spec's size; closes the image. Raises ImageError."""
     with img:
-        width, height = img.size
         fmt = img.format or "image"
-        if width < 1 or height < 1:
-            raise ImageError("invalid_image", f"{fmt} declares an empty size {width}x{height}")
-        if width > limits.max_image_side or height > limits.max_image_side:
-            raise ImageError(
-                "image_too_large",
-                f"{fmt} is {width}x{height}; the largest side allowed is {limits.max_image_side} px",
-                status=413,
-            )
-        if width * height > limits.max_pixels:
-            raise ImageError(
-                "too_many_pixels",
-                f"{fmt} is {width}x{height} = {width * height} pixels; at most {limits.max_pixels} allowed",
-                status=413,
-            )
         try:
             img.load()  # the first frame only, for animated GIF / WebP / TIFF
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -174,13 +189,43 @@ def to_tensor(arrays: Sequence[np.ndarray]) -> np.ndarray:
 
 def decode_images(blobs: Sequence[bytes], spec: InputSpec, limits: ImageLimits = ImageLimits()) -> np.ndarray:
     """A request's images -> float32 (N, 3, H, W). The first bad image raises ImageError naming its index."""
+    return load_images(open_images(blobs, limits), spec)
+
+
+def open_images(blobs: Sequence[bytes], limits: ImageLimits = ImageLimits()) -> list[Image.Image]:
+    """`open_image` each blob (headers only); the first bad one raises ImageError naming its index."""
+    images: list[Image.Image] = []
+    try:
+        for i, blob in enumerate(blobs):
+            try:
+                images.append(open_image(blob, limits))
+            except ImageError as exc:
+                raise ImageError(exc.code, f"image {i}: {exc.message}", exc.status, index=i) from None
+    except ImageError:
+        for img in images:
+            img.close()
+        raise
+    return images
+
+
+def load_images(images: Sequence[Image.Image], spec: InputSpec) -> np.ndarray:
+    """`open_images` results -> float32 (N, 3, H, W); closes every image. Errors name the image's index."""
     arrays = []
-    for i, blob in enumerate(blobs):
-        try:
-            arrays.append(decode_image(blob, spec, limits))
-        except ImageError as exc:
-            raise ImageError(exc.code, f"image {i}: {exc.message}", exc.status, index=i) from None
+    try:
+        for i, img in enumerate(images):
+            try:
+                arrays.append(load_image(img, spec))
+            except ImageError as exc:
+                raise ImageError(exc.code, f"image {i}: {exc.message}", exc.status, index=i) from None
+    finally:
+        for img in images[len(arrays) + 1:]:  # load_image closed the ones it saw
+            img.close()
     return to_tensor(arrays)
+
+
+def declared_pixels(images: Sequence[Image.Image]) -> int:
+    """Pixels the images' headers declare: what decoding them will cost, known before decoding."""
+    return sum(img.size[0] * img.size[1] for img in images)
 
 
 def preprocess_image(data: bytes, spec: InputSpec, limits: ImageLimits = ImageLimits()) -> np.ndarray:
