@@ -140,3 +140,18 @@ def test_connections_beyond_the_limit_get_a_json_503(server):
             s.close()
     time.sleep(0.2)
     assert _raw(base, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").startswith(b"HTTP/1.1 200")
+
+
+def test_quiet_garbage_collector_freezes_and_raises_the_young_threshold():
+    import gc
+
+    from oodguard.service.cli import GC_GEN0_THRESHOLD, quiet_garbage_collector
+
+    before = gc.get_threshold()
+    try:
+        quiet_garbage_collector()
+        assert gc.get_freeze_count() > 1000  # the imported modules' objects
+        assert gc.get_threshold() == (GC_GEN0_THRESHOLD, *before[1:])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
