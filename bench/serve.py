@@ -111,12 +111,14 @@ def measure_ceiling(bundle: Path, image: bytes, threads: int, seconds: float, ba
 # -- systems ---------------------------------------------------------------------------------------------
 
 
-def systems_for(bundle: serve_bundles.BenchBundle, args: argparse.Namespace, workdir: Path) -> list[ServerSpec | tuple[str, str]]:
-    """Specs to run, or (system, reason) for those that cannot run here."""
+def systems_for(bundle: serve_bundles.BenchBundle, threads: int, args: argparse.Namespace,
+                workdir: Path) -> list[ServerSpec | tuple[str, str]]:
+    """Specs to run with oodguard at `threads` intra-op threads, or (system, reason) for those that cannot run here."""
     py = sys.executable
-    flags = ["--threads", str(args.threads), *shlex.split(args.server_args)]
+    flags = ["--threads", str(threads), *shlex.split(args.server_args)]
     serve = [py, "-m", "oodguard.cli", "serve", "--bundle", str(bundle.path), "--log-level", "WARNING", *flags]
-    peer_threads = ["--threads", str(args.peer_threads)] if args.peer_threads else []
+    peers = threads if args.peer_threads is None else args.peer_threads
+    peer_threads = ["--threads", str(peers)] if peers else []
     specs: list[ServerSpec | tuple[str, str]] = [
         ServerSpec("floor", [py, str(PEERS_DIR / "bare_asgi.py")], settings={"process": "1 uvicorn worker, httptools"}),
         ServerSpec("oodguard", [*serve, "--batching"], settings={"flags": ["--batching", *flags]}),
@@ -131,12 +133,12 @@ def systems_for(bundle: serve_bundles.BenchBundle, args: argparse.Namespace, wor
         specs.append(ServerSpec("fastapi-torch", [py, str(PEERS_DIR / "fastapi_torch.py"), "--run", str(bundle.run_dir),
                                                   *peer_threads], env=env, settings_url="/readyz",
                                 settings={"process": "1 uvicorn worker", "GOMP_SPINCOUNT": env.get("GOMP_SPINCOUNT")}))
-    specs += _torchserve_specs(bundle, args, workdir)
+    specs += _torchserve_specs(bundle, threads, args, workdir)
     wanted = set(args.systems.split(",")) if args.systems else set(serve_report.SYSTEMS)
     return [s for s in specs if (s.system if isinstance(s, ServerSpec) else s[0]) in wanted]
 
 
-def _torchserve_specs(bundle, args, workdir: Path) -> list[ServerSpec | tuple[str, str]]:
+def _torchserve_specs(bundle, threads: int, args, workdir: Path) -> list[ServerSpec | tuple[str, str]]:
     names = list(serve_torchserve.SETTINGS)
     if not args.torchserve:
         return [(n, "pass --torchserve (installs torchserve 0.12 into this venv)") for n in names]
@@ -146,7 +148,8 @@ def _torchserve_specs(bundle, args, workdir: Path) -> list[ServerSpec | tuple[st
     if reason:
         return [(n, reason) for n in names]
     workers = args.torchserve_workers or CORES
-    threads = args.peer_threads or max(1, CORES // workers)
+    # workers x threads never above oodguard's own thread budget (one worker per core by default)
+    threads = args.peer_threads or max(1, min(threads, CORES) // workers)
     ts_dir = workdir / "torchserve" / bundle.name
     try:
         store = serve_torchserve.archive(bundle.run_dir / "checkpoints" / "last.pt", bundle.manifest()["classes"],
@@ -253,30 +256,31 @@ def run(args: argparse.Namespace) -> dict:
             f"{args.requests} requests or {args.duration:g} s; bench/load.py's raw asyncio client in the benchmark "
             "process for every system (its CPU per request is in the tables)"),
         "threads": {
-            "oodguard": f"1 process (uvicorn, one worker), onnxruntime intra-op threads {args.threads}, decode threads "
+            "oodguard": f"1 process (uvicorn, one worker), onnxruntime intra-op threads {_threads_text(args)}, decode threads "
                         f"per `oodguard serve` defaults unless in --server-args ({args.server_args or 'none'})",
             "hand-written peers": "1 uvicorn worker; onnxruntime / torch intra-op threads "
-                                  + (str(args.peer_threads) if args.peer_threads else "at library defaults (see settings)")
+                                  + ("as oodguard's" if args.peer_threads is None else str(args.peer_threads)
+                                     if args.peer_threads else "at library defaults (see settings)")
                                   + "; torch peers with GOMP_SPINCOUNT=10000 unless OpenMP waiting is configured",
-            "ceiling": f"onnxruntime intra-op threads {args.threads} (as the service)",
-            "torchserve": f"{args.torchserve_workers or CORES} workers x {args.peer_threads or 'cores / workers'} torch "
+            "ceiling": f"onnxruntime intra-op threads as the service's ({_threads_text(args)})",
+            "torchserve": f"{args.torchserve_workers or CORES} workers x {args.peer_threads or 'max(1, oodguard threads / workers)'} torch "
                           "thread(s) each (see settings)",
             "OMP environment": ", ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_"))) or "unset",
         },
         "bundles": {},
         "notes": [],
     }
-    for spec in args.bundles:
+    for spec, threads in zip(args.bundles, args.threads):
         bundle = serve_bundles.resolve_bundle(spec, workdir, threads=args.build_threads)
-        print(f"== {bundle.name}: {bundle.description}", flush=True)
-        ceiling = measure_ceiling(bundle.path, image, args.threads, args.ceiling_seconds)
+        print(f"== {bundle.name}: {bundle.description} (intra-op threads {threads})", flush=True)
+        ceiling = measure_ceiling(bundle.path, image, threads, args.ceiling_seconds)
         ceiling_all = measure_ceiling(bundle.path, image, 0, args.ceiling_seconds)
-        print(f"  {'ceiling':>18}        {ceiling['images_per_s']:9.1f} img/s  (onnxruntime, batch 32, {args.threads} "
+        print(f"  {'ceiling':>18}        {ceiling['images_per_s']:9.1f} img/s  (onnxruntime, batch 32, {threads} "
               f"thread(s); all cores: {ceiling_all['images_per_s']:.1f})", flush=True)
         entry = {"description": bundle.description, "path": str(bundle.path), "run_dir": str(bundle.run_dir),
                  "checkpoint_matches_bundle": bundle.checkpoint_matches, "ceiling_images_per_s": ceiling["images_per_s"],
-                 "ceiling": ceiling, "ceiling_all_cores": ceiling_all, "systems": {}}
-        for spec_or_reason in systems_for(bundle, args, workdir):
+                 "ceiling": ceiling, "ceiling_all_cores": ceiling_all, "intra_op_threads": threads, "systems": {}}
+        for spec_or_reason in systems_for(bundle, threads, args, workdir):
             if isinstance(spec_or_reason, tuple):
                 system, reason = spec_or_reason
                 entry["systems"][system] = {"not_run": reason}
@@ -288,6 +292,10 @@ def run(args: argparse.Namespace) -> dict:
     report["environment"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     report["notes"] = _notes(report, args)
     return report
+
+
+def _threads_text(args: argparse.Namespace) -> str:
+    return ", ".join(f"{b}: {t}" for b, t in zip(args.bundles, args.threads))
 
 
 def _notes(report: dict, args: argparse.Namespace) -> list[str]:
@@ -319,10 +327,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--systems", default="", help="Comma-separated subset of: " + ", ".join(serve_report.SYSTEMS))
     p.add_argument("--torchserve", action="store_true", help="Run TorchServe (pip-installs torchserve 0.12 if missing).")
     p.add_argument("--torchserve-workers", type=int, default=0, help="TorchServe workers (default: the cores).")
-    p.add_argument("--threads", type=int, default=1, help="oodguard's onnxruntime intra-op threads (and the ceiling's).")
+    p.add_argument("--threads", default="1",
+                   help="oodguard's onnxruntime intra-op threads (and the ceiling's): one number, or one per bundle "
+                        "(e.g. 1,2: the small CNN leaves a core to the event loop, ResNet-18's compute wants both).")
     p.add_argument("--peer-threads", type=int, default=None,
-                   help="Intra-op threads of the hand-written peers and of each TorchServe worker (default: --threads, "
-                        "as oodguard; 0 = the library's default, i.e. one per core).")
+                   help="Intra-op threads of the hand-written peers and of each TorchServe worker (default: oodguard's "
+                        "for that bundle, TorchServe workers x threads <= that; 0 = the library's default, one per core).")
     p.add_argument("--server-args", default="", help="Extra `oodguard serve` flags, e.g. '--decode-threads 1'.")
     p.add_argument("--ceiling-seconds", type=float, default=3.0, help="Seconds of onnxruntime runs for the ceiling.")
     p.add_argument("--build-threads", type=int, default=None, help="Torch threads when building the ResNet-18 bundle.")
@@ -335,8 +345,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.bundles = [b for b in args.bundles.split(",") if b]
-    if args.peer_threads is None:
-        args.peer_threads = args.threads
+    try:
+        threads = [int(t) for t in args.threads.split(",") if t]
+    except ValueError:
+        p.error("--threads takes one integer or one per bundle, e.g. 1,2")
+    if len(threads) == 1:
+        threads *= len(args.bundles)
+    if len(threads) != len(args.bundles) or min(threads) < 1:
+        p.error(f"--threads: give one count >= 1, or one per bundle ({len(args.bundles)})")
+    args.threads = threads
     try:
         args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
     except ValueError:

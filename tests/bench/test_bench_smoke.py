@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench import load, serve, serve_process, serve_report, serve_torchserve
+from bench import load, serve, serve_bundles, serve_process, serve_report, serve_torchserve
 from bench.peers import bare_asgi
 
 from ..service.bundle_factory import encode_image, make_tiny_bundle
@@ -214,10 +214,23 @@ def test_torch_peers_get_a_short_openmp_spin_unless_configured():
 def test_cli_arguments():
     args = serve.parse_args(["--bundles", "a,b", "--concurrency", "1,32", "--systems", "floor,oodguard"])
     assert args.bundles == ["a", "b"] and args.concurrency == [1, 32]
-    assert args.peer_threads == args.threads == 1  # peers get oodguard's intra-op threads unless told otherwise
+    assert args.threads == [1, 1] and args.peer_threads is None  # peers get oodguard's threads unless told otherwise
+    assert serve.parse_args(["--bundles", "a,b", "--threads", "1,2"]).threads == [1, 2]  # one count per bundle
     assert serve.parse_args(["--threads", "2", "--peer-threads", "0"]).peer_threads == 0
-    with pytest.raises(SystemExit):
-        serve.parse_args(["--systems", "nginx"])
+    for bad in (["--systems", "nginx"], ["--bundles", "a,b", "--threads", "1,2,3"], ["--threads", "0"], ["--threads", "x"]):
+        with pytest.raises(SystemExit):
+            serve.parse_args(bad)
+
+
+def test_peers_and_torchserve_get_the_bundles_thread_budget(tmp_path):
+    bundle = serve_bundles.BenchBundle(name="b", path=tmp_path, description="", run_dir=None)
+    args = serve.parse_args(["--bundles", "b", "--threads", "2"])
+    specs = {s.system: s for s in serve.systems_for(bundle, 2, args, tmp_path) if not isinstance(s, tuple)}
+    assert specs["oodguard"].argv[specs["oodguard"].argv.index("--threads") + 1] == "2"
+    assert specs["fastapi-onnx"].argv[-2:] == ["--threads", "2"]
+    args = serve.parse_args(["--bundles", "b", "--threads", "2", "--peer-threads", "1"])
+    specs = {s.system: s for s in serve.systems_for(bundle, 2, args, tmp_path) if not isinstance(s, tuple)}
+    assert specs["fastapi-onnx"].argv[-2:] == ["--threads", "1"]
 
 
 # -- bench/train.py arithmetic (no training here) ------------------------------------------------------------
