@@ -34,7 +34,14 @@ ROOT = Path(__file__).resolve().parents[1]
 OODGUARD = [sys.executable, "-m", "oodguard.cli"]
 
 
-def _run(args: list[str], log: Path) -> float:
+def common_train_args(threads: int) -> list[str]:
+    """The recipe's shared `oodguard train` flags (model, data, seed); every method is trained with these."""
+    # pool=maxavg: the small_cnn variant the shipped bundle was trained with (global max+mean pooling).
+    return ["--model", "small_cnn", "--model-kwargs", '{"pool": "maxavg"}', "--data", "cifar10",
+            "--outliers", "tinyimagenet", "--seed", "1", "--threads", str(threads), "--no-progress"]
+
+
+def run_oodguard(args: list[str], log: Path) -> float:
     """Run one oodguard command, tee its output to `log`, fail loudly; returns wall seconds."""
     start = time.monotonic()
     print(f"$ oodguard {' '.join(args)}", flush=True)
@@ -67,35 +74,32 @@ def main() -> None:
     log = out / "train_default.log"
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     timings: dict[str, float] = {}
-    # pool=maxavg: the small_cnn variant the shipped bundle was trained with (global max+mean pooling).
-    common = ["--model", "small_cnn", "--model-kwargs", '{"pool": "maxavg"}', "--data", "cifar10",
-              "--outliers", "tinyimagenet", "--seed", "1",
-              "--threads", str(args.threads), "--no-progress"]
+    common = common_train_args(args.threads)
 
     pre = out / "pretrain"
     if not (pre / "checkpoints" / "last.pt").exists():
-        timings["pretrain"] = _run(["train", "--method", "msp", *common, "--epochs", str(args.pretrain_epochs),
+        timings["pretrain"] = run_oodguard(["train", "--method", "msp", *common, "--epochs", str(args.pretrain_epochs),
                                     "--out", str(pre), "--overwrite"], log)
     for method in methods:
         run = out / method
-        timings[f"finetune_{method}"] = _run(
+        timings[f"finetune_{method}"] = run_oodguard(
             ["train", "--method", method, *common, "--init-from", str(pre), "--epochs", str(args.finetune_epochs),
              "--lr", str(args.finetune_lr), "--out", str(run), "--overwrite"], log)
-        timings[f"evaluate_{method}"] = _run(
+        timings[f"evaluate_{method}"] = run_oodguard(
             ["evaluate", str(run), "--ood", "tinyimagenet", "--ood", "gaussian", "--ood", "uniform",
              "--attack", "none,paper", "--scores", "msp,energy", "--max-samples", str(args.eval_samples)], log)
 
     shipped = out / methods[0]
-    timings["export"] = _run(["export", str(shipped), "--scores", "msp,energy"], log)
+    timings["export"] = run_oodguard(["export", str(shipped), "--scores", "msp,energy"], log)
     bundle = ROOT / args.bundle
     staging = out / "bundle"
-    timings["calibrate"] = _run(["calibrate", str(shipped), "--score", "msp", "--name", "default",
+    timings["calibrate"] = run_oodguard(["calibrate", str(shipped), "--score", "msp", "--name", "default",
                                  "--version", args.version, "--out", str(staging), "--no-tarball"], log)
-    _run(["bundle", "verify", str(staging)], log)
+    run_oodguard(["bundle", "verify", str(staging)], log)
     if bundle.exists():
         shutil.rmtree(bundle)
     shutil.copytree(staging, bundle)
-    _run(["bundle", "verify", str(bundle)], log)
+    run_oodguard(["bundle", "verify", str(bundle)], log)
 
     results = {"recipe": vars(args), "timings_s": timings, "runs": {}}
     for method in methods:
