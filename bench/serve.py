@@ -275,11 +275,13 @@ def run(args: argparse.Namespace) -> dict:
         print(f"== {bundle.name}: {bundle.description} (intra-op threads {threads})", flush=True)
         ceiling = measure_ceiling(bundle.path, image, threads, args.ceiling_seconds)
         ceiling_all = measure_ceiling(bundle.path, image, 0, args.ceiling_seconds)
+        ceiling_b1 = measure_ceiling(bundle.path, image, threads, args.ceiling_seconds, batch=1)
         print(f"  {'ceiling':>18}        {ceiling['images_per_s']:9.1f} img/s  (onnxruntime, batch 32, {threads} "
-              f"thread(s); all cores: {ceiling_all['images_per_s']:.1f})", flush=True)
+              f"thread(s); all cores: {ceiling_all['images_per_s']:.1f}; batch 1: {ceiling_b1['images_per_s']:.1f})", flush=True)
         entry = {"description": bundle.description, "path": str(bundle.path), "run_dir": str(bundle.run_dir),
                  "checkpoint_matches_bundle": bundle.checkpoint_matches, "ceiling_images_per_s": ceiling["images_per_s"],
-                 "ceiling": ceiling, "ceiling_all_cores": ceiling_all, "intra_op_threads": threads, "systems": {}}
+                 "ceiling": ceiling, "ceiling_all_cores": ceiling_all, "ceiling_batch1": ceiling_b1,
+                 "intra_op_threads": threads, "systems": {}}
         for spec_or_reason in systems_for(bundle, threads, args, workdir):
             if isinstance(spec_or_reason, tuple):
                 system, reason = spec_or_reason

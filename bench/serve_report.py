@@ -196,6 +196,21 @@ def targets_markdown(bundle: Mapping) -> str:
     return "\n".join(lines)
 
 
+def batching_headroom(bundle: Mapping) -> str | None:
+    """What batching can buy at most: onnxruntime's batch-32 rate over its batch-1 rate, same threads.
+
+    When the model dominates a request's cost, no server on the same runtime and threads can beat a
+    per-request endpoint by more than about this ratio (the HTTP work is the rest).
+    """
+    b32, b1 = bundle.get("ceiling_images_per_s"), (bundle.get("ceiling_batch1") or {}).get("images_per_s")
+    if not b32 or not b1:
+        return None
+    threads = bundle.get("intra_op_threads", (bundle.get("ceiling") or {}).get("intra_op_threads", "?"))
+    return (f"Model alone (onnxruntime in-process, {threads} intra-op thread(s)): {b32:,.1f} img/s on batches of 32, "
+            f"{b1:,.1f} img/s one image at a time: batching can buy at most **{b32 / b1:.2f}×** on the model's share "
+            "of the work.")
+
+
 def render_markdown(report: Mapping, plot_name: str | None = None) -> str:
     """The docs/benchmarks serving section: setup, per-bundle tables, targets."""
     env = report.get("environment", {})
@@ -208,8 +223,11 @@ def render_markdown(report: Mapping, plot_name: str | None = None) -> str:
     if plot_name:
         out += [f"![throughput vs concurrency]({plot_name})", ""]
     for name, bundle in report.get("bundles", {}).items():
-        out += [f"### {name}", "", bundle.get("description", ""), "", ratio_table_markdown(bundle), "",
-                targets_markdown(bundle), "", systems_table_markdown(bundle), ""]
+        out += [f"### {name}", "", bundle.get("description", ""), ""]
+        headroom = batching_headroom(bundle)
+        if headroom:
+            out += [headroom, ""]
+        out += [ratio_table_markdown(bundle), "", targets_markdown(bundle), "", systems_table_markdown(bundle), ""]
     for note in report.get("notes", []):
         out.append(f"- {note}")
     return "\n".join(out).rstrip() + "\n"

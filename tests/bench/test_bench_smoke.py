@@ -267,3 +267,10 @@ def test_train_plan_runs_compile_last_and_quick_is_small():
     assert [r for r in runs if r[2] == "compile"] == runs[-2:] == [("small_cnn", "msp", "compile"), ("small_cnn", "aloe", "compile")]
     quick = bench_train.plan(bench_train.parse_args(["--quick"]))
     assert {r[0] for r in quick} == {"small_cnn"} and not any(r[2] == "compile" for r in quick)
+
+
+def test_batching_headroom_is_the_model_batch_ratio():
+    bundle = {"ceiling_images_per_s": 300.0, "ceiling_batch1": {"images_per_s": 250.0}, "intra_op_threads": 2}
+    text = serve_report.batching_headroom(bundle)
+    assert "**1.20×**" in text and "2 intra-op" in text
+    assert serve_report.batching_headroom({"ceiling_images_per_s": 300.0}) is None  # older reports: no line
