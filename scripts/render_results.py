@@ -1,7 +1,11 @@
-"""Render the method comparison (eval.json of each run) as markdown tables for docs/results.md / README.
+"""Render the method comparison (every run's eval.json, and eval_strong where present) as markdown tables.
 
-    python scripts/render_results.py docs/results-default.json            # full tables
-    python scripts/render_results.py docs/results-default.json --summary  # README's short table
+    python scripts/render_results.py docs/results-robustness.json            # summary + per-set tables
+    python scripts/render_results.py docs/results-robustness.json --long     # every metric, long format
+    python scripts/render_results.py docs/results-default.json --summary     # the short table only
+
+The clean and `paper` numbers come from RUN/eval (--eval-samples images per set), the `strong` ones
+from RUN/eval_strong (a smaller seeded subset: 100 PGD steps per image and score).
 """
 
 from __future__ import annotations
@@ -11,71 +15,125 @@ import json
 from pathlib import Path
 
 METRICS = (("auroc", "AUROC ↑"), ("fpr_at_95_tpr", "FPR95 ↓"), ("aupr_in", "AUPR-in ↑"), ("aupr_out", "AUPR-out ↑"))
+SCORES = ("msp", "energy")
 
 
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
 
-def _mean_over_sets(res: dict, score: str, attack: str, metric: str) -> float:
-    values = [per_attack[attack][metric] for per_attack in res[score].values() if attack in per_attack]
-    return sum(values) / len(values)
+def _methods(data: dict) -> list[str]:
+    return [m for m in data["runs"] if "eval" in data["runs"][m]]
 
 
-def render_full(data: dict) -> str:
-    runs = data["runs"]
-    methods = [m for m in runs if "eval" in runs[m]]
-    first = runs[methods[0]]["eval"]
-    attacks = list(first["attacks"])
-    scores = [s for s in first["results"] if s in ("msp", "energy")]
-    out = []
-    out.append("| method | test acc. clean | acc. under `paper` attack (msp) |")
-    out.append("|---|---:|---:|")
+def _attacks(run: dict) -> list[tuple[str, dict]]:
+    """(protocol, eval.json holding it) for clean, paper and, where run, strong."""
+    out = [(a, run["eval"]) for a in run["eval"]["attacks"]]
+    if "eval_strong" in run:
+        out += [(a, run["eval_strong"]) for a in run["eval_strong"]["attacks"] if a != "none"]
+    return out
+
+
+def _cell(run: dict, score: str, ood: str, attack: str) -> dict | None:
+    for a, ev in _attacks(run):
+        if a == attack:
+            return ev["results"].get(score, {}).get(ood, {}).get(attack)
+    return None
+
+
+def _mean(run: dict, score: str, attack: str, metric: str) -> float | None:
+    ev = dict(_attacks(run)).get(attack)
+    if ev is None or score not in ev["results"]:
+        return None
+    values = [per[attack][metric] for per in ev["results"][score].values() if attack in per]
+    return sum(values) / len(values) if values else None
+
+
+def _accuracy(run: dict, attack: str, score: str = "msp") -> float | None:
+    ev = dict(_attacks(run)).get(attack)
+    if ev is None:
+        return None
+    acc = ev["accuracy"].get(attack)
+    return acc.get(score) if isinstance(acc, dict) else acc
+
+
+def _label(attack: str) -> str:
+    return "clean" if attack == "none" else attack
+
+
+def render_summary(data: dict, score: str = "msp") -> str:
+    runs, methods = data["runs"], _methods(data)
+    attacks = [a for a, _ in _attacks(runs[methods[0]])]
+    sets = ", ".join(runs[methods[0]]["eval"]["results"][score])
+    names = {"paper": "`paper` (ε = 1/255, 10 steps)", "strong": "`strong` (ε = 8/255, 100 steps)"}
+    out = [f"Mean over OOD sets ({sets}); {score.upper()} score; percent. Attacks: "
+           + ", ".join(names[a] for a in attacks if a in names) + ".", "",
+           "| method | test acc. | " + " | ".join(f"AUROC {_label(a)} ↑" for a in attacks) + " | "
+           + " | ".join(f"FPR95 {_label(a)} ↓" for a in attacks) + " |",
+           "|---|" + "---:|" * (1 + 2 * len(attacks))]
     for m in methods:
-        acc = runs[m]["eval"]["accuracy"]
-        attacked = acc.get("paper", {}).get("msp") if isinstance(acc.get("paper"), dict) else None
-        out.append(f"| {m} | {_pct(acc['clean'])} | {_pct(attacked)} |")
-    for score in scores:
-        out.append("")
-        out.append(f"**Score `{score}`** (percent; in-distribution = CIFAR-10 test = positive class)")
-        out.append("")
-        header = "| OOD set | attack | " + " | ".join(f"{m} {label}" for m in methods for _, label in METRICS[:2]) + " |"
-        out.append(header)
-        out.append("|---|---|" + "---:|" * (2 * len(methods)))
-        for ood in first["results"][score]:
-            for attack in attacks:
-                cells = []
-                for m in methods:
-                    r = runs[m]["eval"]["results"][score][ood].get(attack)
-                    cells += [_pct(r["auroc"]) if r else "–", _pct(r["fpr_at_95_tpr"]) if r else "–"]
-                out.append(f"| {ood} | {'clean' if attack == 'none' else attack} | " + " | ".join(cells) + " |")
+        run = runs[m]
+        cells = [_pct(run["eval"]["accuracy"]["clean"])]
+        cells += [_pct(_mean(run, score, a, "auroc")) for a in attacks]
+        cells += [_pct(_mean(run, score, a, "fpr_at_95_tpr")) for a in attacks]
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 
-def render_summary(data: dict) -> str:
-    runs = data["runs"]
-    methods = [m for m in runs if "eval" in runs[m]]
-    first = runs[methods[0]]["eval"]
-    sets = ", ".join(first["results"]["msp"])
-    out = [f"Mean over OOD sets ({sets}); MSP score; percent. `paper` attack: L∞ PGD, ε = 1/255, 10 steps.", "",
-           "| method | test acc. | AUROC clean ↑ | AUROC attacked ↑ | FPR95 clean ↓ | FPR95 attacked ↓ |",
-           "|---|---:|---:|---:|---:|---:|"]
+def render_full(data: dict) -> str:
+    runs, methods = data["runs"], _methods(data)
+    first = runs[methods[0]]
+    attacks = [a for a, _ in _attacks(first)]
+    out = ["| method | test acc. clean | " + " | ".join(f"acc. under `{a}` attack (msp / energy)" for a in attacks if a != "none") + " |",
+           "|---|---:|" + "---:|" * (len(attacks) - 1)]
     for m in methods:
-        res = runs[m]["eval"]["results"]
-        out.append(
-            f"| {m} | {_pct(runs[m]['eval']['accuracy']['clean'])} | {_pct(_mean_over_sets(res, 'msp', 'none', 'auroc'))} | "
-            f"{_pct(_mean_over_sets(res, 'msp', 'paper', 'auroc'))} | {_pct(_mean_over_sets(res, 'msp', 'none', 'fpr_at_95_tpr'))} | "
-            f"{_pct(_mean_over_sets(res, 'msp', 'paper', 'fpr_at_95_tpr'))} |")
+        run = runs[m]
+        cells = [f"{_pct(_accuracy(run, a, 'msp'))} / {_pct(_accuracy(run, a, 'energy'))}" for a in attacks if a != "none"]
+        out.append(f"| {m} | {_pct(run['eval']['accuracy']['clean'])} | " + " | ".join(cells) + " |")
+    for score in SCORES:
+        if score not in first["eval"]["results"]:
+            continue
+        out += ["", f"**Score `{score}`**: AUROC ↑ / FPR95 ↓ (percent; in-distribution = CIFAR-10 test = positive class)", "",
+                "| OOD set | attack | " + " | ".join(methods) + " |", "|---|---|" + "---:|" * len(methods)]
+        for ood in first["eval"]["results"][score]:
+            for attack in attacks:
+                cells = []
+                for m in methods:
+                    r = _cell(runs[m], score, ood, attack)
+                    cells.append("–" if r is None else f"{_pct(r['auroc'])} / {_pct(r['fpr_at_95_tpr'])}")
+                out.append(f"| {ood} | {_label(attack)} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def render_long(data: dict) -> str:
+    runs, methods = data["runs"], _methods(data)
+    out = ["| score | method | OOD set | attack | n in / out | " + " | ".join(label for _, label in METRICS) + " | det. error ↓ |",
+           "|---|---|---|---|---:|" + "---:|" * (len(METRICS) + 1)]
+    for score in SCORES:
+        for m in methods:
+            for attack, ev in _attacks(runs[m]):
+                for ood, per in ev["results"].get(score, {}).items():
+                    r = per.get(attack)
+                    if r is None:
+                        continue
+                    out.append(f"| {score} | {m} | {ood} | {_label(attack)} | {r['n_in']} / {r['n_out']} | "
+                               + " | ".join(_pct(r[k]) for k, _ in METRICS) + f" | {_pct(r['detection_error'])} |")
     return "\n".join(out) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results", type=Path)
-    ap.add_argument("--summary", action="store_true")
+    ap.add_argument("--summary", action="store_true", help="Only the short mean-over-sets table (MSP score).")
+    ap.add_argument("--long", action="store_true", help="Every metric of every cell, one row each.")
     args = ap.parse_args()
     data = json.loads(args.results.read_text())
-    print(render_summary(data) if args.summary else render_full(data), end="")
+    if args.summary:
+        print(render_summary(data), end="")
+    elif args.long:
+        print(render_long(data), end="")
+    else:
+        print("\n".join([render_summary(data, "msp"), render_summary(data, "energy"), render_full(data)]), end="")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,44 @@
+"""scripts/render_results.py: the tables of docs/results.md come from the eval JSON, cell by cell."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "render_results.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("render_results", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _metrics(auroc: float, fpr: float, n: int = 10) -> dict:
+    return {"auroc": auroc, "fpr_at_95_tpr": fpr, "aupr_in": 0.5, "aupr_out": 0.25, "detection_error": 0.125,
+            "n_in": n, "n_out": n}
+
+
+def _eval(attack: str, base: float, n: int) -> dict:
+    results = {score: {ood: {"none": _metrics(base, 0.1, n), attack: _metrics(base - 0.2 - i / 10, 0.5, n)}
+                       for i, ood in enumerate(("tinyimagenet", "gaussian"))}
+               for score in ("msp", "energy")}
+    return {"attacks": ["none", attack], "accuracy": {"clean": 0.8, attack: {"msp": 0.7, "energy": 0.6}}, "results": results}
+
+
+def test_summary_means_over_sets_and_strong_comes_from_eval_strong():
+    r = _module()
+    data = {"runs": {"aloe": {"eval": _eval("paper", 0.9, 2000), "eval_strong": _eval("strong", 0.6, 500)},
+                     "msp": {"eval": _eval("paper", 0.7, 2000)},  # no strong run: its cells are "–"
+                     "pretrain": {"train_end": {}}}}
+    summary = r.render_summary(data)
+    assert "| aloe | 80.0 | 90.0 | 65.0 | 35.0 | 10.0 | 50.0 | 50.0 |" in summary  # paper: mean(70, 60); strong: mean(40, 30)
+    assert "| msp | 80.0 | 70.0 | 45.0 | – |" in summary
+    assert "pretrain" not in summary
+    full = r.render_full(data)
+    assert "| gaussian | strong | 30.0 / 50.0 | – |" in full
+    assert "| aloe | 80.0 | 70.0 / 60.0 | 70.0 / 60.0 |" in full
+    long = r.render_long(data)
+    assert "| msp | aloe | gaussian | strong | 500 / 500 | 30.0 | 50.0 | 50.0 | 25.0 | 12.5 |" in long
+    assert long.count("\n") == 2 + 2 * (3 * 2 + 2 * 2)  # 2 header lines; per score: aloe 3 attacks x 2 sets, msp 2 x 2
