@@ -50,7 +50,7 @@ BENCH_ARGS ?=
 # Serving benchmark (a few minutes): models/default and a ResNet-18 bundle (built once under runs/bench/),
 # every system incl. TorchServe (pip-installed into .venv on first use), concurrency 1, 8, 32, 128.
 bench-serve: $(STAMP) ## serving benchmark -> docs/bench/serve.{json,png}, docs/benchmarks-serve.md
-	$(VENV)/bin/python bench/serve.py --torchserve --concurrency 1,8,32,128 \
+	$(VENV)/bin/python bench/serve.py --torchserve --concurrency 1,8,32,128 --threads 1,2 \
 	  --out docs/bench/serve.json --markdown docs/benchmarks-serve.md $(BENCH_ARGS)
 
 # Training benchmark (~10-15 min on 2 idle cores): the real trainer step of every method on small_cnn and
