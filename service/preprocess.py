@@ -195,16 +195,13 @@ def decode_images(blobs: Sequence[bytes], spec: InputSpec, limits: ImageLimits =
 def open_images(blobs: Sequence[bytes], limits: ImageLimits = ImageLimits()) -> list[Image.Image]:
     """`open_image` each blob (headers only); the first bad one raises ImageError naming its index."""
     images: list[Image.Image] = []
-    try:
-        for i, blob in enumerate(blobs):
-            try:
-                images.append(open_image(blob, limits))
-            except ImageError as exc:
-                raise ImageError(exc.code, f"image {i}: {exc.message}", exc.status, index=i) from None
-    except ImageError:
-        for img in images:
-            img.close()
-        raise
+    for i, blob in enumerate(blobs):
+        try:
+            images.append(open_image(blob, limits))
+        except ImageError as exc:
+            for img in images:
+                img.close()
+            raise _of_image(i, exc) from None
     return images
 
 
@@ -216,11 +213,16 @@ def load_images(images: Sequence[Image.Image], spec: InputSpec) -> np.ndarray:
             try:
                 arrays.append(load_image(img, spec))
             except ImageError as exc:
-                raise ImageError(exc.code, f"image {i}: {exc.message}", exc.status, index=i) from None
+                raise _of_image(i, exc) from None
     finally:
         for img in images[len(arrays) + 1:]:  # load_image closed the ones it saw
             img.close()
     return to_tensor(arrays)
+
+
+def _of_image(index: int, exc: ImageError) -> ImageError:
+    """The same error, naming which image of the request it is about."""
+    return ImageError(exc.code, f"image {index}: {exc.message}", exc.status, index=index)
 
 
 def declared_pixels(images: Sequence[Image.Image]) -> int:
