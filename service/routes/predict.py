@@ -1,10 +1,9 @@
 """POST /v1/predict: classify images and say whether to trust each answer.
 
 The body (multipart `file`/`files`, a raw image, or JSON base64; see `service.request_body`) is
-parsed by hand rather than by FastAPI parameters because one route takes all three forms. Decoding
-of small images runs on the event loop, of larger ones in the decode thread pool (`_decode`), inference in
-the batcher's thread.
-One bad image fails the whole request, and the error names its index.
+parsed by hand rather than by FastAPI parameters because one route takes all three forms. Small
+images are decoded on the event loop, larger ones in the decode thread pool (`_decode`); inference
+runs in the batcher's thread. One bad image fails the whole request, and the error names its index.
 
 Two ways in, one implementation (`predict_images`):
 
@@ -210,7 +209,7 @@ async def predict_images(request: Request, top_k: int, operating_point: str | No
 
 
 class PredictJSONResponse(JSONResponse):
-    """orjson instead of the json module: a predictions list serialises ~5x faster (plain floats, str, int)."""
+    """orjson instead of the json module: the response is plain floats, ints and strings, serialised in C."""
 
     def render(self, content) -> bytes:
         return orjson.dumps(content)
