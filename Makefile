@@ -47,7 +47,7 @@ clean:
 	rm -rf $(VENV) $(SERVE_VENV) build *.egg-info .pytest_cache
 
 BENCH_ARGS ?=
-# Serving benchmark (a few minutes): models/default and a ResNet-18 bundle (built once under runs/bench/),
+# Serving benchmark (about 10 minutes): models/default and a ResNet-18 bundle (built once under runs/bench/),
 # every system incl. TorchServe (pip-installed into .venv on first use), concurrency 1, 8, 32, 128.
 bench-serve: $(STAMP) ## serving benchmark -> docs/bench/serve.{json,png}, docs/benchmarks-serve.md
 	$(VENV)/bin/python bench/serve.py --torchserve --concurrency 1,8,32,128 --threads 1,2 \
