@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -22,6 +18,7 @@ from oodguard.service.cli_deploy import flat_metrics
 from oodguard.service.store import ModelStore
 
 from .bundle_factory import make_tiny_bundle
+from .serve_process import start_serve
 
 runner = CliRunner()
 
@@ -148,12 +145,6 @@ def test_flat_metrics_keeps_the_headline_numbers():
 TOKEN = "deploy-test-admin-token-0123456789"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _metric_line(text: str, prefix: str) -> str:
     return next((line for line in text.splitlines() if line.startswith(prefix)), "")
 
@@ -161,36 +152,11 @@ def _metric_line(text: str, prefix: str) -> str:
 @pytest.fixture
 def live_server(src, tmp_path):
     """`oodguard serve` on a loopback port with a models dir, the admin API on and the pointer watched."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OODGUARD_")}
-    env["OODGUARD_ADMIN_TOKEN"] = TOKEN
     models = tmp_path / "models"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "oodguard.cli", "serve", "--bundle", str(src["1"]), "--models-dir", str(models),
-         "--port", str(port), "--watch-interval", "0.2", "--decode-threads", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"oodguard serve exited with {proc.returncode}:\n{proc.communicate()[0]}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("oodguard serve did not become ready in 60 s")
-        time.sleep(0.1)
-    yield base, models
-    proc.terminate()
-    try:
-        proc.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
+    args = ["--bundle", str(src["1"]), "--models-dir", str(models), "--watch-interval", "0.2", "--decode-threads", "1"]
+    with start_serve(args, tmp_path / "serve.log", env={"OODGUARD_ADMIN_TOKEN": TOKEN}) as served:
+        yield served.base, models
+        served.stop()
 
 
 def _active(base: str) -> str:

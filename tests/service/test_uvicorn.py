@@ -6,8 +6,6 @@ import io
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -16,49 +14,21 @@ import pytest
 from PIL import Image
 
 from .bundle_factory import encode_image
+from .serve_process import start_serve
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def server(tiny_bundle, request):
+def server(tiny_bundle, request, tmp_path):
     extra = getattr(request, "param", [])
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OODGUARD_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "oodguard.cli", "serve", "--bundle", str(tiny_bundle), "--port", str(port),
-         "--max-wait-ms", "2", "--decode-threads", "1", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"oodguard serve exited with {proc.returncode}:\n{out}\n{err}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("oodguard serve did not become ready in 60 s")
-        time.sleep(0.1)
-    yield proc, base
-    if proc.poll() is None:
-        proc.kill()
-        proc.communicate()
+    with start_serve(["--bundle", str(tiny_bundle), "--max-wait-ms", "2", "--decode-threads", "1", *extra],
+                     tmp_path / "serve.log") as served:
+        yield served
 
 
 def test_serve_predict_errors_metrics_and_clean_shutdown(server):
-    proc, base = server
+    base = server.base
     with httpx.Client(base_url=base, timeout=10) as c:
         r = c.post("/v1/predict", files={"file": ("img.png", encode_image((0, 255, 0), fmt="PNG"), "image/png")})
         assert r.status_code == 200, r.text
@@ -89,10 +59,8 @@ def test_serve_predict_errors_metrics_and_clean_shutdown(server):
         big = c.post("/v1/predict", content=buf.getvalue(), headers={"content-type": "image/png"})
         assert big.status_code == 200, big.text
 
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
-    assert "Traceback" not in err and "Traceback" not in out
+    assert server.stop(signal.SIGTERM) == 0, server.log()
+    assert "Traceback" not in server.log()
 
 
 def _raw(base: str, payload: bytes, wait_s: float = 0.0) -> bytes:
@@ -109,7 +77,7 @@ def _raw(base: str, payload: bytes, wait_s: float = 0.0) -> bytes:
 
 @pytest.mark.parametrize("server", [["--client-timeout", "1"]], indirect=True)
 def test_oversized_and_slow_request_heads_are_cut_off(server):
-    _, base = server
+    base = server.base
     big = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"
     reply = _raw(base, big)
     assert reply.startswith(b"HTTP/1.1 431") and b'"header_too_large"' in reply
@@ -128,7 +96,7 @@ def test_oversized_and_slow_request_heads_are_cut_off(server):
 
 @pytest.mark.parametrize("server", [["--max-connections", "2"]], indirect=True)
 def test_connections_beyond_the_limit_get_a_json_503(server):
-    _, base = server
+    base = server.base
     host, port = base.removeprefix("http://").split(":")
     held = [socket.create_connection((host, int(port)), timeout=5) for _ in range(2)]
     try:
