@@ -22,15 +22,20 @@ import io
 import json
 import os
 import platform
-import signal
-import socket
-import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-import httpx
-import numpy as np
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python bench/load.py` puts bench/ first on sys.path, not the repo
+    sys.path.insert(0, str(REPO))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench.serve_process import multipart_request, start_oodguard, stop, tree_cpu_seconds  # noqa: E402
 
 
 @dataclass
@@ -88,21 +93,6 @@ async def run_load(url: str, image: bytes, concurrency: int, max_requests: int, 
     return _summarise(latencies, statuses, elapsed, concurrency)
 
 
-def _multipart_request(host: str, image: bytes, path: str = "/v1/predict") -> bytes:
-    """One complete keep-alive HTTP/1.1 multipart POST, built once and replayed by the raw client."""
-    boundary = b"oodguardbenchboundary"
-    body = (
-        b"--" + boundary + b"\r\n"
-        b'Content-Disposition: form-data; name="file"; filename="img.jpg"\r\n'
-        b"Content-Type: image/jpeg\r\n\r\n" + image + b"\r\n--" + boundary + b"--\r\n"
-    )
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary={boundary.decode()}\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode()
-    return head + body
-
-
 async def run_raw_load(
     url: str, image: bytes, concurrency: int, max_requests: int, max_seconds: float, warmup: int, path: str = "/v1/predict"
 ) -> LoadResult:
@@ -113,7 +103,7 @@ async def run_raw_load(
     """
     host_port = url.removeprefix("http://")
     host, port = host_port.split(":")
-    request = _multipart_request(host_port, image, path)
+    request = multipart_request(host_port, image, path)
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     issued = 0
@@ -172,46 +162,6 @@ def _summarise(latencies: list[float], statuses: dict[str, int], elapsed: float,
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(bundle: str, extra: list[str], timeout_s: float = 60.0) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    cmd = [sys.executable, "-m", "oodguard.cli", "serve", "--bundle", bundle, "--port", str(port), "--log-level", "WARNING", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"oodguard serve exited with {proc.returncode}: {proc.stderr.read()}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"oodguard serve did not become ready within {timeout_s:.0f}s")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux /proc; includes warm-up when called around it)."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def batch_stats(url: str) -> dict:
     """Mean batch size and batch count from the server's own metrics."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -256,22 +206,24 @@ def main(argv: list[str] | None = None) -> int:
         runs = [("service", extra)]
 
     results = []
+    log_dir = Path(tempfile.mkdtemp(prefix="oodguard-load-"))
     for label, flags in runs:
         proc = None
         url = args.url
         if url is None:
-            proc, url = start_server(args.bundle, flags)
+            serve_args = ["--bundle", args.bundle, "--log-level", "WARNING", *flags]
+            proc, url = start_oodguard(serve_args, image, log_dir / f"serve-{len(results)}.log", ready_timeout_s=60)
         try:
             runner = run_raw_load if args.client == "raw" else run_load
-            c0 = _cpu_seconds(proc.pid) if proc else None
+            c0 = tree_cpu_seconds(proc.pid) if proc else None
             result = asyncio.run(runner(url, image, args.concurrency, args.requests, args.duration, args.warmup))
             if proc is not None:  # server CPU per request: what the server costs, whoever sets the pace
-                result.server["cpu_us_per_request"] = round((_cpu_seconds(proc.pid) - c0) / max(result.requests, 1) * 1e6)
+                result.server["cpu_us_per_request"] = round((tree_cpu_seconds(proc.pid) - c0) / max(result.requests, 1) * 1e6)
             result.label = label
             result.server.update({"flags": flags, **batch_stats(url)})
         finally:
             if proc is not None:
-                stop_server(proc)
+                stop(proc)
         results.append(result)
         print(
             f"{label:>13}: {result.requests_per_s:8.1f} req/s  p50 {result.p50_ms:7.2f} ms  p95 {result.p95_ms:7.2f} ms  "

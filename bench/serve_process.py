@@ -12,14 +12,14 @@ import resource
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import load
-
 REPO = Path(__file__).resolve().parents[1]
+
 
 @dataclass
 class ServerSpec:
@@ -36,6 +36,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def multipart_request(host: str, image: bytes, path: str = "/v1/predict") -> bytes:
+    """One complete keep-alive HTTP/1.1 multipart POST, built once and replayed (load client, readiness probe)."""
+    boundary = b"oodguardbenchboundary"
+    body = (
+        b"--" + boundary + b"\r\n"
+        b'Content-Disposition: form-data; name="file"; filename="img.jpg"\r\n'
+        b"Content-Type: image/jpeg\r\n\r\n" + image + b"\r\n--" + boundary + b"--\r\n"
+    )
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary={boundary.decode()}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    return head + body
 
 
 def clean_env() -> dict[str, str]:
@@ -73,7 +88,7 @@ def start(spec: ServerSpec, port: int, image: bytes, log_path: Path) -> subproce
     with open(log_path, "w") as out:
         proc = subprocess.Popen(spec.argv, stdout=out, stderr=subprocess.STDOUT, env=spec.env or clean_env(),
                                 cwd=REPO, start_new_session=True)
-    request = load._multipart_request(f"127.0.0.1:{port}", image, spec.path)
+    request = multipart_request(f"127.0.0.1:{port}", image, spec.path)
     deadline = time.monotonic() + spec.ready_timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -85,9 +100,19 @@ def start(spec: ServerSpec, port: int, image: bytes, log_path: Path) -> subproce
     raise RuntimeError(f"no 200 answer within {spec.ready_timeout_s:.0f} s: {_tail(log_path)}")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group (TorchServe has a Java frontend and Python workers), then wait."""
-    for sig, wait_s in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
+def start_oodguard(args: list[str], image: bytes, log_path: Path, env: dict[str, str] | None = None,
+                   ready_timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:
+    """`oodguard serve ARGS` on a free loopback port, ready once `image` gets a 200; returns (process, base URL)."""
+    port = free_port()
+    spec = ServerSpec("oodguard", [sys.executable, "-m", "oodguard.cli", "serve", *args, "--port", str(port)],
+                      env=env, ready_timeout_s=ready_timeout_s)
+    return start(spec, port, image, log_path), f"http://127.0.0.1:{port}"
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 30.0) -> int:
+    """SIGTERM to the server's process group (TorchServe has a Java frontend and Python workers), wait
+    `grace_s`, then SIGKILL. Returns the server's exit status (negative: killed by that signal)."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -101,6 +126,7 @@ def stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    return proc.returncode
 
 
 def _tail(path: Path, n: int = 300) -> str:

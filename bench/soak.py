@@ -20,15 +20,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import platform
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,10 +32,15 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import httpx
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python bench/soak.py` puts bench/ first on sys.path, not the repo
+    sys.path.insert(0, str(REPO))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench.load import make_jpeg  # noqa: E402
+from bench.serve_process import clean_env, start_oodguard, stop as stop_server  # noqa: E402
 
 
 # -- bundles ------------------------------------------------------------------------------------------
@@ -58,7 +59,6 @@ def make_versions(source: Path | None, workdir: Path) -> tuple[Path, Path, str]:
     from oodguard.service.manifest import load_manifest
 
     if source is None:
-        sys.path.insert(0, str(REPO))
         from tests.service.bundle_factory import make_tiny_bundle  # needs the dev extra (onnx)
 
         source = make_tiny_bundle(workdir / "tiny", "soak", "0")
@@ -72,50 +72,6 @@ def make_versions(source: Path | None, workdir: Path) -> tuple[Path, Path, str]:
         write_manifest(dest, load_manifest(dest).model_copy(update={"version": version}))
         out.append(dest)
     return out[0], out[1], what
-
-
-def make_jpeg(size: int = 32, seed: int = 0) -> bytes:
-    from PIL import Image
-
-    arr = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-# -- the server ----------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(bundle: Path, models: Path, token: str, log_path: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OODGUARD_")}
-    env["OODGUARD_ADMIN_TOKEN"] = token
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "oodguard.cli", "serve", "--bundle", str(bundle), "--models-dir", str(models),
-         "--port", str(port), *extra],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
-    )
-    log.close()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"oodguard serve exited with {proc.returncode}; see {log_path}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"oodguard serve was not ready in 120 s; see {log_path}")
 
 
 def proc_stats(pid: int) -> dict[str, int]:
@@ -356,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         a, b, what = make_versions(_default_bundle(args.bundle), work)
         models = work / "models"
         log_path = out.with_suffix(".server.log")
-        proc, base = start_server(a, models, token, log_path, ["--threads", str(args.threads), "--decode-threads", "1"])
+        serve_args = ["--bundle", str(a), "--models-dir", str(models), "--threads", str(args.threads), "--decode-threads", "1"]
+        proc, base = start_oodguard(serve_args, make_jpeg(seed=1), log_path, env={**clean_env(), "OODGUARD_ADMIN_TOKEN": token})
         try:
             (models / "incoming").mkdir(exist_ok=True)
             shutil.copytree(b, models / "incoming" / "soak-b")
@@ -369,12 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             warm, soak = asyncio.run(run(args, base, proc.pid, token))
             load_after = os.getloadavg()
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                exit_code = proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                exit_code = proc.wait()
+            exit_code = stop_server(proc, grace_s=60)
 
     setup = {
         "minutes": args.minutes, "warmup_s": args.warmup_s, "rate": args.rate, "concurrency": args.concurrency,

@@ -114,7 +114,7 @@ def test_markdown_and_text_render(tmp_path):
 
 def test_bare_asgi_parses_the_load_clients_multipart_body():
     image = _jpeg()
-    headers, body = _split_request(load._multipart_request("127.0.0.1:1", image, "/v1/predict"))
+    headers, body = _split_request(serve_process.multipart_request("127.0.0.1:1", image, "/v1/predict"))
     assert bare_asgi.parse_multipart_file(body, headers[b"content-type"]) == image
 
 
@@ -151,12 +151,12 @@ def _call_asgi(request: bytes, chunk: int = 100) -> tuple[int, dict]:
 
 def test_bare_asgi_app_decodes_a_chunked_upload_to_floats():
     image = _jpeg(seed=3)
-    status, payload = _call_asgi(load._multipart_request("h:1", image))
+    status, payload = _call_asgi(serve_process.multipart_request("h:1", image))
     assert status == 200
     assert payload["shape"] == [3, 32, 32]
     expected = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"), dtype=np.float32).mean() / 255.0
     assert payload["mean"] == pytest.approx(float(expected), abs=1e-5)
-    status, payload = _call_asgi(load._multipart_request("h:1", b"not an image"))
+    status, payload = _call_asgi(serve_process.multipart_request("h:1", b"not an image"))
     assert status == 415 and "cannot decode" in payload["error"]
 
 
