@@ -40,6 +40,7 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.load import make_jpeg  # noqa: E402
+from oodguard.service.manifest import load_manifest  # noqa: E402
 from bench.serve_process import clean_env, start_oodguard, stop as stop_server  # noqa: E402
 
 
@@ -56,7 +57,6 @@ def _default_bundle(arg: str | None) -> Path | None:
 def make_versions(source: Path | None, workdir: Path) -> tuple[Path, Path, str]:
     """Two copies of one bundle as versions soak-a / soak-b (re-pinned manifests). Returns (a, b, what)."""
     from oodguard.service.bundle import write_manifest
-    from oodguard.service.manifest import load_manifest
 
     if source is None:
         from tests.service.bundle_factory import make_tiny_bundle  # needs the dev extra (onnx)
@@ -142,8 +142,8 @@ async def _load(client: httpx.AsyncClient, soak: Soak, image: bytes, rate: float
     await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-async def _swapper(client: httpx.AsyncClient, soak: Soak, token: str, every_s: float, t0: float, stop_at: float,
-                   max_swaps: int) -> None:
+async def _swapper(client: httpx.AsyncClient, soak: Soak, model: str, token: str, every_s: float, t0: float,
+                   stop_at: float, max_swaps: int) -> None:
     headers = {"Authorization": f"Bearer {token}"}
     targets = ["soak-b", "soak-a"]
     while len(soak.swaps) < max_swaps:
@@ -153,7 +153,7 @@ async def _swapper(client: httpx.AsyncClient, soak: Soak, token: str, every_s: f
         target = targets[len(soak.swaps) % 2]
         start = time.monotonic()
         try:
-            r = await client.post(f"/admin/models/soak/{target}/activate", headers=headers, timeout=120)
+            r = await client.post(f"/admin/models/{model}/{target}/activate", headers=headers, timeout=120)
             ok, detail = r.status_code == 200, r.json()
         except httpx.HTTPError as exc:
             ok, detail = False, {"error": str(exc)}
@@ -186,7 +186,8 @@ async def _sampler(soak: Soak, pid: int, every_s: float, t0: float, stop_at: flo
             return
 
 
-async def run(args, base: str, pid: int, token: str) -> tuple[Soak, Soak]:
+async def run(args, base: str, pid: int, model: str, token: str) -> tuple[Soak, Soak]:
+    """Warm-up, then the measured soak; swaps activate `model`'s versions soak-a / soak-b in turn."""
     image = make_jpeg(seed=1)
     valid = {"soak-a", "soak-b"}
     limits = httpx.Limits(max_connections=args.concurrency + 2, max_keepalive_connections=args.concurrency + 2)
@@ -197,10 +198,10 @@ async def run(args, base: str, pid: int, token: str) -> tuple[Soak, Soak]:
         stop = t0 + args.warmup_s
         await asyncio.gather(
             _load(client, warm, image, args.rate, args.concurrency, t0, stop, args.max_requests, valid),
-            _swapper(client, warm, token, max(1.0, args.warmup_s / 3), t0, stop, 2),
+            _swapper(client, warm, model, token, max(1.0, args.warmup_s / 3), t0, stop, 2),
         )
         if len(warm.swaps) % 2:  # leave soak-a active, as at the start
-            await _swapper(client, warm, token, 0.0, time.monotonic(), time.monotonic() + 60, len(warm.swaps) + 1)
+            await _swapper(client, warm, model, token, 0.0, time.monotonic(), time.monotonic() + 60, len(warm.swaps) + 1)
 
         soak = Soak()
         t0 = time.monotonic()
@@ -209,7 +210,7 @@ async def run(args, base: str, pid: int, token: str) -> tuple[Soak, Soak]:
                                    proc_stats(pid)["threads"], proc_stats(pid)["fds"]))
         await asyncio.gather(
             _load(client, soak, image, args.rate, args.concurrency, t0, stop, args.max_requests, valid),
-            _swapper(client, soak, token, args.swap_every, t0, stop, args.max_swaps),
+            _swapper(client, soak, model, token, args.swap_every, t0, stop, args.max_swaps),
             _sampler(soak, pid, args.window_s, t0, stop),
         )
     return warm, soak
@@ -323,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"registering soak-b failed: {r.status_code} {r.text}")
             load_before = os.getloadavg()
             t_start = time.time()
-            warm, soak = asyncio.run(run(args, base, proc.pid, token))
+            warm, soak = asyncio.run(run(args, base, proc.pid, load_manifest(a).name, token))
             load_after = os.getloadavg()
         finally:
             exit_code = stop_server(proc, grace_s=60)
