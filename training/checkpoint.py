@@ -69,14 +69,18 @@ def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 2) -> Non
     atomic_write_text(path, json.dumps(obj, indent=indent, default=str) + "\n")
 
 
-def read_run_config(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / CONFIG_FILE
+def _read_run_json(path: Path, missing: str, what: str) -> dict[str, Any]:
+    """A run directory's JSON file; a missing or unreadable one is a CheckpointError naming the path."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: not a run directory (no {CONFIG_FILE})") from None
+        raise CheckpointError(f"{path}: {missing}") from None
     except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable run config ({exc})") from None
+        raise CheckpointError(f"{path}: unreadable {what} ({exc})") from None
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    return _read_run_json(Path(run_dir) / CONFIG_FILE, f"not a run directory (no {CONFIG_FILE})", "run config")
 
 
 # Model configs whose architecture default changed after checkpoints existed: kwargs that rebuild the
@@ -132,13 +136,7 @@ def load_model_from_run(run_dir: str | Path, map_location: str | torch.device = 
 
 def load_split(run_dir: str | Path) -> dict[str, Any]:
     """split.json: {"cal_indices", "train_size", "calibration_size", "seed", "dataset_sha256", ...}."""
-    path = Path(run_dir) / SPLIT_FILE
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: run has no calibration split file") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable split file ({exc})") from None
+    return _read_run_json(Path(run_dir) / SPLIT_FILE, "run has no calibration split file", "split file")
 
 
 # -- RNG state as tensors / plain containers (weights_only-loadable) ----------------------------------
