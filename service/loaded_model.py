@@ -29,7 +29,8 @@ class LoadedModel:
         self.name = manifest.name
         self.version = manifest.version
         self.sha256 = sha256
-        self.calibration = calibration
+        # float64 once here: conformal_p_values compares in float64, and would otherwise convert per request.
+        self.calibration = np.asarray(calibration, dtype=np.float64)
         self.output_names: list[str] = [o.name for o in session.get_outputs()]
         self.input_name: str = manifest.input.name
         self.loaded_at = time.time()
