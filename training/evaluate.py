@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from . import data
 from .attacks import AttackConfig, pgd_with
 from .checkpoint import write_json_atomic
+from .loop_parts import resolve_device
 from .metrics import ood_metrics
 from .ood_sets import load_ood_set, subsample
 from .run_data import RunData
@@ -116,18 +117,6 @@ def score_context(cfg: EvalConfig, maha: MahalanobisParams | None) -> ScoreConte
     return ScoreContext(
         temperature=cfg.temperature, odin_temperature=cfg.odin_temperature, odin_eps=cfg.odin_eps, mahalanobis=maha
     )
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return device
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -104,12 +104,17 @@ def warn_if_cpu_is_contended(threads: int, device: torch.device) -> None:
                     threads)
 
 
-def resolve_device(name: str, info: ddp.DistInfo) -> torch.device:
+def resolve_device(name: str, info: ddp.DistInfo | None = None) -> torch.device:
+    """`auto` (this rank's GPU when CUDA is there, else the CPU), `cpu`, `cuda` or `cuda:N`; else ValueError."""
     if name == "auto":
-        return torch.device(f"cuda:{info.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
+        rank = info.local_rank if info is not None else 0
+        return torch.device(f"cuda:{rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available")
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
     return device
 
 
