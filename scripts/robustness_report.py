@@ -25,16 +25,7 @@ import shutil
 import time
 from pathlib import Path
 
-from train_default import ROOT, common_train_args, run_oodguard
-
-OOD_SETS = ("tinyimagenet", "gaussian", "uniform")
-
-
-def _evaluate(run: Path, out: Path, attacks: str, samples: int, log: Path) -> float:
-    ood = [a for s in OOD_SETS for a in ("--ood", s)]
-    return run_oodguard(["evaluate", str(run), *ood, "--attack", attacks, "--scores", "msp,energy",
-                         "--max-samples", str(samples), "--out", str(out)], log)
-
+from train_default import ROOT, evaluate_run, finetune_run
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -58,14 +49,11 @@ def main() -> None:
     for method in methods:
         run = out / method
         if not (run / "checkpoints" / "last.pt").exists():
-            timings[f"finetune_{method}"] = run_oodguard(
-                ["train", "--method", method, *common_train_args(args.threads), "--init-from", str(pre),
-                 "--epochs", str(args.finetune_epochs), "--lr", str(args.finetune_lr), "--out", str(run),
-                 "--overwrite"], log)
+            timings[f"finetune_{method}"] = finetune_run(method, pre, run, args, log)
         if not (run / "eval" / "eval.json").exists():
-            timings[f"evaluate_{method}"] = _evaluate(run, run / "eval", "none,paper", args.eval_samples, log)
+            timings[f"evaluate_{method}"] = evaluate_run(run, run / "eval", "none,paper", args.eval_samples, log)
         if not (run / "eval_strong" / "eval.json").exists():
-            timings[f"evaluate_strong_{method}"] = _evaluate(run, run / "eval_strong", "none,strong",
+            timings[f"evaluate_strong_{method}"] = evaluate_run(run, run / "eval_strong", "none,strong",
                                                              args.strong_samples, log)
 
     results: dict = {"recipe": vars(args), "timings_s": timings, "runs": {}}

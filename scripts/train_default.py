@@ -32,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OODGUARD = [sys.executable, "-m", "oodguard.cli"]
+OOD_SETS = ("tinyimagenet", "gaussian", "uniform")
 
 
 def common_train_args(threads: int) -> list[str]:
@@ -56,6 +57,20 @@ def run_oodguard(args: list[str], log: Path) -> float:
     return seconds
 
 
+def finetune_run(method: str, pretrained: Path, run: Path, args: argparse.Namespace, log: Path) -> float:
+    """Fine-tune the pretrained weights with `method` (the recipe's flags, args' epochs / lr / threads); wall seconds."""
+    return run_oodguard(["train", "--method", method, *common_train_args(args.threads), "--init-from", str(pretrained),
+                         "--epochs", str(args.finetune_epochs), "--lr", str(args.finetune_lr), "--out", str(run),
+                         "--overwrite"], log)
+
+
+def evaluate_run(run: Path, out: Path, attacks: str, samples: int, log: Path) -> float:
+    """`oodguard evaluate` a run on the recipe's OOD sets (MSP and energy scores) into `out`; wall seconds."""
+    ood = [arg for name in OOD_SETS for arg in ("--ood", name)]
+    return run_oodguard(["evaluate", str(run), *ood, "--attack", attacks, "--scores", "msp,energy",
+                         "--max-samples", str(samples), "--out", str(out)], log)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/default", help="Directory for the runs (git-ignored).")
@@ -74,20 +89,15 @@ def main() -> None:
     log = out / "train_default.log"
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     timings: dict[str, float] = {}
-    common = common_train_args(args.threads)
 
     pre = out / "pretrain"
     if not (pre / "checkpoints" / "last.pt").exists():
-        timings["pretrain"] = run_oodguard(["train", "--method", "msp", *common, "--epochs", str(args.pretrain_epochs),
-                                    "--out", str(pre), "--overwrite"], log)
+        timings["pretrain"] = run_oodguard(["train", "--method", "msp", *common_train_args(args.threads),
+                                            "--epochs", str(args.pretrain_epochs), "--out", str(pre), "--overwrite"], log)
     for method in methods:
         run = out / method
-        timings[f"finetune_{method}"] = run_oodguard(
-            ["train", "--method", method, *common, "--init-from", str(pre), "--epochs", str(args.finetune_epochs),
-             "--lr", str(args.finetune_lr), "--out", str(run), "--overwrite"], log)
-        timings[f"evaluate_{method}"] = run_oodguard(
-            ["evaluate", str(run), "--ood", "tinyimagenet", "--ood", "gaussian", "--ood", "uniform",
-             "--attack", "none,paper", "--scores", "msp,energy", "--max-samples", str(args.eval_samples)], log)
+        timings[f"finetune_{method}"] = finetune_run(method, pre, run, args, log)
+        timings[f"evaluate_{method}"] = evaluate_run(run, run / "eval", "none,paper", args.eval_samples, log)
 
     shipped = out / methods[0]
     timings["export"] = run_oodguard(["export", str(shipped), "--scores", "msp,energy"], log)
