@@ -151,8 +151,10 @@ class VerifyReport:
     sha256: str
     checks: list[str] = field(default_factory=list)
     golden_max_abs_diff: dict[str, float] = field(default_factory=dict)
-    # The onnxruntime session the checks ran on, so a caller can serve exactly what was verified.
+    # The onnxruntime session the checks ran on and the calibration scores they read, so a caller
+    # serves exactly what was verified without loading it again.
     session: Any = field(default=None, repr=False)
+    calibration: np.ndarray | None = field(default=None, repr=False)
 
 
 def verify_bundle(bundle_dir: str | Path, intra_op_threads: int = 1, session=None) -> VerifyReport:
@@ -192,7 +194,7 @@ def verify_bundle(bundle_dir: str | Path, intra_op_threads: int = 1, session=Non
                                   "matches its content_sha256")
     report.checks.append("hashes")
 
-    load_calibration(root, manifest)
+    report.calibration = load_calibration(root, manifest)
     report.checks.append("calibration")
 
     _check_onnx_domains(root / MODEL_FILE)

@@ -22,7 +22,7 @@ from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 
-from .bundle import BundleError, load_calibration, manifest_sha256, verify_bundle
+from .bundle import BundleError, manifest_sha256, verify_bundle
 from .loaded_model import LoadedModel, contract_diff, key_metrics
 from .manifest import MANIFEST_FILE, BundleManifest, load_manifest
 from .store import ModelStore, StoreError, TarLimits, copy_bundle, ref, safe_extract_tar, split_ref
@@ -132,9 +132,8 @@ class ModelRegistry:
                 f"the manifest says {ref(report.manifest.name, report.manifest.version)} "
                 f"but the bundle is stored as {expect}",
             )
-        calibration = load_calibration(bundle_dir, report.manifest)
         t1 = time.perf_counter()
-        model = LoadedModel(bundle_dir, report.manifest, report.sha256, report.session, calibration)
+        model = LoadedModel(bundle_dir, report.manifest, report.sha256, report.session, report.calibration)
         self._warm(model)
         t2 = time.perf_counter()
         return model, {"validate": round(t1 - t0, 4), "warm": round(t2 - t1, 4)}, list(report.checks) + ["warm"]
