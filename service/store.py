@@ -168,8 +168,7 @@ class ModelStore:
     def _write_state(self, state: StoreState) -> None:
         state.updated_at = _now()
         state.events = state.events[-_MAX_EVENTS:]
-        atomic_write_text(self.state_path, state.to_json())
-        fsync_dir(self.root)  # make the rename itself durable
+        atomic_write_text(self.state_path, state.to_json())  # fsyncs the file and the directory
 
     def set_active(self, name: str, version: str, allow_contract_change: bool = False, action: str = "activate") -> StoreState:
         """Persist `name/version` as active; the previous active goes onto the rollback history."""
