@@ -41,7 +41,7 @@ Every error is JSON: `{"error": {"code": "...", "message": "..."}}`.
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings if settings is not None else Settings()
-    metrics = ServiceMetrics()
+    metrics = ServiceMetrics(drift_alpha=settings.drift_alpha, drift_jump=settings.drift_jump)
     limits = ImageLimits.from_settings(settings)
     configure_pillow(limits)
     registry = ModelRegistry(settings, metrics=metrics)

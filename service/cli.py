@@ -162,6 +162,9 @@ def register(app: typer.Typer) -> None:
         max_connections: int | None = typer.Option(
             None, "--max-connections", help="Open connections at most; more get 503 at once. Default: 1024."
         ),
+        drift_alpha: float | None = typer.Option(
+            None, "--drift-alpha", help="Drift alarm level (alarm when the p-value martingale reaches 1/alpha). Default: 0.01."
+        ),
         keep_versions: int | None = typer.Option(None, "--keep-versions", help="Versions kept for rollback. Default: 5."),
         http: str | None = typer.Option(None, "--http", help="uvicorn HTTP parser: auto, h11, httptools. Default: auto."),
         access_log: bool | None = typer.Option(None, "--access-log/--no-access-log", help="Log every request. Default: off."),
@@ -191,6 +194,7 @@ def register(app: typer.Typer) -> None:
             client_timeout_s=client_timeout_s,
             limit_concurrency=max_connections,
             keep_versions=keep_versions,
+            drift_alpha=drift_alpha,
             http=http,
             access_log=access_log,
             log_level=log_level,

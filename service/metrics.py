@@ -11,6 +11,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
+from .drift import DEFAULT_JUMP, DriftMonitor, DriftState
+
 # Request latency: sub-millisecond loopback hits up to slow multi-image requests.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -26,7 +28,7 @@ DECISIONS = ("accept", "reject")
 class ServiceMetrics:
     """The service's metrics. Pass `registry` to share one; by default each instance gets its own."""
 
-    def __init__(self, registry: CollectorRegistry | None = None):
+    def __init__(self, registry: CollectorRegistry | None = None, drift_alpha: float = 0.01, drift_jump: float = DEFAULT_JUMP):
         disable_created_metrics()  # no `_created` series: noise for dashboards (process-wide, idempotent)
         r = self.registry = registry if registry is not None else CollectorRegistry()
         self.requests = Counter(
@@ -74,15 +76,40 @@ class ServiceMetrics:
             "oodguard_inference_errors", "Requests answered 503 because onnxruntime failed or timed out.", registry=r
         )
         self.ready = Gauge("oodguard_ready", "1 when a warmed model is serving, else 0.", registry=r)
+        self.drift_alarm = Gauge(
+            "oodguard_drift_alarm",
+            "1 once the active model's p-value test martingale reached 1/alpha (traffic shifted); reset on model swap.",
+            registry=r,
+        )
+        self.drift_log_martingale = Gauge(
+            "oodguard_drift_log_martingale",
+            "Natural log of the active model's p-value test martingale; the alarm fires at log(1/alpha).",
+            registry=r,
+        )
+        self.drift_observations = Gauge(
+            "oodguard_drift_observations", "p-values the drift martingale has seen since the last model change.", registry=r
+        )
+        self.drift = DriftMonitor(drift_alpha, drift_jump, on_change=self._set_drift)
         # Children of the hottest label sets, resolved once (labels() takes a lock and a dict lookup).
         self._decision = {d: self.decisions.labels(decision=d) for d in DECISIONS}
 
     def set_model(self, name: str, version: str, sha256: str) -> None:
         """Called whenever the active model changes (startup, swap, rollback)."""
         self.model_info.info({"name": name, "version": version, "sha256": sha256})
+        self.drift.reset(sha256)  # a new model starts a new drift test
 
-    def observe_predictions(self, scores, p_values, accepted) -> None:
-        """Record one request's per-image scores, p-values and verdicts (numpy arrays)."""
+    def _set_drift(self, state: DriftState) -> None:
+        self.drift_alarm.set(1 if state.alarm else 0)
+        self.drift_log_martingale.set(state.log_martingale)
+        self.drift_observations.set(state.n)
+
+    def observe_predictions(self, scores, p_values, accepted, model_sha256: str | None = None) -> None:
+        """Record one request's per-image scores, p-values and verdicts (numpy arrays).
+
+        `model_sha256`: the model that answered; its p-values feed the drift martingale when it is the active one.
+        """
+        if model_sha256 is not None:
+            self.drift.observe(model_sha256, p_values)
         for s in scores.tolist():
             self.ood_score.observe(s)
         for p in p_values.tolist():

@@ -423,3 +423,6 @@ class ModelRegistry:
         info = getattr(self.metrics, "model_info", None)
         if info is not None:
             info.info({"name": model.name, "version": model.version, "sha256": model.sha256})
+        drift = getattr(self.metrics, "drift", None)
+        if drift is not None:  # a new model starts a new drift test
+            drift.reset(model.sha256)

@@ -60,6 +60,18 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0.0, le=600.0, description="Longest a request waits for inference.")
     retry_after_s: int = Field(1, ge=0, le=3600, description="Retry-After header value on 503 responses.")
 
+    # -- drift alarm ----------------------------------------------------------------------------
+    drift_alpha: float = Field(
+        0.01, gt=0.0, lt=1.0,
+        description="Drift alarm level: the p-value test martingale of the active model alarms at 1/alpha "
+        "(false-alarm probability <= alpha per model, by Ville's inequality).",
+    )
+    drift_jump: float = Field(
+        1e-4, gt=0.0, lt=1.0,
+        description="Share of the drift martingale's capital re-spread over its bets per image; smaller waits "
+        "better through long in-distribution streams, larger reacts sooner after short ones.",
+    )
+
     # -- input limits ---------------------------------------------------------------------------
     max_body_bytes: int = Field(16 * _MIB, ge=1024, description="Largest request body (413 above).")
     max_upload_bytes: int = Field(512 * _MIB, ge=1024, description="Largest body on /admin (bundle uploads).")

@@ -178,7 +178,7 @@ async def predict_images(request: Request, top_k: int, operating_point: str | No
     manifest = model.manifest
     if top_k > len(manifest.classes):
         raise ApiError(422, "invalid_top_k", f"top_k must be between 1 and {len(manifest.classes)} (the number of classes)")
-    _operating_point(manifest, operating_point)  # fail fast, before reading the body
+    resolve_operating_point(manifest, operating_point)  # fail fast, before reading the body
 
     with batcher.incoming() as ticket:  # lets the batcher wait for this request instead of running without it
         blobs = await read_images(
@@ -194,11 +194,11 @@ async def predict_images(request: Request, top_k: int, operating_point: str | No
 
     served = result.model  # the model that ran the batch (a hot-swap may have happened meanwhile)
     try:
-        scored = score_outputs(served, result.outputs, top_k, _operating_point(served.manifest, operating_point, swapped=True))
+        scored = score_outputs(served, result.outputs, top_k, resolve_operating_point(served.manifest, operating_point, swapped=True))
     except NonFiniteOutput as exc:
         metrics.inference_errors.inc()
         raise unavailable("inference_failed", str(exc), settings.retry_after_s) from None
-    metrics.observe_predictions(scored.scores, scored.p_values, scored.accepted)
+    metrics.observe_predictions(scored.scores, scored.p_values, scored.accepted, served.sha256)
     return PredictJSONResponse(
         {
             "model": {"name": served.name, "version": served.version, "sha256": served.sha256},
@@ -244,7 +244,8 @@ async def _infer(batcher, images, ticket, settings, metrics):
         raise unavailable(exc.code, exc.message, settings.retry_after_s) from None
 
 
-def _operating_point(manifest, name: str | None, swapped: bool = False):
+def resolve_operating_point(manifest, name: str | None, swapped: bool = False):
+    """The manifest's operating point `name` (None: its default); 422 if unknown, 503 model_changed after a swap."""
     try:
         return manifest.operating_point(name)
     except KeyError:
