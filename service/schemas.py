@@ -147,20 +147,28 @@ class V2ModelMetadata(BaseModel):
     versions: list[str]
     platform: str
     inputs: list[V2TensorMetadata]
-    outputs: list[V2TensorMetadata]
+    outputs: list[V2TensorMetadata] = Field(description="The graph's outputs: what an infer request naming no outputs gets.")
+    parameters: dict[str, Any] | None = Field(
+        None,
+        description="`verdict_outputs`: the OOD verdict as tensors a request may name in `outputs` "
+        "(`ood_score`, `p_value`, `accept`, `label_index`), computed as /v1/predict does; "
+        "`operating_points`: the values request parameter `operating_point` may take.",
+    )
 
 
 class V2RequestInput(BaseModel):
     name: str = Field(description="Must be the graph's input name (`image`).")
     shape: list[int] = Field(description="[N, 3, H, W] with H, W from the bundle's input spec.")
     datatype: str = Field(description="Only FP32 is accepted.")
-    parameters: dict[str, Any] | None = None
-    data: list[float] = Field(description="Row-major flattened tensor values, N*3*H*W of them.")
+    parameters: dict[str, Any] | None = Field(
+        None, description="`binary_data_size`: the tensor's bytes follow the JSON (binary tensor extension) instead of `data`."
+    )
+    data: list[float] | None = Field(None, description="Row-major flattened tensor values, N*3*H*W of them.")
 
 
 class V2RequestOutput(BaseModel):
-    name: str
-    parameters: dict[str, Any] | None = None
+    name: str = Field(description="A graph output, or a verdict output (`ood_score`, `p_value`, `accept`, `label_index`).")
+    parameters: dict[str, Any] | None = Field(None, description="`binary_data`: return this output as binary data.")
 
 
 class V2InferRequest(BaseModel):
@@ -171,7 +179,11 @@ class V2InferRequest(BaseModel):
     )
 
     id: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = Field(
+        None,
+        description="`binary_data_output`: every output as binary data; `operating_point`: which calibrated "
+        "operating point decides `accept` (default: the bundle's).",
+    )
     inputs: list[V2RequestInput] = Field(min_length=1)
     outputs: list[V2RequestOutput] | None = Field(None, description="Outputs to return (default: every graph output).")
 
@@ -180,7 +192,8 @@ class V2ResponseOutput(BaseModel):
     name: str
     shape: list[int]
     datatype: str
-    data: list[float]
+    parameters: dict[str, Any] | None = Field(None, description="`binary_data_size` when the data follows as binary.")
+    data: list[bool | int | float] | None = None
 
 
 class V2InferResponse(BaseModel):
