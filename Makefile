@@ -6,20 +6,26 @@ BUNDLE ?= models/default
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
-# Re-install whenever the dependency declaration changes.
-STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
-SERVE_STAMP := $(SERVE_VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+# Installs come from the lock files (locks/*.txt: every package pinned, with hashes; `make lock`
+# refreshes them): exactly the locked versions, then the project itself without dependencies.
+# Re-install whenever the declaration or the lock changes.
+LOCK_DEV := locks/dev.txt
+LOCK_SERVE := locks/serve.txt
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK_DEV) | sha256sum | cut -c1-12)
+SERVE_STAMP := $(SERVE_VENV)/.installed-$(shell cat pyproject.toml $(LOCK_SERVE) | sha256sum | cut -c1-12)
+PIP_LOCKED := -m pip install -q --require-hashes --no-deps -r
+PIP_PROJECT := -m pip install -q --no-deps --no-build-isolation
 
-.PHONY: install test tools serve install-serve clean bench-serve bench-train train-default
+.PHONY: install test tools serve install-serve clean bench-serve bench-train train-default lock
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK_DEV)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q -e '.[serve,train,dev]'
+	$(VENV)/bin/python $(PIP_LOCKED) $(LOCK_DEV)
+	$(VENV)/bin/python $(PIP_PROJECT) -e '.[serve,train,dev]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-install: $(STAMP) ## .venv with every extra (train, serve, dev), editable
+install: $(STAMP) ## .venv with every extra (train, serve, dev) at the locked versions, editable
 
 test: $(STAMP) tools ## run the test suite (installs first if needed)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
@@ -31,10 +37,10 @@ tools:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) >/dev/null 2>&1 \
 	  || echo "note: could not install the prometheus package; Prometheus tests will be skipped"; }
 
-$(SERVE_STAMP): pyproject.toml
+$(SERVE_STAMP): pyproject.toml $(LOCK_SERVE)
 	test -x $(SERVE_VENV)/bin/python || $(PYTHON) -m venv $(SERVE_VENV)
-	$(SERVE_VENV)/bin/python -m pip install -q --upgrade pip
-	$(SERVE_VENV)/bin/python -m pip install -q -e '.[serve]'
+	$(SERVE_VENV)/bin/python $(PIP_LOCKED) $(LOCK_SERVE)
+	$(SERVE_VENV)/bin/python $(PIP_PROJECT) -e '.[serve]'
 	rm -f $(SERVE_VENV)/.installed-*
 	touch $@
 
@@ -43,8 +49,17 @@ install-serve: $(SERVE_STAMP) ## .venv-serve with only the serve extra (no torch
 serve: $(SERVE_STAMP) ## serve the default bundle on $(HOST):$(PORT)
 	$(SERVE_VENV)/bin/oodguard serve --bundle $(BUNDLE) --host $(HOST) --port $(PORT)
 
+LOCK_VENV ?= .venv-lock
+UV_VERSION ?= 0.13.9
+LOCK_ARGS ?=
+# Re-resolve locks/{serve,train,dev}.txt from pyproject.toml with uv (PyPI needed; existing pins are
+# kept unless LOCK_ARGS=--upgrade). uv lives in its own venv: the project's venvs stay as locked.
+lock: ## refresh the lock files after editing dependencies in pyproject.toml
+	test -x $(LOCK_VENV)/bin/uv || { $(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/python -m pip install -q 'uv==$(UV_VERSION)'; }
+	PATH="$(CURDIR)/$(LOCK_VENV)/bin:$$PATH" $(LOCK_VENV)/bin/python locks/lockfile.py compile $(LOCK_ARGS)
+
 clean:
-	rm -rf $(VENV) $(SERVE_VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(SERVE_VENV) $(LOCK_VENV) build *.egg-info .pytest_cache
 
 BENCH_ARGS ?=
 # Serving benchmark (about 10 minutes): models/default and a ResNet-18 bundle (built once under runs/bench/),

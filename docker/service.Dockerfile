@@ -9,12 +9,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /opt/oodguard
-# Dependencies first (cached layer), then the code. Only the `serve` extra: no torch in this image.
+# Dependencies first (cached layer): exactly the locked `serve` set, hashes checked; no torch in
+# this image. Then the code, without dependencies.
+COPY locks/serve.txt ./locks/serve.txt
+RUN pip install --no-compile --require-hashes --no-deps -r locks/serve.txt
 COPY pyproject.toml README.md ./
 COPY oodguard ./oodguard
 COPY training ./training
 COPY service ./service
-RUN pip install --no-compile ".[serve]" \
+RUN pip install --no-compile --no-deps --no-build-isolation ".[serve]" \
  && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin oodguard \
  && mkdir -p /models && chown oodguard /models
 

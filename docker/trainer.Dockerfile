@@ -21,11 +21,15 @@ RUN apt-get update \
  && python3 -m venv /opt/venv
 
 WORKDIR /opt/oodguard
+# Exactly the locked `train` + `serve` set (hashes checked; the lock is universal, so the image's
+# Python 3.12 gets the same versions), then the code without dependencies.
+COPY locks/train.txt ./locks/train.txt
+RUN pip install --require-hashes --no-deps -r locks/train.txt
 COPY pyproject.toml README.md ./
 COPY oodguard ./oodguard
 COPY training ./training
 COPY service ./service
-RUN pip install ".[train,serve]"
+RUN pip install --no-deps --no-build-isolation ".[train,serve]"
 
 VOLUME ["/data", "/runs", "/models"]
 ENTRYPOINT ["oodguard"]
