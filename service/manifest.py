@@ -76,6 +76,11 @@ class OperatingPoint(_Strict):
     threshold: float
     realised_tpr: float | None = None  # on the in-distribution test split
     fpr: dict[str, float] = Field(default_factory=dict)  # OOD set (and "set/attacked") -> FPR
+    # Class-conditional point (`oodguard calibrate --per-class`): accept iff score >= class_thresholds[c]
+    # for the predicted class c (argmax of probs); `threshold` is then the global one, for reference.
+    class_thresholds: list[float] | None = None
+    class_calibration_size: list[int] | None = None  # calibration images predicted as each class
+    class_realised_tpr: list[float | None] | None = None  # per predicted class, test split (None: no image)
 
 
 class CalibrationInfo(_Strict):
@@ -147,6 +152,11 @@ class BundleManifest(_Strict):
             raise ValueError(f"duplicate operating point names: {names}")
         if self.default_operating_point not in names:
             raise ValueError(f"default_operating_point {self.default_operating_point!r} is not one of {names}")
+        for op in self.operating_points:
+            for key in _CLASS_FIELDS:
+                values = getattr(op, key)
+                if values is not None and len(values) != len(self.classes):
+                    raise ValueError(f"operating point {op.name!r}: {key} has {len(values)} entries for {len(self.classes)} classes")
         if self.score.output not in self.outputs:
             raise ValueError(f"score output {self.score.output!r} is not one of the outputs {self.outputs}")
         for required in ("logits", "probs"):
@@ -174,12 +184,24 @@ class BundleManifest(_Strict):
 
     def compute_content_sha256(self) -> str:
         """sha256 of the canonical JSON (sorted keys, no whitespace) of every field but `content_sha256`."""
-        payload = self.model_dump(mode="json", exclude={"content_sha256"})
+        payload = _without_unset_class_fields(self.model_dump(mode="json", exclude={"content_sha256"}))
         canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
+        return json.dumps(_without_unset_class_fields(self.model_dump(mode="json")), indent=2, sort_keys=False) + "\n"
+
+
+_CLASS_FIELDS = ("class_thresholds", "class_calibration_size", "class_realised_tpr")
+
+
+def _without_unset_class_fields(payload: dict[str, Any]) -> dict[str, Any]:
+    """Drop the optional per-class fields where unset, so bundles written before they existed keep their hash."""
+    for op in payload.get("operating_points", []):
+        for key in _CLASS_FIELDS:
+            if op.get(key) is None:
+                op.pop(key, None)
+    return payload
 
 
 def load_manifest(bundle_dir: str | Path) -> BundleManifest:

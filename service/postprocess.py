@@ -2,7 +2,8 @@
 
 Vectorised over the images of one request. Computes nothing the bundle does not define: the
 probabilities and the score come from the ONNX graph, the threshold from the manifest's operating
-point, the p-value from the bundle's calibration scores.
+point (per predicted class for a class-conditional point), the p-value from the bundle's
+calibration scores.
 """
 
 from __future__ import annotations
@@ -41,14 +42,14 @@ def score_outputs(model, outputs: dict[str, np.ndarray], top_k: int, op: Operati
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     top_probs = probs[np.arange(n)[:, None], order]
     p_values = model.p_values(scores)
-    accepted = scores >= op.threshold
+    thresholds = image_thresholds(op, order[:, 0])
+    accepted = scores >= thresholds.astype(scores.dtype)  # compared in the score's precision, as always
 
     classes = manifest.classes
     score_name = manifest.score.name
-    threshold = float(op.threshold)
     predictions = []
-    for idx_row, prob_row, score, p, ok in zip(
-        order.tolist(), top_probs.tolist(), scores.tolist(), p_values.tolist(), accepted.tolist()
+    for idx_row, prob_row, score, p, threshold, ok in zip(
+        order.tolist(), top_probs.tolist(), scores.tolist(), p_values.tolist(), thresholds.tolist(), accepted.tolist()
     ):
         predictions.append(
             {
@@ -65,3 +66,10 @@ def score_outputs(model, outputs: dict[str, np.ndarray], top_k: int, op: Operati
             }
         )
     return Scored(predictions, scores, p_values, accepted)
+
+
+def image_thresholds(op: OperatingPoint, predicted: np.ndarray) -> np.ndarray:
+    """Each image's threshold: the operating point's, or, for a class-conditional point, its predicted class's."""
+    if op.class_thresholds is None:
+        return np.full(predicted.shape, float(op.threshold))
+    return np.asarray(op.class_thresholds, dtype=np.float64)[predicted]

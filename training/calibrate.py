@@ -41,6 +41,7 @@ from .evaluate import EVAL_DIR, git_commit, load_eval, set_key
 from .export import EXPORT_DIR, EXPORT_JSON, ONNX_FILE, read_export_info, run_onnx
 from .ood_sets import load_ood_set, subsample
 from .package import BuiltBundle, build_bundle
+from .per_class import add_per_class_points, predictor
 from .run_data import RunData, RunError
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class CalibrateConfig:
     score: str = "msp"
     tprs: list[float] = field(default_factory=lambda: list(DEFAULT_TPRS))
     default_tpr: float = 0.95
+    per_class: bool = False  # also a class-conditional point per TPR (`tprXX_per_class`, per_class.py)
     name: str | None = None
     version: str | None = None  # default: UTC timestamp
     out: str | None = None  # default RUN_DIR/bundle
@@ -148,6 +150,11 @@ def calibrate_run(run_dir: str | Path, cfg: CalibrateConfig) -> BuiltBundle:
     attacked = {tuple(k.split("__", 1)[1].rsplit("__", 1)): v for k, v in eval_raw.items()
                 if k.startswith(f"{cfg.score}__") and not k.endswith("__none")}
     points, validation = _operating_points(thresholds, cal_sorted, test_scores, ood_scores, attacked)
+    if cfg.per_class:  # thresholds per predicted class, next to each global point (per_class.py)
+        ood_images = {set_key(spec): load_ood_set(spec, cfg.max_samples, cfg.seed, data_dir=run.data_dir).images
+                      for spec in cfg.ood or evaluated_sets or ["tinyimagenet", "gaussian"]}
+        points = add_per_class_points(points, predictor(session, cfg.score, cfg.batch_size), cal_set.images,
+                                      test_set.images, ood_images, len(run.classes), threshold_for_tpr)
     metrics: dict[str, Any] = {"validation": {
         "score": cfg.score,
         "test_images": int(test_scores.size),

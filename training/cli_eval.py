@@ -146,6 +146,8 @@ def calibrate(
     batch_size: int = typer.Option(256, "--batch-size", min=1),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="OODGUARD_DATA_DIR"),
     tarball: bool = typer.Option(True, "--tarball/--no-tarball", help="Also write <bundle>.tar.gz."),
+    per_class: bool = typer.Option(False, "--per-class/--no-per-class", help="Also calibrate one threshold per "
+                                   "predicted class: a `tprXX_per_class` operating point next to each `tprXX`."),
 ) -> None:
     """Calibrate thresholds on the held-out split with onnxruntime and assemble a verified bundle.
 
@@ -162,6 +164,7 @@ def calibrate(
                           data_dir=str(data_dir) if data_dir else None, tarball=tarball)
     if tpr:
         cfg.tprs = _floats(_split_list(tpr), "--tpr")
+    cfg.per_class = per_class
     try:
         built = calibrate_run(run_dir, cfg)
     except BundleError as exc:  # the assembled bundle failed verification
@@ -182,7 +185,7 @@ def calibrate(
     for op in m.operating_points:
         fpr.add_column(op.name, justify="right")
     for key in m.operating_points[0].fpr:
-        fpr.add_row(Text(key), *(f"{100 * op.fpr[key]:.1f}%" for op in m.operating_points))
+        fpr.add_row(Text(key), *(f"{100 * op.fpr[key]:.1f}%" if key in op.fpr else "-" for op in m.operating_points))
     _out.print(fpr)
     _out.print(f"bundle: {built.bundle_dir} (verified: {', '.join(built.verify.checks)})", markup=False)
     if built.tarball:
