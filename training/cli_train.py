@@ -1,7 +1,7 @@
 """`oodguard train`: train a classifier with msp / oe / adv / aoe / aloe into a run directory.
 
 Torch is imported inside the command, so `oodguard --help` (and the service) work without it.
-Every option defaults to the chosen recipe (`--recipe cpu`, the default, or `--recipe paper`); an
+Every option defaults to the chosen recipe (`--recipe cpu`, the default, `fast` or `paper`); an
 explicit flag always wins. Under `torchrun --nproc-per-node N -m oodguard.cli train ...` it trains
 data-parallel (gloo on CPU, nccl on CUDA).
 """
@@ -23,11 +23,12 @@ _EXIT_CODES = {"interrupted": 130, "terminated": 143}  # clean stop after a sign
 
 
 def _default(name: str) -> str:
-    """'[default: X]' text: the cpu recipe's value, and the paper recipe's when it differs."""
+    """'[default: X]' text: the cpu recipe's value, and each other recipe's where it differs."""
     cpu = RECIPES["cpu"].get(name, getattr(_DEFAULTS, name))
-    paper = RECIPES["paper"].get(name, cpu)
     fmt = lambda v: "off" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))  # noqa: E731
-    return fmt(cpu) if paper == cpu else f"{fmt(cpu)}; paper recipe: {fmt(paper)}"
+    others = [f"{r} recipe: {fmt(values[name])}" for r, values in RECIPES.items()
+              if r != "cpu" and name in values and values[name] != cpu]
+    return "; ".join([fmt(cpu), *others])
 
 
 def _opt(*names: str, key: str, help: str, default_text: str | None = None, **kw: Any) -> Any:
@@ -63,7 +64,9 @@ def train_command(
     model_kwargs: Optional[str] = _opt("--model-kwargs", key="model_kwargs",
                                        help='Extra model arguments as JSON, e.g. \'{"widths": [48, 96, 192]}\'.'),
     recipe: str = typer.Option("cpu", "--recipe", help="Defaults to start from: 'cpu' (small_cnn, fast on 2 cores, "
-                               "use with --time-budget) or 'paper' (DenseNet-BC-100, 100 epochs: a GPU job)."),
+                               "use with --time-budget), 'fast' (fast_cnn, 18 epochs of batch 256, label smoothing: "
+                               "the default model's pre-training, ~1 h on 2 cores) or 'paper' (DenseNet-BC-100, "
+                               "100 epochs: a GPU job)."),
     data: Optional[str] = _opt("--data", key="data", help="In-distribution data: 'cifar10', a directory holding "
                                "cifar10_{train,test}.npz, an .npz, or a labelled image folder (class sub-folders)."),
     outliers: Optional[str] = _opt("--outliers", key="outliers", help="Outlier-exposure data: 'tinyimagenet', a directory "
@@ -77,6 +80,15 @@ def train_command(
     calibration_size: Optional[int] = _opt("--calibration-size", key="calibration_size",
                                            help="Training images held out for calibration (recorded in split.json)."),
     split_seed: Optional[int] = _opt("--split-seed", key="split_seed", help="Seed of the calibration split."),
+    outlier_holdout: Optional[float] = _opt("--outlier-holdout", key="outlier_holdout",
+                                            help="Fraction of the outlier classes held out of training as validation "
+                                            "OOD data (recorded in split.json; used by calibrate --score auto)."),
+    upload_augment: Optional[bool] = _opt("--upload-augment/--no-upload-augment", key="upload_augment",
+                                          help="Re-render every training image (inliers and outliers alike) as a random "
+                                          "upload: JPEG of quality 20-95 or lossless, resized through 24-128 px."),
+    crop_pad: Optional[int] = _opt("--crop-pad", key="crop_pad", help="Random translation of up to N pixels (+ flip)."),
+    label_smoothing: Optional[float] = _opt("--label-smoothing", key="label_smoothing",
+                                            help="Label smoothing of the in-distribution cross-entropy."),
     out: Path = typer.Option(..., "--out", help="Run directory (config.json, split.json, log.jsonl, checkpoints/)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out bit-for-bit from checkpoints/last.pt."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous run's files in --out."),
@@ -140,7 +152,8 @@ def train_command(
     overrides = dict(
         method=method, model=model, data=_existing_path_or_name(data), outliers=_existing_path_or_name(outliers),
         data_dir=data_dir, cache_dir=cache_dir, on_corrupt=on_corrupt, subset=subset,
-        calibration_size=calibration_size, split_seed=split_seed, out=str(out), resume=resume, overwrite=overwrite,
+        calibration_size=calibration_size, split_seed=split_seed, outlier_holdout=outlier_holdout,
+        upload_augment=upload_augment, crop_pad=crop_pad, label_smoothing=label_smoothing, out=str(out), resume=resume, overwrite=overwrite,
         init_from=str(Path(init_from).resolve()) if init_from else None,
         seed=seed, epochs=epochs, max_steps=max_steps, time_budget=time_budget,
         fit_schedule_to_budget=fit_schedule_to_budget, stop_at_step=stop_at_step, batch_size=batch_size,

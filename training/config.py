@@ -34,6 +34,9 @@ ATTACKS_INLIERS = {"adv", "aoe", "aloe"}
 ATTACKS_OUTLIERS = {"aloe"}
 RECIPES: dict[str, dict[str, Any]] = {
     "cpu": {"model": "small_cnn", "epochs": 30, "weight_decay": 5e-4, "channels_last": True},
+    # the default model's pre-training: fast_cnn, large batches, label smoothing, short translations
+    "fast": {"model": "fast_cnn", "epochs": 18, "batch_size": 256, "lr": 0.2, "warmup_steps": 170, "min_lr": 0.0,
+             "weight_decay": 5e-4, "label_smoothing": 0.1, "crop_pad": 2, "channels_last": True},
     "paper": {"model": "densenet100", "epochs": 100, "weight_decay": 1e-4, "channels_last": False, "seed": 1},
 }
 
@@ -54,6 +57,12 @@ class TrainConfig:
     subset: int | None = None  # train on a seeded random subset of N in-distribution images
     calibration_size: int = 5000  # images held out of the training split for calibration
     split_seed: int = 0  # seed of the calibration split (fixed, independent of --seed)
+    # fraction of the outlier *classes* held out of training (validation OOD data for choosing scores and
+    # thresholds; recorded in split.json). Classes, not images: a held-out image's class-mates are not trained on.
+    outlier_holdout: float = 0.1
+    # augmentation, identical for inliers and outliers, before the attack
+    upload_augment: bool = True  # re-render each image as a random upload (see augment.UploadAugment)
+    crop_pad: int = 4  # random translation of up to this many pixels (zero padding), plus a random flip
     # run
     out: str = "runs/default"
     resume: bool = False
@@ -76,6 +85,7 @@ class TrainConfig:
     nesterov: bool = True
     weight_decay: float | None = None  # None: 5e-4 for wrn* and small_cnn, else 1e-4
     lambda_oe: float = 0.5  # weight of the OE loss
+    label_smoothing: float = 0.0  # of the in-distribution cross-entropy (not of the attack's loss)
     # training attack (pixel units; paper: ε = 1/255, 2 steps of 1/255, no random start)
     eps: float = 1 / 255
     attack_steps: int = 2
@@ -130,8 +140,12 @@ class TrainConfig:
             problems.append("need lr > 0 and 0 <= min_lr <= lr")
         if self.eps < 0 or self.step_size < 0 or self.attack_steps < 0:
             problems.append("eps, attack_steps and step_size must be >= 0")
-        if self.calibration_size < 0 or self.lambda_oe < 0 or self.warmup_steps < 0:
-            problems.append("calibration_size, lambda_oe and warmup_steps must be >= 0")
+        if self.calibration_size < 0 or self.lambda_oe < 0 or self.warmup_steps < 0 or self.crop_pad < 0:
+            problems.append("calibration_size, lambda_oe, warmup_steps and crop_pad must be >= 0")
+        if not 0 <= self.label_smoothing < 1:
+            problems.append("label_smoothing must be in [0, 1)")
+        if not 0 <= self.outlier_holdout < 1:
+            problems.append("outlier_holdout must be in [0, 1) (a fraction of the outlier classes)")
         if self.resume and self.overwrite:
             problems.append("--resume and --overwrite are mutually exclusive")
         if self.init_from is not None and not Path(self.init_from).exists():

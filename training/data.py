@@ -318,6 +318,37 @@ def calibration_split(n: int, size: int = 5000, seed: int = 0) -> tuple[np.ndarr
     return np.sort(perm[size:]).astype(np.int64), np.sort(perm[:size]).astype(np.int64)
 
 
+def outlier_holdout(outliers: ImageSet, fraction: float, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """Split an outlier set into (training indices, record of the held-out validation part).
+
+    Labelled sets hold out whole classes (`fraction` of them, seeded), so validation measures outliers of
+    kinds never trained on; unlabelled sets hold out that fraction of images. The record goes to split.json
+    and `held_out_outliers` rebuilds the validation set from it."""
+    n = len(outliers)
+    if fraction <= 0:
+        return np.arange(n), {"fraction": 0.0, "classes": [], "indices": []}
+    rng = np.random.default_rng(seed + 2)
+    labels = np.asarray(outliers.labels)
+    if (labels >= 0).all() and len(np.unique(labels)) >= 2:
+        classes = np.unique(labels)
+        k = max(1, int(round(fraction * len(classes))))
+        held = np.sort(rng.choice(classes, size=k, replace=False))
+        mask = np.isin(labels, held)
+        return np.flatnonzero(~mask), {"fraction": fraction, "classes": held.tolist(), "indices": [],
+                                       "n_train": int((~mask).sum()), "n_val": int(mask.sum())}
+    held_idx = np.sort(rng.choice(n, size=max(1, int(round(fraction * n))), replace=False))
+    keep = np.setdiff1d(np.arange(n), held_idx)
+    return keep, {"fraction": fraction, "classes": [], "indices": held_idx.tolist(),
+                  "n_train": int(len(keep)), "n_val": int(len(held_idx))}
+
+
+def held_out_outliers(outliers: ImageSet, record: dict) -> ImageSet:
+    """The validation outliers `outlier_holdout` set aside (record as stored in split.json)."""
+    if record.get("classes"):
+        return outliers.subset(np.flatnonzero(np.isin(np.asarray(outliers.labels), record["classes"])))
+    return outliers.subset(np.asarray(record.get("indices", []), dtype=np.int64))
+
+
 # -- tensors and batches ----------------------------------------------------------------------------------
 
 
@@ -358,7 +389,8 @@ class BatchStream:
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray | None, batch_size: int, *, seed: int,
-                 augment: bool = True, rank: int = 0, world_size: int = 1, channels_last: bool = False):
+                 augment: bool = True, rank: int = 0, world_size: int = 1, channels_last: bool = False,
+                 crop_pad: int = 4, upload_augment=None):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW
@@ -366,6 +398,8 @@ class BatchStream:
         self.batch_size = batch_size
         self.seed = seed
         self.augment = augment
+        self.crop_pad = crop_pad
+        self.upload_augment = upload_augment  # an augment.UploadAugment (or None): applied before crop + flip
         self.rank, self.world_size = rank, world_size
         self.channels_last = channels_last
         self.per_rank = len(self.images) // world_size
@@ -391,8 +425,10 @@ class BatchStream:
         idx = self._order[self.position * self.batch_size:(self.position + 1) * self.batch_size]
         self.position += 1
         x = self.images[idx]
+        if self.augment and self.upload_augment is not None:
+            x = torch.from_numpy(self.upload_augment.apply(x.permute(0, 2, 3, 1).numpy(), self.generator)).permute(0, 3, 1, 2)
         if self.augment:
-            x = random_crop_flip(x, self.generator)
+            x = random_crop_flip(x, self.generator, pad=self.crop_pad)
         x = x.float().div_(255.0)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -37,7 +37,8 @@ from .checkpoint import (
     load_initial_weights, resolve_model_config, restore_rng_state, save_checkpoint, write_json_atomic,
 )
 from .config import ATTACKS_INLIERS, ATTACKS_OUTLIERS, USES_OUTLIERS, TrainConfig, config_from_dict
-from .data import BatchStream, ImageSet, calibration_split, load_in_distribution, load_outliers
+from .augment import UploadAugment
+from .data import BatchStream, ImageSet, calibration_split, load_in_distribution, load_outliers, outlier_holdout
 from .loop_parts import (  # noqa: F401  (CosineSchedule, accuracy: re-exported)
     CosineSchedule, StopSignals, accuracy, attack_bn, autocast, resolve_device, warn_if_cpu_is_contended,
 )
@@ -95,7 +96,12 @@ def _load_training_data(cfg: TrainConfig, info: ddp.DistInfo) -> tuple[ImageSet,
         train_idx = np.sort(np.random.default_rng(cfg.split_seed + 1).choice(train_idx, cfg.subset, replace=False))
         split["subset_indices"] = train_idx.tolist()
     split["train_size"] = len(train_idx)
-    outliers = load_outliers(cfg.outliers, **kw) if cfg.method in USES_OUTLIERS else None
+    outliers = None
+    if cfg.method in USES_OUTLIERS:
+        outliers = load_outliers(cfg.outliers, **kw)
+        keep, held_out = outlier_holdout(outliers, cfg.outlier_holdout, cfg.split_seed)
+        split["outlier_holdout"] = {"source": outliers.source, "sha256": outliers.sha256, **held_out}
+        outliers = outliers.subset(keep)
     return full.subset(train_idx), outliers, split
 
 
@@ -149,12 +155,13 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
         prepare_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite)
     ddp.barrier(info)
     num_classes = len(train_set.classes) or int(train_set.labels.max()) + 1
-    in_stream = BatchStream(train_set.images, train_set.labels, cfg.batch_size, seed=cfg.seed, rank=info.rank,
-                            world_size=info.world_size, channels_last=cfg.channels_last)
+    # the same augmentation for inliers and outliers: no form (encoding, size) may tell one from the other
+    augment = {"crop_pad": cfg.crop_pad, "upload_augment": UploadAugment() if cfg.upload_augment else None,
+               "rank": info.rank, "world_size": info.world_size, "channels_last": cfg.channels_last}
+    in_stream = BatchStream(train_set.images, train_set.labels, cfg.batch_size, seed=cfg.seed, **augment)
     out_stream = None
     if outlier_set is not None:
-        out_stream = BatchStream(outlier_set.images, None, cfg.outlier_batch_size, seed=cfg.seed + 7_919,
-                                 rank=info.rank, world_size=info.world_size, channels_last=cfg.channels_last)
+        out_stream = BatchStream(outlier_set.images, None, cfg.outlier_batch_size, seed=cfg.seed + 7_919, **augment)
 
     # model, optimiser, schedule (same init on every rank; DDP also broadcasts rank 0's weights)
     torch.manual_seed(cfg.seed)
@@ -288,7 +295,7 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
             inputs = torch.cat([x_in, x_out]) if x_out is not None else x_in
             with autocast(device, amp):
                 logits = model(inputs)
-            ce = F.cross_entropy(logits[:n_in].float(), y)
+            ce = F.cross_entropy(logits[:n_in].float(), y, label_smoothing=cfg.label_smoothing)
             oe = oe_loss(logits[n_in:]) if x_out is not None else torch.zeros((), device=device)
             loss = ce + cfg.lambda_oe * oe if x_out is not None else ce
             optimizer.zero_grad(set_to_none=True)

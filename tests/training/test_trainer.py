@@ -35,7 +35,9 @@ def test_oe_methods_flatten_outlier_predictions(tiny_config, tiny_data_dir, tmp_
     x_out = to_tensor(load_outliers(tiny_data_dir).images[:64])
     oe = {}
     for method in ("msp", "oe"):
-        r = train(tiny_config(method=method, max_steps=30, out=str(tmp_path / f"oe-{method}")))
+        # without the upload augmentation: re-encoded as JPEG, the tiny set's uniform-noise outliers look
+        # nothing like the raw noise scored here, and 30 steps are too few to learn both
+        r = train(tiny_config(method=method, max_steps=30, out=str(tmp_path / f"oe-{method}"), upload_augment=False))
         with torch.no_grad():
             oe[method] = oe_loss(r.model.eval()(x_out)).item() - math.log(10)
     assert oe["oe"] < 0.5 * oe["msp"]

@@ -1,0 +1,102 @@
+"""Upload-form augmentation (training) and upload forms (evaluation / calibration).
+
+The augmentation must give inliers and outliers the same forms (no form may tell them apart), be
+reproducible from the generator (so --resume is exact), and really change the pixels; the forms must go
+through the service's own decode path."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from oodguard.service.manifest import InputSpec
+from oodguard.service.preprocess import decode_image
+from oodguard.training.augment import UploadAugment
+from oodguard.training.data import BatchStream
+from oodguard.training.shifts import FORMS, encode_form, render_form, render_mixed
+
+
+def _images(n=12, seed=0):
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)  # smooth-ish content: upsampled noise
+    return np.stack([np.asarray(Image.fromarray(b).resize((32, 32), Image.BICUBIC)) for b in base])
+
+
+def test_upload_augment_is_reproducible_and_changes_pixels():
+    x = _images()
+    a = UploadAugment()
+    y1 = a.apply(x, torch.Generator().manual_seed(4))
+    y2 = a.apply(x, torch.Generator().manual_seed(4))
+    np.testing.assert_array_equal(y1, y2)
+    assert y1.shape == x.shape and y1.dtype == np.uint8
+    changed = np.abs(y1.astype(int) - x).reshape(len(x), -1).mean(1) > 0.5
+    assert changed.mean() > 0.5  # most images are re-rendered; lossless + no resize leaves a few untouched
+
+
+def test_upload_augment_identity_when_lossless_and_unscaled():
+    x = _images()
+    y = UploadAugment(p_rescale=0.0, p_lossless=1.0).apply(x, torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(x, y)
+
+
+def test_upload_augment_draws_every_form():
+    """Over many images: lossless uploads at the set rate, and JPEGs of many different settings."""
+    x = np.repeat(_images(1), 400, axis=0)
+    y = UploadAugment(p_rescale=0.0).apply(x, torch.Generator().manual_seed(1))
+    diffs = np.abs(y.astype(int) - x).reshape(len(x), -1).mean(1)
+    assert (diffs == 0).mean() == pytest.approx(0.3, abs=0.08)  # p_lossless
+    assert len(np.unique(np.round(diffs[diffs > 0], 4))) > 30  # many JPEG qualities / subsamplings, not one
+
+
+@pytest.mark.parametrize("bad", [dict(p_rescale=1.5), dict(min_side=0), dict(quality=(90, 20))])
+def test_upload_augment_rejects_bad_settings(bad):
+    with pytest.raises(ValueError):
+        UploadAugment(**bad)
+
+
+def test_batch_stream_applies_the_same_augmentation_to_any_stream_and_resumes_exactly():
+    x = _images(64)
+    aug = UploadAugment()
+    a = BatchStream(x, None, 16, seed=3, upload_augment=aug)
+    b = BatchStream(x, None, 16, seed=3, upload_augment=aug)
+    first = a.next()[0]
+    state = a.state_dict()
+    second = a.next()[0]
+    b.next()
+    b.load_state_dict(state)
+    assert torch.equal(b.next()[0], second) and not torch.equal(first, second)
+    plain = BatchStream(x, None, 16, seed=3, upload_augment=None)
+    assert not torch.equal(plain.next()[0], first)  # the upload augmentation really is applied
+
+
+def test_forms_go_through_the_service_decoder():
+    x = _images(6)
+    spec = InputSpec()
+    np.testing.assert_array_equal(render_form(x, "stored"), x)
+    np.testing.assert_array_equal(render_form(x, "png"), x)  # lossless
+    for form in FORMS:
+        out = render_form(x, form, spec)
+        assert out.shape == (6, 32, 32, 3) and out.dtype == np.uint8
+        if form not in ("stored", "png"):
+            assert not np.array_equal(out, x), form
+            expected = decode_image(encode_form(x[0], form), spec)
+            np.testing.assert_array_equal(out[0], expected)
+    assert Image.open(io.BytesIO(encode_form(x[0], "non_square"))).size == (96, 64)
+    assert Image.open(io.BytesIO(encode_form(x[0], "upscale_x4"))).size == (128, 128)
+    assert Image.open(io.BytesIO(encode_form(x[0], "jpeg_q30"))).format == "JPEG"
+    with pytest.raises(ValueError, match="unknown upload form"):
+        render_form(x, "gif")
+
+
+def test_mixed_forms_share_the_images_equally_and_are_seeded():
+    x = _images(30)
+    forms = ["stored", "jpeg_q50", "upscale_x3"]
+    mixed, assignment = render_mixed(x, forms, seed=1)
+    assert np.bincount(assignment).tolist() == [10, 10, 10]
+    np.testing.assert_array_equal(mixed[assignment == 0], x[assignment == 0])
+    again, assignment2 = render_mixed(x, forms, seed=1)
+    np.testing.assert_array_equal(again, mixed) and np.testing.assert_array_equal(assignment, assignment2)
