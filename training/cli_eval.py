@@ -61,8 +61,17 @@ def evaluate(
         None, "--ood", help="OOD set, repeatable: tinyimagenet, gaussian, uniform, blobs, or a path (.npz / image "
         "folder). Default: tinyimagenet, gaussian, uniform, blobs."),
     attack: Optional[list[str]] = typer.Option(
-        None, "--attack", help="Comma-separated protocols: none, paper (eps 1/255, 10 steps of 1/255), strong "
-        "(eps 8/255, 100 steps of 2/255, random start). Default: none,paper."),
+        None, "--attack", help="Comma-separated protocols: none; paper (eps 1/255, 10 steps of 1/255) and strong "
+        "(eps 8/255, 100 steps of 2/255), both worst case per image over 4 objectives (x 2 restarts for paper) with "
+        "the best iterate kept; fast (paper's budget, one objective, last iterate: for smoke runs). Default: none,paper."),
+    attack_samples: Optional[list[str]] = typer.Option(
+        None, "--attack-samples", help="Images per set for an attacked protocol, e.g. strong=500,paper=2000 (a seeded "
+        "subset of the clean images). Default: strong=500."),
+    attack_sets: Optional[list[str]] = typer.Option(
+        None, "--attack-sets", help="OOD sets to attack (comma-separated names as in the tables). Default: all."),
+    shifts: Optional[list[str]] = typer.Option(
+        None, "--shifts", help="Comma-separated upload forms to evaluate (stored, png, jpeg_q30, jpeg_q50, jpeg_q95, "
+        "upscale_x2, upscale_x3, upscale_x4, non_square), or 'all'. Realised TPR / FPR at tpr95 per form."),
     scores: Optional[list[str]] = typer.Option(
         None, "--scores", help="Comma-separated scores: msp, energy, odin, mahalanobis. Default: all four."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1, help="Images per set (seeded subset)."),
@@ -87,6 +96,14 @@ def evaluate(
         cfg.attacks = _split_list(attack)
     if scores:
         cfg.scores = _split_list(scores)
+    if attack_sets:
+        cfg.attack_sets = _split_list(attack_sets)
+    if attack_samples:
+        cfg.attack_samples = _counts(_split_list(attack_samples), "--attack-samples")
+    if shifts:
+        from .evaluate import DEFAULT_SHIFTS
+
+        cfg.shifts = list(DEFAULT_SHIFTS) if _split_list(shifts) == ["all"] else _split_list(shifts)
     try:
         report = evaluate_run(run_dir, cfg, out)
     except _input_errors() as exc:
@@ -98,11 +115,44 @@ def evaluate(
         table.add_column("clean" if a == "none" else a, justify="right")
     for score, per_set in report["results"].items():
         for set_name, per_attack in per_set.items():
-            cells = [f"{100 * m['auroc']:.1f} / {100 * m['fpr_at_95_tpr']:.1f}" for m in per_attack.values()]
+            cells = ["–" if a not in per_attack else
+                     f"{100 * per_attack[a]['auroc']:.1f} / {100 * per_attack[a]['fpr_at_95_tpr']:.1f}"
+                     + (f" (n={per_attack[a]['n_in']}+{per_attack[a]['n_out']})" if a != "none" else "")
+                     for a in report["attacks"]]
             table.add_row(score, Text(set_name), *cells)
     _out.print(table)
+    if report.get("shifts"):
+        _print_shifts(report["shifts"])
     _out.print(f"accuracy (clean): {100 * report['accuracy']['clean']:.2f}%")
     _out.print(f"wrote {Path(out) if out else Path(run_dir) / 'eval'}/eval.md, eval.json, plots", markup=False)
+
+
+def _counts(items: list[str], flag: str) -> dict[str, int]:
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            out[key.strip()] = int(value)
+        except ValueError:
+            raise typer.BadParameter(f"expected PROTOCOL=N like strong=500, got {item!r}", param_hint=flag) from None
+    return out
+
+
+def _print_shifts(shifts: dict) -> None:
+    for score in shifts["thresholds"]:
+        table = Table(title=Text(f"Upload forms — {score}, tpr95 threshold from the calibration split "
+                                 f"({shifts['calibration_images']} images, mixed forms)"))
+        table.add_column("form")
+        table.add_column("accuracy", justify="right")
+        table.add_column("realised TPR", justify="right")
+        sets = list(next(iter(shifts["forms"].values()))["scores"][score]["sets"])
+        for key in sets:
+            table.add_column(f"FPR {key}", justify="right")
+        for form, row in shifts["forms"].items():
+            r = row["scores"][score]
+            table.add_row(form, f"{100 * row['accuracy']:.1f}%", f"{100 * r['realised_tpr']:.1f}%",
+                          *(f"{100 * r['sets'][k]['fpr']:.1f}%" for k in sets))
+        _out.print(table)
 
 
 def export(
@@ -133,7 +183,13 @@ def export(
 def calibrate(
     run_dir: Path = typer.Argument(..., help="Training run directory (exported first with `oodguard export`)."),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="Exported model. Default RUN_DIR/export/model.onnx."),
-    score: str = typer.Option("msp", "--score", help="The ONNX score output the service thresholds."),
+    score: str = typer.Option("msp", "--score", help="The ONNX score output the service thresholds, or 'auto': the "
+                              "graph's score with the lowest FPR95 under the paper attack on validation data (the "
+                              "calibration split vs the outlier classes held out of training)."),
+    calibration_forms: Optional[list[str]] = typer.Option(
+        None, "--calibration-forms", help="Upload forms the calibration images are rendered in, equal shares "
+        "(comma-separated; see `oodguard evaluate --shifts`). Default: stored,png,jpeg_q50,jpeg_q95,upscale_x3,non_square."),
+    auto_samples: int = typer.Option(500, "--auto-samples", min=1, help="Images per side attacked by --score auto."),
     tpr: Optional[list[str]] = typer.Option(None, "--tpr", help="Comma-separated TPR targets. Default 0.90,0.95,0.99."),
     default: float = typer.Option(0.95, "--default", help="The default operating point (one of --tpr)."),
     name: Optional[str] = typer.Option(None, "--name", help="Bundle name. Default <model>-<method>."),
@@ -160,8 +216,10 @@ def calibrate(
 
     cfg = CalibrateConfig(onnx=str(onnx) if onnx else None, score=score, default_tpr=default, name=name,
                           version=version, out=str(out) if out else None, ood=list(ood) if ood else None,
-                          max_samples=max_samples, batch_size=batch_size,
+                          max_samples=max_samples, batch_size=batch_size, auto_samples=auto_samples,
                           data_dir=str(data_dir) if data_dir else None, tarball=tarball)
+    if calibration_forms:
+        cfg.calibration_forms = _split_list(calibration_forms)
     if tpr:
         cfg.tprs = _floats(_split_list(tpr), "--tpr")
     cfg.per_class = per_class
@@ -187,6 +245,27 @@ def calibrate(
     for key in m.operating_points[0].fpr:
         fpr.add_row(Text(key), *(f"{100 * op.fpr[key]:.1f}%" if key in op.fpr else "-" for op in m.operating_points))
     _out.print(fpr)
+    validation = m.metrics.get("validation", {})
+    if validation.get("forms"):
+        forms = Table(title=f"Realised TPR per upload form at {m.default_operating_point} (test split)")
+        forms.add_column("form")
+        forms.add_column("realised TPR", justify="right")
+        sets = list(next(iter(validation["forms"].values()))[m.default_operating_point]["fpr"])
+        for key in sets:
+            forms.add_column(f"FPR {key}", justify="right")
+        for form, row in validation["forms"].items():
+            point = row[m.default_operating_point]
+            forms.add_row(form, f"{100 * point['realised_tpr']:.1f}%", *(f"{100 * point['fpr'][k]:.1f}%" for k in sets))
+        _out.print(forms)
+    selection = m.metrics.get("score_selection")
+    if selection:
+        sel = Table(title=Text(f"--score auto: {selection['rule']}"))
+        for col in ("score", "clean AUROC", "clean FPR95", "attacked AUROC", "attacked FPR95"):
+            sel.add_column(col, justify="left" if col == "score" else "right")
+        for name, r in selection["candidates"].items():
+            sel.add_row(name + (" (chosen)" if name == selection["chosen"] else ""),
+                        *(f"{100 * r[a][k]:.1f}%" for a in ("clean", "attacked") for k in ("auroc", "fpr_at_95_tpr")))
+        _out.print(sel)
     _out.print(f"bundle: {built.bundle_dir} (verified: {', '.join(built.verify.checks)})", markup=False)
     if built.tarball:
         _out.print(f"archive: {built.tarball}", markup=False)

@@ -3,10 +3,16 @@
 For each score (scores.SCORES), each OOD set and each attack protocol:
 
 - clean: scores of the in-distribution test images (positives) and of the OOD images (negatives);
-- attacked: PGD (the training core's `pgd_linf`) on the score itself, model in eval mode: inliers are
-  pushed to look OOD (minimise the score), OOD images to look in-distribution (maximise it). MSP,
-  energy and Mahalanobis are attacked end to end; ODIN through BPDA (its pre-processing step is held
-  constant in the backward pass, its forward value is exact), reported as such.
+- attacked, model in eval mode: inliers are pushed to look OOD (minimise the score), OOD images to look
+  in-distribution (maximise it). `paper` (ε = 1/255) and `strong` (ε = 8/255, 100 steps) are worst-case
+  attacks (`attacks.pgd_worst_case`): per image the worst score over four objectives (the score,
+  log-MSP, logit margin, cross-entropy to uniform) and restarts, best iterate kept, on the 8-bit grid.
+  `fast` is the single-objective last-iterate PGD for smoke runs. MSP, energy and Mahalanobis are
+  attacked end to end; ODIN through BPDA (its pre-processing step is held constant in the backward
+  pass, its forward value is exact), reported as such.
+- shifted (`--shifts`): the same in-distribution and OOD images uploaded in other forms (PNG, JPEG of
+  other qualities, upscaled, non-square; `shifts.FORMS`) through the service's decode path, with the
+  realised TPR / FPR at the `tpr95` threshold calibrated on the run's calibration split.
 
 Writes to `out_dir` (default RUN_DIR/eval): eval.json (every number + the config that made it +
 versions), eval.md, ROC / histogram PNGs, scores.npz (every raw score, so calibration can compute
@@ -31,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import data
-from .attacks import AttackConfig, pgd_with
+from .attacks import AttackConfig, pgd_with, pgd_worst_case
 from .checkpoint import write_json_atomic
 from .loop_parts import resolve_device
 from .metrics import ood_metrics
@@ -40,13 +46,16 @@ from .run_data import RunData
 from .report import write_report
 from .scores import (
     SCORES,
+    WORST_CASE_OBJECTIVES,
     MahalanobisParams,
     ScoreContext,
     attack_objective,
     check_score_names,
     compute_scores,
     fit_mahalanobis,
+    scored_forward,
 )
+from .shifts import FORMS, check_forms, render_form, render_mixed
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +67,21 @@ EVAL_SCHEMA = "oodguard-eval/1"
 
 ATTACK_PROTOCOLS: dict[str, AttackConfig | None] = {
     "none": None,
-    "paper": AttackConfig(eps=1 / 255, steps=10, step_size=1 / 255, random_start=False),
-    "strong": AttackConfig(eps=8 / 255, steps=100, step_size=2 / 255, random_start=True),
+    # single objective (the score), last iterate: the reference code's evaluation attack, for smoke runs
+    "fast": AttackConfig(eps=1 / 255, steps=10, step_size=1 / 255, random_start=False),
+    # the ALOE paper's budget (ε = 1/255, 10 steps of 1/255), worst case over objectives and 2 restarts
+    "paper": AttackConfig(eps=1 / 255, steps=10, step_size=1 / 255, random_start=False,
+                          objectives=WORST_CASE_OBJECTIVES, restarts=2),
+    # the robustness literature's CIFAR budget (ATD: ε = 8/255, PGD-100, both sides), worst case likewise
+    # (one start per objective: 400 gradient steps per image are already ~1 s on 2 CPU cores for fast_cnn)
+    "strong": AttackConfig(eps=8 / 255, steps=100, step_size=2 / 255, random_start=False,
+                           objectives=WORST_CASE_OBJECTIVES, restarts=1),
 }
+# Forms whose shift the evaluation and calibration measure by default (shifts.FORMS has them all).
+DEFAULT_SHIFTS = ("stored", "png", "jpeg_q30", "jpeg_q50", "jpeg_q95", "upscale_x2", "upscale_x3", "upscale_x4",
+                  "non_square")
+# The mix of forms the calibration split is rendered in (thresholds that hold whatever form arrives).
+CALIBRATION_FORMS = ("stored", "png", "jpeg_q50", "jpeg_q95", "upscale_x3", "non_square")
 CONVENTION = (
     "In-distribution is the positive class; a higher score means more in-distribution; an input is "
     "accepted iff score >= threshold. FPR95 = FPR at the highest threshold with TPR >= 95%; "
@@ -82,6 +103,10 @@ class EvalConfig:
     attacks: list[str] = field(default_factory=lambda: ["none", "paper"])
     scores: list[str] = field(default_factory=lambda: ["msp", "energy", "odin", "mahalanobis"])
     max_samples: int | None = None  # per set (in-distribution test and each OOD set)
+    # attacked evaluations on fewer images (a seeded subset of the clean ones): protocol -> images per set
+    attack_samples: dict[str, int] = field(default_factory=lambda: {"strong": 500})
+    attack_sets: list[str] | None = None  # OOD sets attacked (None = all of `ood`); clean numbers cover all
+    shifts: list[str] = field(default_factory=list)  # upload forms to evaluate (shifts.FORMS); [] = none
     batch_size: int = 256
     maha_fit_samples: int = 5000  # training images (minus calibration) used to fit Mahalanobis
     temperature: float = 1.0
@@ -105,6 +130,14 @@ class EvalConfig:
             raise ValueError(f"--max-samples must be >= 1, got {self.max_samples}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        bad = {k: v for k, v in self.attack_samples.items() if k not in ATTACK_PROTOCOLS or int(v) < 1}
+        if bad:
+            raise ValueError(f"--attack-samples: unknown protocol or count < 1: {bad}")
+        self.shifts = check_forms(self.shifts)
+        if self.attack_sets is not None:
+            unknown = sorted(set(self.attack_sets) - {set_key(o) for o in self.ood})
+            if unknown:
+                raise ValueError(f"--attack-sets {unknown} are not among the OOD sets ({', '.join(map(set_key, self.ood))})")
 
 
 def set_key(spec: str) -> str:
@@ -156,7 +189,7 @@ def _score_batches(model: nn.Module, images: np.ndarray, names: list[str], ctx: 
     sign = -1.0 if is_in else 1.0  # inliers: minimise the score; outliers: maximise it
     total = (len(images) + batch_size - 1) // batch_size * (1 if attack is None else len(names))
     with tqdm(total=total, desc=desc, leave=False, unit="batch") as bar:
-        for _, x in data.iterate_batches(images, batch_size):
+        for start, x in data.iterate_batches(images, batch_size):
             x = x.to(device)
             if attack is None:
                 logits, out = compute_scores(model, x, names, ctx)
@@ -166,13 +199,65 @@ def _score_batches(model: nn.Module, images: np.ndarray, names: list[str], ctx: 
                 bar.update(1)
                 continue
             for n in names:
-                x_adv = pgd_with(attack, lambda xa, n=n: sign * attack_objective(model, xa, n, ctx), x, generator)
+                if attack.worst_case:
+                    x_adv, _ = pgd_worst_case(scored_forward(model, n, ctx), x, direction=sign,
+                                              objectives=attack.objectives, eps=attack.eps, steps=attack.steps,
+                                              step_size=attack.step_size, restarts=attack.restarts,
+                                              random_start=attack.random_start, seed=seed * 7919 + start)
+                else:
+                    x_adv = pgd_with(attack, lambda xa, n=n: sign * attack_objective(model, xa, n, ctx), x, generator)
                 logits, out = compute_scores(model, x_adv, [n], ctx)
                 scores[n].append(out[n].cpu().numpy())
                 preds[n].append(logits.argmax(1).cpu().numpy())
                 bar.update(1)
     return ({n: np.concatenate(v).astype(np.float32) for n, v in scores.items()},
             {n: np.concatenate(v) for n, v in preds.items()})
+
+
+def _subset_indices(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """All indices, or a sorted seeded subset of `limit` of them (the same rule as ood_sets.subsample)."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
+
+
+def _clean_scores(model: nn.Module, images: np.ndarray, names: list[str], ctx: ScoreContext, batch_size: int,
+                  desc: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    scores, preds = _score_batches(model, images, names, ctx, None, True, batch_size, 0, desc)
+    return scores, preds[names[0]]
+
+
+def _evaluate_shifts(model: nn.Module, run: RunData, test: data.ImageSet, ood_sets: dict, cfg: EvalConfig,
+                     ctx: ScoreContext, raw: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Per upload form: accuracy, realised TPR and per-set FPR at the tpr95 threshold, AUROC / FPR95.
+
+    The threshold is calibrated as `oodguard calibrate` does (same rule, same mix of forms) on the run's
+    calibration split, with torch scores; real OOD sets only (synthetic noise has no "form")."""
+    from .calibrate import threshold_for_tpr  # calibrate imports this module
+
+    cal = run.calibration_set()
+    cal_mixed, _ = render_mixed(cal.images, list(CALIBRATION_FORMS), seed=cfg.seed)
+    cal_scores, _ = _clean_scores(model, cal_mixed, cfg.scores, ctx, cfg.batch_size, "calibration [mixed forms]")
+    thresholds = {n: threshold_for_tpr(np.sort(cal_scores[n]), 0.95) for n in cfg.scores}
+    real_sets = {k: v for k, v in ood_sets.items() if not v[1].source.startswith("synthetic:")}
+    out: dict[str, Any] = {"operating_point": "tpr95", "calibration_forms": list(CALIBRATION_FORMS),
+                           "calibration_images": int(len(cal)), "thresholds": thresholds, "forms": {}}
+    for form in cfg.shifts:
+        images_in = render_form(test.images, form)
+        s_in, pred = _clean_scores(model, images_in, cfg.scores, ctx, cfg.batch_size, f"in-distribution [{form}]")
+        row: dict[str, Any] = {"accuracy": float(np.mean(pred == test.labels)), "n_in": int(len(test)), "scores": {}}
+        for n in cfg.scores:
+            row["scores"][n] = {"realised_tpr": float(np.mean(s_in[n] >= thresholds[n])), "sets": {}}
+            raw[f"{n}__in__shift_{form}"] = s_in[n]
+        for key, (_, image_set) in real_sets.items():
+            s_out, _ = _clean_scores(model, render_form(image_set.images, form), cfg.scores, ctx, cfg.batch_size,
+                                     f"{key} [{form}]")
+            for n in cfg.scores:
+                raw[f"{n}__{key}__shift_{form}"] = s_out[n]
+                row["scores"][n]["sets"][key] = {"fpr": float(np.mean(s_out[n] >= thresholds[n])),
+                                                 **ood_metrics(s_in[n], s_out[n])}
+        out["forms"][form] = row
+    return out
 
 
 def _versions() -> dict[str, str]:
@@ -238,22 +323,37 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig, out_dir: str | Path | Non
     for attack_name in cfg.attacks:
         attack = ATTACK_PROTOCOLS[attack_name]
         t0 = time.perf_counter()
-        s_in, pred_in = _score_batches(model, test.images, cfg.scores, ctx, attack, True, cfg.batch_size, cfg.seed,
-                                       f"in-distribution [{attack_name}]")
+        # attacked protocols may run on a seeded subset of the clean images (recorded as n_in / n_out)
+        limit = cfg.attack_samples.get(attack_name) if attack is not None else None
+        in_idx = _subset_indices(len(test), limit, cfg.seed)
+        s_in, pred_in = _score_batches(model, test.images[in_idx], cfg.scores, ctx, attack, True, cfg.batch_size,
+                                       cfg.seed, f"in-distribution [{attack_name}]")
         if attack is None:
             accuracy["clean"] = float(np.mean(pred_in[cfg.scores[0]] == labels))
         else:
-            accuracy[attack_name] = {n: float(np.mean(pred_in[n] == labels)) for n in cfg.scores}
+            accuracy[attack_name] = {n: float(np.mean(pred_in[n] == labels[in_idx])) for n in cfg.scores}
         for n in cfg.scores:
             raw[f"{n}__in__{attack_name}"] = s_in[n]
         for key, (_, image_set) in ood_sets.items():
-            s_out, _ = _score_batches(model, image_set.images, cfg.scores, ctx, attack, False, cfg.batch_size,
-                                      cfg.seed + 1, f"{key} [{attack_name}]")
+            if attack is not None and cfg.attack_sets is not None and key not in cfg.attack_sets:
+                continue
+            out_idx = _subset_indices(len(image_set), limit, cfg.seed + 1)
+            s_out, _ = _score_batches(model, image_set.images[out_idx], cfg.scores, ctx, attack, False,
+                                      cfg.batch_size, cfg.seed + 1, f"{key} [{attack_name}]")
             for n in cfg.scores:
                 raw[f"{n}__{key}__{attack_name}"] = s_out[n]
                 results[n][key][attack_name] = ood_metrics(s_in[n], s_out[n])
+                if attack is not None:  # the ALOE / ATOM protocol: clean inliers, attacked OOD images
+                    clean_in = raw[f"{n}__in__none"][in_idx]
+                    results[n][key][f"{attack_name}_ood_only"] = ood_metrics(clean_in, s_out[n])
         timings[attack_name] = round(time.perf_counter() - t0, 2)
         log.info("%s: done in %.1f s", attack_name, timings[attack_name])
+
+    shifts: dict[str, Any] = {}
+    if cfg.shifts:
+        t0 = time.perf_counter()
+        shifts = _evaluate_shifts(model, run, test, ood_sets, cfg, ctx, raw)
+        timings["shifts"] = round(time.perf_counter() - t0, 2)
 
     np.savez(out_dir / SCORES_NPZ, **raw)
     report = {
@@ -273,6 +373,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig, out_dir: str | Path | Non
         "mahalanobis": {"fit_samples": maha.num_fit_samples, "split": "train minus calibration"} if maha else None,
         "accuracy": accuracy,
         "results": results,
+        "shifts": shifts,
         "timings_s": {**timings, "total": round(time.perf_counter() - started, 2)},
         "device": str(device),
         "versions": _versions(),

@@ -49,14 +49,18 @@ def render_markdown(report: dict[str, Any], plots: list[str] | None = None) -> s
         "",
         f"**Convention.** {report['convention']} All metrics in percent.",
         "",
-        "**Attacks** (L∞ PGD on the score itself, model in eval mode; inliers pushed to look OOD, "
-        "OOD inputs pushed to look in-distribution):",
+        "**Attacks** (L∞ PGD, model in eval mode, both sides: inliers pushed to look OOD, OOD inputs "
+        "pushed to look in-distribution; rows `<attack> (OOD only)` keep the inliers clean, the ALOE and ATOM "
+        "papers' protocol):",
         "",
     ]
     for name, params in report["attacks"].items():
         if params:
+            worst = (f"; worst case per image over {', '.join(params['objectives'])} x {params['restarts']} restart(s), "
+                     "best iterate, 8-bit grid" if params.get("objectives") else "; the score only, last iterate")
             lines.append(f"- `{name}`: ε = {params['eps'] * 255:.3g}/255, {params['steps']} steps of "
-                         f"{params['step_size'] * 255:.3g}/255, random start {'on' if params['random_start'] else 'off'}")
+                         f"{params['step_size'] * 255:.3g}/255, random start {'on' if params['random_start'] else 'off'}"
+                         + worst)
     lines.append("- Per score: " + "; ".join(f"{k}: {v}" for k, v in report["attack_notes"].items()))
     scores = list(report["results"])
     attacks = list(report["attacks"])
@@ -78,9 +82,27 @@ def render_markdown(report: dict[str, Any], plots: list[str] | None = None) -> s
                   "|---|---|" + "---:|" * len(_COLUMNS)]
         for set_name, per_attack in report["results"][score].items():
             for a in attacks:
-                m = per_attack.get(a)
-                if m:
-                    lines.append(f"| {set_name} | {_attack_label(a)} | " + " | ".join(_pct(m[k]) for k, _ in _COLUMNS) + " |")
+                for key, label in ((a, _attack_label(a)), (f"{a}_ood_only", f"{a} (OOD only)")):
+                    m = per_attack.get(key)
+                    if m:
+                        lines.append(f"| {set_name} | {label} (n = {m['n_in']} + {m['n_out']}) | "
+                                     + " | ".join(_pct(m[k]) for k, _ in _COLUMNS) + " |")
+    shifts = report.get("shifts") or {}
+    if shifts.get("forms"):
+        lines += ["", "## Upload forms (shifts, not attacks)", "",
+                  f"Each image uploaded in the form named, decoded and resized as the service does. Threshold: "
+                  f"`tpr95` calibrated on the calibration split ({shifts['calibration_images']} images, a mix of "
+                  f"{', '.join(shifts['calibration_forms'])}). Real OOD sets only.", ""]
+        for score, thr in shifts["thresholds"].items():
+            sets = list(next(iter(shifts["forms"].values()))["scores"][score]["sets"])
+            lines += [f"### `{score}` (threshold {thr:.6g})", "",
+                      "| form | accuracy | realised TPR | " + " | ".join(f"FPR {k} | AUROC {k}" for k in sets) + " |",
+                      "|---|---:|---:|" + "---:|---:|" * len(sets)]
+            for form, row in shifts["forms"].items():
+                r = row["scores"][score]
+                lines.append(f"| {form} | {_pct(row['accuracy'])} | {_pct(r['realised_tpr'])} | "
+                             + " | ".join(f"{_pct(r['sets'][k]['fpr'])} | {_pct(r['sets'][k]['auroc'])}" for k in sets) + " |")
+            lines.append("")
     if plots:
         lines += ["", "## Plots", ""] + [f"- [{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"

@@ -246,6 +246,30 @@ def attack_objective(model: nn.Module, x: torch.Tensor, name: str, ctx: ScoreCon
     return sdef.from_outputs(logits, features, ctx)
 
 
+# Surrogate objectives of the worst-case attack, besides the score itself: each a function of the logits,
+# higher = more confident = more in-distribution-looking, whatever the served score is.
+ATTACK_SURROGATES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "log_msp": lambda z: log_msp(z),
+    "margin": lambda z: (lambda top: top[:, 0] - top[:, 1])(torch.topk(z, 2, dim=1).values),  # top-1 minus top-2 logit
+    "ce_uniform": lambda z: torch.logsumexp(z, dim=1) - z.mean(dim=1),  # cross-entropy to uniform (the OE loss)
+}
+WORST_CASE_OBJECTIVES = ("score", *ATTACK_SURROGATES)
+
+
+def scored_forward(model: nn.Module, name: str, ctx: ScoreContext):
+    """x -> (score `name`, {"score": it, **surrogates}) from one forward pass: `attacks.pgd_worst_case`'s input."""
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        sdef = SCORES[name]
+        if sdef.needs_input_preprocessing:  # ODIN: its BPDA value; the surrogates from the plain logits
+            score, logits = attack_objective(model, x, name, ctx), model(x)
+        else:
+            logits, features = forward_with_features(model, x)
+            score = sdef.from_outputs(logits, features, ctx)
+        return score, {"score": score, **{k: f(logits.float()) for k, f in ATTACK_SURROGATES.items()}}
+
+    return forward
+
+
 def compute_scores(
     model: nn.Module, x: torch.Tensor, names: list[str], ctx: ScoreContext
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -37,7 +37,8 @@ def test_eval_json_has_every_number_and_its_config(evaluated, tiny_data_dir):
     on_disk = json.loads((run / "eval" / "eval.json").read_text())
     assert on_disk["results"] == report["results"]
     assert report["config"]["attacks"] == ["none", "paper"]  # clean is always evaluated
-    assert report["attacks"]["paper"] == {"eps": 1 / 255, "steps": 10, "step_size": 1 / 255, "random_start": False}
+    assert json.loads(json.dumps(report["attacks"]["paper"])) == {"eps": 1 / 255, "steps": 10, "step_size": 1 / 255, "random_start": False,
+                                          "objectives": ["score", "log_msp", "margin", "ce_uniform"], "restarts": 2}
     assert set(report["results"]) == set(SCORES)
     for score in SCORES:
         for set_name in ("tinyimagenet", "gaussian"):
@@ -69,7 +70,8 @@ def test_markdown_and_plots(evaluated):
     assert "higher score means more in-distribution" in md
     assert "| OOD set | attack | FPR95 ↓ | AUROC ↑ | AUPR-in ↑ | AUPR-out ↑ | Det. err ↓ |" in md
     auroc = report["results"]["msp"]["gaussian"]["paper"]["auroc"]
-    assert f"| gaussian | paper | " in md and f"{100 * auroc:.2f}" in md
+    assert "| gaussian | paper (n = 48 + 48) | " in md and f"{100 * auroc:.2f}" in md
+    assert "| gaussian | paper (OOD only) (n = 48 + 48) | " in md  # the ALOE / ATOM protocol, clean inliers
     for score in SCORES:
         assert f"## Score `{score}`" in md
         for plot in (f"roc_{score}.png", f"hist_{score}.png"):
