@@ -2,7 +2,14 @@
 
 Calibration runs the exported ONNX graph with onnxruntime (exactly what the service will run) on the
 run's held-out calibration split (split.json: images carved out of the training file before
-training; never the test set, never a training image).
+training; never the test set, never a training image). Each calibration image is first uploaded in one
+of several forms (`--calibration-forms`: stored JPEG, PNG, JPEG q50 / q95, upscaled x3, non-square; equal
+shares, seeded) and decoded as the service does, so the thresholds hold for the forms users send, not
+only for the dataset's own 32x32 JPEGs; the realised TPR per form is recorded in the manifest.
+
+`--score auto` chooses the served score among the graph's score outputs on validation data (the
+calibration split vs the outlier classes held out of training), clean and under the `paper` attack:
+see `score_selection`.
 
 Threshold rule (accept iff score >= threshold; scores higher = more in-distribution). With the n
 calibration scores sorted ascending s_(1) <= ... <= s_(n) and a target TPR tau:
@@ -23,6 +30,7 @@ to 1e-4), at the thresholds calibrated here. Keys of `fpr`: "<set>" (clean), "<s
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -33,20 +41,23 @@ from typing import Any
 
 import numpy as np
 
-from oodguard.service.bundle import conformal_p_values, make_session
+from oodguard.service.bundle import conformal_p_values, make_session, sha256_file
 from oodguard.service.manifest import BundleManifest, CalibrationInfo, InputSpec, Lineage, OperatingPoint, ScoreSpec
 
 from . import data
-from .evaluate import EVAL_DIR, git_commit, load_eval, set_key
+from .checkpoint import write_json_atomic
+from .evaluate import ATTACK_PROTOCOLS, CALIBRATION_FORMS, DEFAULT_SHIFTS, EVAL_DIR, git_commit, load_eval, set_key
 from .export import EXPORT_DIR, EXPORT_JSON, ONNX_FILE, read_export_info, run_onnx
 from .ood_sets import load_ood_set, subsample
 from .package import BuiltBundle, build_bundle
 from .per_class import add_per_class_points, predictor
 from .run_data import RunData, RunError
+from .shifts import check_forms, render_form, render_mixed
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TPRS = (0.90, 0.95, 0.99)
+SCORE_SELECTION_FILE = "score_selection.json"  # next to the exported model: --score auto's comparison
 GOLDEN_COUNT = 8
 BUNDLE_DIR = "bundle"
 
@@ -72,7 +83,10 @@ def operating_point_name(target_tpr: float) -> str:
 @dataclass
 class CalibrateConfig:
     onnx: str | None = None  # default RUN_DIR/export/model.onnx
-    score: str = "msp"
+    score: str = "msp"  # an ONNX score output, or "auto" (chosen on validation data, see score_selection)
+    calibration_forms: list[str] = field(default_factory=lambda: list(CALIBRATION_FORMS))
+    validation_forms: list[str] = field(default_factory=lambda: list(DEFAULT_SHIFTS))  # realised TPR / FPR per form
+    auto_samples: int = 500  # images per side attacked when choosing the score (--score auto)
     tprs: list[float] = field(default_factory=lambda: list(DEFAULT_TPRS))
     default_tpr: float = 0.95
     per_class: bool = False  # also a class-conditional point per TPR (`tprXX_per_class`, per_class.py)
@@ -93,6 +107,12 @@ class CalibrateConfig:
         if not any(math.isclose(self.default_tpr, t) for t in tprs):
             raise ValueError(f"--default {self.default_tpr} is not one of the --tpr values {tprs}")
         self.tprs = tprs
+        self.calibration_forms = check_forms(self.calibration_forms)
+        self.validation_forms = check_forms(self.validation_forms)
+        if not self.calibration_forms:
+            raise ValueError("--calibration-forms: give at least one form (e.g. stored)")
+        if self.auto_samples < 1:
+            raise ValueError("--auto-samples must be >= 1")
         if self.version is None:
             self.version = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
 
@@ -121,16 +141,24 @@ def calibrate_run(run_dir: str | Path, cfg: CalibrateConfig) -> BuiltBundle:
                        f"run `oodguard export {run.run_dir}` again")
     session = make_session(onnx_path, intra_op_threads=0, providers=["CPUExecutionProvider"])
     outputs = [o.name for o in session.get_outputs()]
-    if cfg.score not in outputs:
-        raise ValueError(f"score {cfg.score!r} is not an output of {onnx_path} (outputs: {', '.join(outputs)})")
+    if cfg.score != "auto" and cfg.score not in outputs:
+        raise ValueError(f"score {cfg.score!r} is not an output of {onnx_path} (outputs: {', '.join(outputs)}, or auto)")
     eval_report, eval_raw = load_eval(run) or ({}, {})
+
+    # -- the calibration split, uploaded in a mix of forms and decoded as the service does -------------
+    cal_set = run.calibration_set()
+    cal_images, _ = render_mixed(cal_set.images, cfg.calibration_forms, seed=cfg.seed)
+
+    score_selection = None
+    if cfg.score == "auto":
+        cfg.score, score_selection = _select_score(run, session, export_info, cal_images, cfg)
+        log.info("--score auto chose %s", cfg.score)
 
     def served_scores(images_u8: np.ndarray) -> np.ndarray:
         return run_onnx(session, data.to_tensor(images_u8).numpy(), cfg.batch_size, [cfg.score])[cfg.score]
 
-    # -- calibration scores from the held-out split, with the served artefact --------------------------
-    cal_set = run.calibration_set()
-    cal_sorted = np.sort(served_scores(cal_set.images).astype(np.float32))
+    # -- calibration scores, with the served artefact ---------------------------------------------------
+    cal_sorted = np.sort(served_scores(cal_images).astype(np.float32))
     thresholds = {t: threshold_for_tpr(cal_sorted, t) for t in cfg.tprs}
     log.info("calibrated %s on %d held-out images: %s", cfg.score, cal_sorted.size,
              {operating_point_name(t): thr for t, thr in thresholds.items()})
@@ -141,19 +169,22 @@ def calibrate_run(run_dir: str | Path, cfg: CalibrateConfig) -> BuiltBundle:
     lineage = {**run.lineage(), Path(test_set.source).name: test_set.sha256}
     evaluated_sets = [v.get("spec", k) for k, v in eval_report.get("ood_sets", {}).items()]
     ood_scores: dict[str, np.ndarray] = {}
+    real_ood: dict[str, data.ImageSet] = {}
     for spec in cfg.ood or evaluated_sets or ["tinyimagenet", "gaussian"]:
         image_set = load_ood_set(spec, cfg.max_samples, cfg.seed, data_dir=run.data_dir)
         ood_scores[set_key(spec)] = served_scores(image_set.images)
         if image_set.sha256 and not image_set.source.startswith("synthetic:"):
             lineage[Path(image_set.source).name] = image_set.sha256
+            real_ood[set_key(spec)] = image_set
     # "<score>__<set>__<attack>" -> attacked scores of the evaluation (torch, on its PGD inputs)
     attacked = {tuple(k.split("__", 1)[1].rsplit("__", 1)): v for k, v in eval_raw.items()
-                if k.startswith(f"{cfg.score}__") and not k.endswith("__none")}
+                if k.startswith(f"{cfg.score}__") and k.rsplit("__", 1)[1] in ATTACK_PROTOCOLS
+                and not k.endswith("__none")}
     points, validation = _operating_points(thresholds, cal_sorted, test_scores, ood_scores, attacked)
     if cfg.per_class:  # thresholds per predicted class, next to each global point (per_class.py)
         ood_images = {set_key(spec): load_ood_set(spec, cfg.max_samples, cfg.seed, data_dir=run.data_dir).images
                       for spec in cfg.ood or evaluated_sets or ["tinyimagenet", "gaussian"]}
-        points = add_per_class_points(points, predictor(session, cfg.score, cfg.batch_size), cal_set.images,
+        points = add_per_class_points(points, predictor(session, cfg.score, cfg.batch_size), cal_images,
                                       test_set.images, ood_images, len(run.classes), threshold_for_tpr)
     metrics: dict[str, Any] = {"validation": {
         "score": cfg.score,
@@ -164,7 +195,12 @@ def calibrate_run(run_dir: str | Path, cfg: CalibrateConfig) -> BuiltBundle:
         # ~0.5 when the test split's conformal p-values are uniform, as they should be in-distribution
         "test_p_value_mean": float(np.mean(conformal_p_values(cal_sorted, test_scores))),
         "attacked_source": "eval/scores.npz: torch scores of the evaluation's PGD inputs" if attacked else None,
+        "calibration_forms": list(cfg.calibration_forms),
+        # realised TPR (test split) and FPR (real OOD sets) per upload form, at every operating point
+        "forms": _per_form(served_scores, test_set.images, real_ood, thresholds, cfg.validation_forms),
     }}
+    if score_selection is not None:
+        metrics["score_selection"] = score_selection
     if eval_report:
         keep = ("convention", "accuracy", "attacks", "attack_notes", "results")
         metrics["evaluation"] = {k: eval_report.get(k) for k in keep}
@@ -199,6 +235,58 @@ def calibrate_run(run_dir: str | Path, cfg: CalibrateConfig) -> BuiltBundle:
     return build_bundle(out, onnx_path=onnx_path, manifest=manifest, calibration_scores=cal_sorted,
                         golden_images=data.to_tensor(golden.images).numpy(),
                         report_files=_report_files(run.run_dir / EVAL_DIR, onnx_path.parent), tarball=cfg.tarball)
+
+
+def _select_score(run: RunData, session, export_info: dict[str, Any], cal_images: np.ndarray,
+                  cfg: CalibrateConfig) -> tuple[str, dict[str, Any]]:
+    """`--score auto`: the graph's score outputs compared on validation data (see score_selection)."""
+    import torch
+
+    from .export import load_or_fit_mahalanobis
+    from .score_selection import select_score
+    from .scores import SCORES, ScoreContext
+
+    candidates = [n for n in export_info.get("scores", []) if n in SCORES]
+    if not candidates:
+        candidates = [o.name for o in session.get_outputs() if o.name in SCORES]
+    # the comparison is costly (attacks): reuse it while the model, the data and the settings are the same
+    onnx_path = Path(cfg.onnx) if cfg.onnx else run.run_dir / EXPORT_DIR / ONNX_FILE
+    key = {"onnx_sha256": sha256_file(onnx_path), "candidates": candidates, "auto_samples": cfg.auto_samples,
+           "seed": cfg.seed, "calibration_forms": list(cfg.calibration_forms),
+           "outlier_holdout": run.split.get("outlier_holdout", {}).get("classes")}
+    cache = onnx_path.parent / SCORE_SELECTION_FILE
+    if cache.is_file():
+        cached = json.loads(cache.read_text(encoding="utf-8"))
+        if cached.get("key") == key:
+            log.info("--score auto: reusing the comparison in %s", cache)
+            return cached["record"]["chosen"], cached["record"]
+    model, _ = run.load_model()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    maha = load_or_fit_mahalanobis(model, run, 5000, cfg.seed)[0] if "mahalanobis" in candidates else None
+    ctx = ScoreContext(mahalanobis=maha)
+
+    def onnx_scores(images: np.ndarray, name: str) -> np.ndarray:
+        return run_onnx(session, images.astype(np.float32), cfg.batch_size, [name])[name]
+
+    chosen, record = select_score(run, candidates, onnx_scores, model, ctx, cal_images, cfg.auto_samples,
+                                  cfg.batch_size, cfg.seed)
+    write_json_atomic(cache, {"key": key, "record": record})
+    return chosen, record
+
+
+def _per_form(served_scores, test_images: np.ndarray, real_ood: dict[str, data.ImageSet],
+              thresholds: dict[float, float], forms: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for form in forms:
+        s_in = served_scores(render_form(test_images, form))
+        s_out = {k: served_scores(render_form(v.images, form)) for k, v in real_ood.items()}
+        out[form] = {operating_point_name(t): {"realised_tpr": _accept_rate(s_in, thr),
+                                               "fpr": {k: _accept_rate(v, thr) for k, v in s_out.items()}}
+                     for t, thr in thresholds.items()}
+        out[form]["n_in"] = int(s_in.size)
+    return out
 
 
 def _operating_points(thresholds: dict[float, float], cal_sorted: np.ndarray, test_scores: np.ndarray,

@@ -5,7 +5,9 @@ The held-out calibration indices (split.json) index the run's in-distribution TR
 
 - `fit_set()`          train images minus the calibration images (Mahalanobis is fitted here),
 - `calibration_set()`  the calibration images (thresholds and p-values; never trained on),
-- `test_set()`         the in-distribution TEST split (evaluation / validation only).
+- `test_set()`         the in-distribution TEST split (evaluation / validation only),
+- `outlier_validation_set()`  the outlier classes held out of training (validation OOD data for choosing
+                       the served score; never trained on, never a test set).
 """
 
 from __future__ import annotations
@@ -111,6 +113,18 @@ class RunData:
             raise RunError(f"{train.source}: sha256 differs from the one recorded in split.json; "
                            "the calibration indices would point at other images")
         return train.subset(idx)
+
+    def outlier_validation_set(self) -> data.ImageSet:
+        record = self.split.get("outlier_holdout")
+        if not record or not (record.get("classes") or record.get("indices")):
+            raise RunError(f"{self.run_dir / 'split.json'}: no held-out outlier classes (the run was trained without "
+                           "outliers or with --outlier-holdout 0); validation OOD data is needed to choose a score")
+        spec = record["source"] if Path(str(record["source"])).exists() else _lookup(self.config, "outliers")
+        outliers = data.load_outliers(spec or record["source"], data_dir=self.data_dir)
+        if record.get("sha256") and outliers.sha256 and record["sha256"] != outliers.sha256:
+            raise RunError(f"{outliers.source}: sha256 differs from the one recorded in split.json; the held-out "
+                           "outlier classes would point at other images")
+        return data.held_out_outliers(outliers, record)
 
     def fit_set(self, max_samples: int | None = None, seed: int = 0) -> data.ImageSet:
         """Train images minus the calibration images (optionally a seeded random subset)."""

@@ -14,9 +14,10 @@ from oodguard.service.bundle import conformal_p_values, make_session, verify_bun
 from oodguard.service.manifest import load_manifest
 from oodguard.training.calibrate import CalibrateConfig, calibrate_run, operating_point_name, threshold_for_tpr
 from oodguard.training.data import to_tensor
-from oodguard.training.evaluate import EvalConfig, evaluate_run
+from oodguard.training.evaluate import CALIBRATION_FORMS, DEFAULT_SHIFTS, EvalConfig, evaluate_run
 from oodguard.training.export import export_run, run_onnx
 from oodguard.training.run_data import RunData
+from oodguard.training.shifts import render_mixed
 
 from ._eval_helpers import make_run
 
@@ -95,7 +96,8 @@ def test_calibration_uses_the_held_out_split_through_onnxruntime(bundle):
     root = built.bundle_dir
     cal = np.load(root / "calibration.npy", allow_pickle=False)
     assert cal.dtype == np.float32 and cal.size == 100 and np.all(np.diff(cal) >= 0)
-    images = RunData.open(run).calibration_set().images
+    # the calibration images, uploaded in the default mix of forms and decoded as the service does
+    images, _ = render_mixed(RunData.open(run).calibration_set().images, list(CALIBRATION_FORMS), seed=0)
     session = make_session(root / "model.onnx")
     expected = np.sort(run_onnx(session, to_tensor(images).numpy(), output_names=["msp"])["msp"])
     np.testing.assert_array_equal(cal, expected)
@@ -164,3 +166,56 @@ def test_calibrate_refuses_a_model_exported_from_another_checkpoint(tmp_path, ti
     make_run(run, tiny_data_dir, seed=1)  # retrained in place: a new checkpoint, the old export
     with pytest.raises(ValueError, match="exported from another checkpoint"):
         calibrate_run(run, CalibrateConfig(max_samples=16))
+
+
+def test_realised_rates_per_upload_form_are_recorded(bundle):
+    _, built = bundle
+    forms = built.manifest.metrics["validation"]["forms"]
+    assert list(forms) == list(DEFAULT_SHIFTS)
+    assert built.manifest.metrics["validation"]["calibration_forms"] == list(CALIBRATION_FORMS)
+    for row in forms.values():
+        assert set(row["tpr95"]["fpr"]) == {"tinyimagenet"}  # real sets only: noise has no upload form
+        assert 0.0 <= row["tpr95"]["realised_tpr"] <= 1.0 and row["n_in"] == 64
+    # the stored form's realised TPR is the operating point's own
+    assert forms["stored"]["tpr95"]["realised_tpr"] == built.manifest.operating_point("tpr95").realised_tpr
+
+
+@pytest.fixture(scope="module")
+def auto_run(tmp_path_factory, tiny_data_dir):
+    from oodguard.training.data import load_outliers, outlier_holdout
+
+    run = make_run(tmp_path_factory.mktemp("auto") / "run", tiny_data_dir)
+    outliers = load_outliers(str(tiny_data_dir))
+    _, record = outlier_holdout(outliers, 0.25, seed=0)
+    split = json.loads((run / "split.json").read_text())
+    split["outlier_holdout"] = {"source": outliers.source, "sha256": outliers.sha256, **record}
+    (run / "split.json").write_text(json.dumps(split))
+    export_run(run, ["msp", "energy", "mahalanobis"])
+    return run
+
+
+def test_score_auto_compares_every_exported_score_on_validation_data(auto_run, monkeypatch):
+    built = calibrate_run(auto_run, CalibrateConfig(score="auto", auto_samples=8, max_samples=32, tarball=False))
+    selection = built.manifest.metrics["score_selection"]
+    assert set(selection["candidates"]) == {"msp", "energy", "mahalanobis"}
+    chosen = selection["chosen"]
+    assert built.manifest.score.name == chosen == built.manifest.score.output
+    best = min(selection["candidates"].values(), key=lambda r: r["attacked"]["fpr_at_95_tpr"])
+    assert selection["candidates"][chosen]["attacked"]["fpr_at_95_tpr"] == best["attacked"]["fpr_at_95_tpr"]
+    for r in selection["candidates"].values():
+        assert r["attacked"]["n_in"] == 8 and r["attacked"]["n_out"] == 8
+        assert r["clean"]["n_in"] == 100  # the whole calibration split
+    assert "held-out outlier" in selection["ood"] and "tinyimagenet_outliers.npz" in selection["ood"]
+    # the comparison is reused while nothing changed: the second calibration attacks nothing
+    import oodguard.training.score_selection as sel
+
+    monkeypatch.setattr(sel, "select_score", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    again = calibrate_run(auto_run, CalibrateConfig(score="auto", auto_samples=8, max_samples=32, tarball=False))
+    assert again.manifest.metrics["score_selection"] == selection
+
+
+def test_score_auto_without_held_out_outliers_is_a_clear_error(tmp_path, tiny_data_dir):
+    run = make_run(tmp_path / "run", tiny_data_dir)
+    export_run(run, ["msp", "energy"])
+    with pytest.raises(ValueError, match="held-out outlier classes"):
+        calibrate_run(run, CalibrateConfig(score="auto", auto_samples=4, max_samples=16, tarball=False))

@@ -1,0 +1,80 @@
+"""`oodguard calibrate --score auto`: choose the served score on validation data, under attack.
+
+Candidates are the score outputs of the exported graph (msp, energy, mahalanobis). Each is measured on
+validation data only — the run's calibration split (in-distribution, never trained on) against the
+outlier classes held out of training (`split.json` → `outlier_holdout`) — never on a test set:
+
+- clean: every image of both sets, scored by onnxruntime (the served artefact);
+- attacked: the `paper` worst-case attack (ε = 1/255, `evaluate.ATTACK_PROTOCOLS`) on a seeded subset of
+  each side, computed against that candidate through the torch model, then scored by onnxruntime.
+
+The winner has the lowest attacked FPR95 (ties: lowest clean FPR95, then the candidate order). The whole
+comparison goes into the manifest (`metrics.score_selection`), so a bundle says why it serves its score.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import data
+from .attacks import pgd_worst_case
+from .metrics import ood_metrics
+from .ood_sets import subsample
+from .run_data import RunData
+from .scores import ScoreContext, scored_forward
+
+log = logging.getLogger(__name__)
+
+SELECTION_ATTACK = "paper"
+
+
+def _attacked_images(model, name: str, ctx: ScoreContext, images: np.ndarray, direction: float, batch_size: int,
+                     seed: int) -> np.ndarray:
+    from .evaluate import ATTACK_PROTOCOLS
+
+    attack = ATTACK_PROTOCOLS[SELECTION_ATTACK]
+    out = []
+    for start, x in data.iterate_batches(images, batch_size):
+        x_adv, _ = pgd_worst_case(scored_forward(model, name, ctx), x, direction=direction, objectives=attack.objectives,
+                                  eps=attack.eps, steps=attack.steps, step_size=attack.step_size,
+                                  restarts=attack.restarts, random_start=attack.random_start, seed=seed * 7919 + start)
+        out.append(x_adv.cpu().numpy())
+    return np.concatenate(out)
+
+
+def select_score(run: RunData, candidates: list[str], onnx_scores: Callable[[np.ndarray, str], np.ndarray],
+                 model: torch.nn.Module, ctx: ScoreContext, cal_images: np.ndarray, attack_samples: int = 500,
+                 batch_size: int = 256, seed: int = 0) -> tuple[str, dict[str, Any]]:
+    """(chosen score, comparison record). `onnx_scores(float NCHW images, name)` runs the exported graph;
+    `cal_images` are the calibration images as calibrated (uint8 NHWC, in their upload forms)."""
+    if not candidates:
+        raise ValueError("--score auto: the exported graph has no score outputs to choose from")
+    val_out = run.outlier_validation_set()
+    as_float = lambda u8: data.to_tensor(u8).numpy()  # noqa: E731
+    cal_sub = subsample(data.ImageSet(cal_images, np.zeros(len(cal_images), np.int64)), attack_samples, seed).images
+    out_sub = subsample(val_out, attack_samples, seed + 1).images
+    record: dict[str, Any] = {
+        "rule": "lowest FPR95 under the paper worst-case attack (both sides), then lowest clean FPR95",
+        "in_distribution": f"calibration split ({len(cal_images)} images clean, {len(cal_sub)} attacked)",
+        "ood": (f"held-out outlier classes {held['classes']}" if (held := run.split["outlier_holdout"]).get("classes")
+                else "held-out outlier images") + f" of {val_out.source} ({len(val_out)} images clean, "
+               f"{len(out_sub)} attacked)",
+        "attack": SELECTION_ATTACK,
+        "candidates": {},
+    }
+    for name in candidates:
+        clean = ood_metrics(onnx_scores(as_float(cal_images), name), onnx_scores(as_float(val_out.images), name))
+        log.info("score %s: attacking %d + %d validation images", name, len(cal_sub), len(out_sub))
+        adv_in = _attacked_images(model, name, ctx, cal_sub, -1.0, batch_size, seed)
+        adv_out = _attacked_images(model, name, ctx, out_sub, +1.0, batch_size, seed + 1)
+        attacked = ood_metrics(onnx_scores(adv_in, name), onnx_scores(adv_out, name))
+        record["candidates"][name] = {"clean": clean, "attacked": attacked}
+    chosen = min(candidates, key=lambda n: (record["candidates"][n]["attacked"]["fpr_at_95_tpr"],
+                                            record["candidates"][n]["clean"]["fpr_at_95_tpr"], candidates.index(n)))
+    record["chosen"] = chosen
+    return chosen, record
