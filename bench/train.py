@@ -35,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 METHODS = ("msp", "oe", "adv", "aoe", "aloe")
-VARIANTS = ("channels_last_off", "threads_1", "compile")
+VARIANTS = ("channels_last_off", "threads_1", "upload_augment_off", "compile")
 TRAINER_WARMUP_STEPS = 5  # training/trainer.py excludes its first 5 steps from images/s
 # ../shared/ALOE.md, "Cost on these machines" (2 CPU threads, reference settings): seconds per step
 REFERENCE_STEP_S = {("resnet18", "msp"): 1.30, ("resnet18", "aloe"): 14.3,
@@ -71,6 +71,8 @@ def measure(model: str, method: str, variant: str, steps: int, workdir: Path, co
         overrides["channels_last"] = False
     if variant == "compile":
         overrides["compile"] = True
+    if variant == "upload_augment_off":  # the upload-form augmentation's cost: default (on) vs off
+        overrides["upload_augment"] = False
     cfg = resolve_config("cpu", **overrides)
     t0 = time.perf_counter()
     try:
@@ -140,7 +142,7 @@ def render_markdown(report: dict) -> str:
            f"OMP_WAIT_POLICY={env['omp_wait_policy']}; load average at start {env['load_average_start']}. "
            f"Each row: {report['timed_steps']} timed steps after the trainer's {TRAINER_WARMUP_STEPS} warm-up steps "
            "(`oodguard.training.trainer.train`, cpu recipe: batch 64 in + 128 out, PGD ε = 1/255 × 2 steps, "
-           f"channels_last, {env['cores']} threads).", "",
+           f"channels_last, {env['cores']} threads, upload-form augmentation on for inliers and outliers).", "",
            "| model | method | s / step | images/s (in) | images/s (in + out) | s / epoch | cost vs msp | reference s / step | vs reference |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
@@ -165,6 +167,7 @@ def render_markdown(report: dict) -> str:
                        f"{_f(r['default_seconds_per_step'], 3)} | {_f(r['speedup'], 2, '×')} |")
     compiled = ", ".join(f"{r['model']}/{r['method']} {r['wall_s']:.0f} s" for r in results if r["variant"] == "compile")
     out += ["", "Settings: `channels_last_off` = `--no-channels-last`; `threads_1` = `--threads 1` (default: the cores); "
+            "`upload_augment_off` = `--no-upload-augment` (the speed-up it shows is what the augmentation costs); "
             "`compile` = `--compile` (torch.compile of the model for the attack and the training forward; its "
             "compilation falls in the warm-up steps, so it is excluded from s / step but not from the run's wall time"
             + (f": {compiled})." if compiled else "; not measured in this run).")]
@@ -200,11 +203,11 @@ def environment(cores: int) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="Smoke run: small_cnn, msp + aloe, 3 timed steps, no compile.")
-    p.add_argument("--models", default="small_cnn,resnet18")
+    p.add_argument("--models", default="small_cnn,fast_cnn,resnet18")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--steps", type=int, default=10, help="Timed steps per run (after the trainer's 5 warm-up steps).")
     p.add_argument("--variants", default=",".join(VARIANTS), help="Knobs to measure (or 'none'): " + ", ".join(VARIANTS))
-    p.add_argument("--variant-models", default="small_cnn,resnet18", help="Models the knobs are measured on.")
+    p.add_argument("--variant-models", default="small_cnn,fast_cnn,resnet18", help="Models the knobs are measured on.")
     p.add_argument("--variant-methods", default="msp,aloe", help="Methods the knobs are measured on.")
     p.add_argument("--compile-models", default="small_cnn", help="Models torch.compile is tried on (slow to compile).")
     p.add_argument("--cache-dir", default=str(REPO / "runs" / "bench" / "train"), help="Run directories of the measurements.")

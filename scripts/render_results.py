@@ -3,6 +3,7 @@
     python scripts/render_results.py docs/results-robustness.json            # summary + per-set tables
     python scripts/render_results.py docs/results-robustness.json --long     # every metric, long format
     python scripts/render_results.py docs/results-default.json --summary     # the short table only
+    python scripts/render_results.py docs/results-default.json --default     # the shipped model, per set
 
 The clean and `paper` numbers come from RUN/eval (--eval-samples images per set), the `strong` ones
 from RUN/eval_strong (a smaller seeded subset: 100 PGD steps per image and score).
@@ -121,14 +122,62 @@ def render_long(data: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def _n(m: dict) -> str:
+    return f"{m['n_in']:,} + {m['n_out']:,}"
+
+
+def render_default(data: dict) -> str:
+    """The shipped model (make train-default's results): one row per OOD set and protocol, the served score,
+    the upload forms, the score choice and the realised rates per form. Synthetic noise apart from real sets."""
+    shipped = data["recipe"]["methods"].split(",")[0].strip()
+    ev = data["runs"][shipped]["eval"]
+    bundle = data["bundle_metrics"]
+    served = bundle["validation"]["score"]
+    sets = list(ev["results"][served])
+    real = [k for k in sets if not ev["ood_sets"][k]["source"].startswith("synthetic:")]
+    out = [f"Served score: `{served}` (chosen by `--score auto`). Test accuracy {_pct(ev['accuracy']['clean'])}% "
+           f"({ev['in_distribution']['n']:,} CIFAR-10 test images).", "",
+           "| OOD set | protocol | images (in + OOD) | AUROC ↑ | FPR95 ↓ | AUPR-in ↑ | AUPR-out ↑ |", "|---|---|---:|---:|---:|---:|---:|"]
+    labels = {"none": "clean", "paper": "`paper` worst case, both sides", "paper_ood_only": "`paper`, OOD side only",
+              "strong": "`strong` worst case, both sides", "strong_ood_only": "`strong`, OOD side only"}
+    for group in (real, [k for k in sets if k not in real]):
+        for key in group:
+            for attack, label in labels.items():
+                m = ev["results"][served][key].get(attack)
+                if m:
+                    out.append(f"| {key}{'' if key in real else ' (synthetic)'} | {label} | {_n(m)} | {_pct(m['auroc'])} | "
+                               f"{_pct(m['fpr_at_95_tpr'])} | {_pct(m['aupr_in'])} | {_pct(m['aupr_out'])} |")
+    forms = bundle["validation"].get("forms", {})
+    if forms:
+        op = "tpr95"
+        out += ["", f"Upload forms through the service's decoder, `{op}` threshold (calibrated on the calibration split "
+                f"in a mix of {', '.join(bundle['validation']['calibration_forms'])}); test split and real OOD sets:", "",
+                "| form | realised TPR | " + " | ".join(f"FPR {k}" for k in real) + " |", "|---|---:|" + "---:|" * len(real)]
+        for form, row in forms.items():
+            out.append(f"| {form} | {_pct(row[op]['realised_tpr'])} | "
+                       + " | ".join(_pct(row[op]["fpr"].get(k)) for k in real) + " |")
+    sel = bundle.get("score_selection")
+    if sel:
+        out += ["", f"Score choice on validation data ({sel['in_distribution']} vs {sel['ood']}); rule: {sel['rule']}:", "",
+                "| score | clean AUROC | clean FPR95 | `paper` AUROC | `paper` FPR95 |", "|---|---:|---:|---:|---:|"]
+        for name, r in sel["candidates"].items():
+            out.append(f"| {name}{' (chosen)' if name == sel['chosen'] else ''} | {_pct(r['clean']['auroc'])} | "
+                       f"{_pct(r['clean']['fpr_at_95_tpr'])} | {_pct(r['attacked']['auroc'])} | "
+                       f"{_pct(r['attacked']['fpr_at_95_tpr'])} |")
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results", type=Path)
     ap.add_argument("--summary", action="store_true", help="Only the short mean-over-sets table (MSP score).")
     ap.add_argument("--long", action="store_true", help="Every metric of every cell, one row each.")
+    ap.add_argument("--default", action="store_true", help="The shipped model of docs/results-default.json, per set.")
     args = ap.parse_args()
     data = json.loads(args.results.read_text())
-    if args.summary:
+    if args.default:
+        print(render_default(data), end="")
+    elif args.summary:
         print(render_summary(data), end="")
     elif args.long:
         print(render_long(data), end="")

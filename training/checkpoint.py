@@ -180,6 +180,12 @@ def load_initial_weights(model, source: str | Path, split: dict[str, Any]) -> di
             raise CheckpointError(f"--init-from {source}: its calibration split differs from this run's, so its "
                                   "weights were trained on this run's calibration images; use the same data, "
                                   "--calibration-size and --split-seed")
+        mine_held, theirs_held = split.get("outlier_holdout"), theirs.get("outlier_holdout")
+        if mine_held and theirs_held and (mine_held.get("classes"), mine_held.get("indices")) != \
+                (theirs_held.get("classes"), theirs_held.get("indices")):
+            raise CheckpointError(f"--init-from {source}: it held out other outlier classes than this run, so its "
+                                  "weights were trained on this run's validation outliers; use the same "
+                                  "--outlier-holdout and --split-seed")
         path = last_checkpoint_path(source)
     else:
         path = source  # a bare checkpoint: the caller vouches for its training data

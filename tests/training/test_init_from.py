@@ -50,3 +50,39 @@ def test_a_source_with_another_model_is_refused(tiny_config, tmp_path):
     with pytest.raises(CheckpointError, match="is not this run's"):
         train(tiny_config(method="oe", max_steps=2, eval_test=False, init_from=str(tmp_path / "pre"),
                           model_kwargs={"widths": [8, 16, 32], "stem": 8}, out=str(tmp_path / "ft")))
+
+
+def test_a_source_that_trained_on_our_validation_outliers_is_refused(tiny_config, tmp_path):
+    train(tiny_config(method="oe", max_steps=2, eval_test=False, outlier_holdout=0.3, out=str(tmp_path / "pre")))
+    with pytest.raises(CheckpointError, match="validation outliers"):
+        train(tiny_config(method="oe", max_steps=2, eval_test=False, init_from=str(tmp_path / "pre"),
+                          out=str(tmp_path / "ft")))  # default holdout 0.1: other held-out outliers
+    # the same holdout is fine
+    train(tiny_config(method="aloe", max_steps=2, eval_test=False, init_from=str(tmp_path / "pre"),
+                      outlier_holdout=0.3, out=str(tmp_path / "ft2")))
+
+
+def test_outlier_holdout_keeps_validation_outliers_out_of_the_stream(tiny_config, tmp_path):
+    """The outlier stream the loop draws from holds none of the held-out images (checked on the images fed)."""
+    from oodguard.training import trainer as trainer_mod
+    from oodguard.training.checkpoint import load_split
+    from oodguard.training.data import held_out_outliers, load_outliers
+
+    seen = []
+    original = trainer_mod.BatchStream.__init__
+
+    def spy(self, images, labels, *a, **k):
+        seen.append(images)
+        original(self, images, labels, *a, **k)
+
+    cfg = tiny_config(method="oe", max_steps=2, eval_test=False, outlier_holdout=0.2, out=str(tmp_path / "run"))
+    trainer_mod.BatchStream.__init__ = spy
+    try:
+        train(cfg)
+    finally:
+        trainer_mod.BatchStream.__init__ = original
+    record = load_split(tmp_path / "run")["outlier_holdout"]
+    held = held_out_outliers(load_outliers(record["source"]), record)
+    fed = {img.tobytes() for img in seen[1]}  # [0]: inliers, [1]: outliers
+    assert len(held) == record["n_val"] > 0 and len(seen[1]) == record["n_train"]
+    assert not any(img.tobytes() in fed for img in held.images)
