@@ -21,6 +21,7 @@ claimed by exactly one input, requested outputs unique and known.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,7 +154,7 @@ def _requested_outputs(request: V2InferRequest, spec: InputSpec, parameters: dic
     if not request.outputs:
         return tuple((name, binary_default) for name in spec.default_outputs)
     names = [o.name for o in request.outputs]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    duplicates = sorted(n for n, k in Counter(names).items() if k > 1)  # linear: a body may name many
     if duplicates:
         raise _invalid(f"output(s) {duplicates} requested more than once", "duplicate_output")
     unknown = [n for n in names if n not in spec.outputs]

@@ -203,6 +203,11 @@ def test_malformed_binary_requests_are_422(client, mutate, code, part):
     _error(client.post(URL, content=body, headers=headers), 422, code, part)
 
 
+def test_many_requested_outputs_are_refused_in_linear_time(client):
+    body, headers = _mutated_binary(lambda h, raw: (h.update(outputs=[{"name": "msp"}] * 200_000), raw)[1])
+    _error(client.post(URL, content=body, headers=headers), 422, "duplicate_output", "msp")
+
+
 def test_compressed_body_is_415(client):
     body = gzip.compress(_json_body(_images(1)))
     _error(client.post(URL, content=body, headers={"content-encoding": "gzip"}), 415, "unsupported_media_type", "gzip")
