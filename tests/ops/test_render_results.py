@@ -42,3 +42,25 @@ def test_summary_means_over_sets_and_strong_comes_from_eval_strong():
     long = r.render_long(data)
     assert "| msp | aloe | gaussian | strong | 500 / 500 | 30.0 | 50.0 | 50.0 | 25.0 | 12.5 |" in long
     assert long.count("\n") == 2 + 2 * (3 * 2 + 2 * 2)  # 2 header lines; per score: aloe 3 attacks x 2 sets, msp 2 x 2
+
+
+def test_default_model_table_has_one_row_per_set_and_protocol_with_sample_sizes():
+    mod = _module()
+    m = lambda a, n: {**_metrics(a, 0.1, n), "n_in": n, "n_out": n}  # noqa: E731
+    ev = {"accuracy": {"clean": 0.93}, "in_distribution": {"n": 2000},
+          "ood_sets": {"tinyimagenet": {"source": "/d/tinyimagenet_test.npz"}, "gaussian": {"source": "synthetic:gaussian"}},
+          "results": {"energy": {"tinyimagenet": {"none": m(0.99, 2000), "paper": m(0.95, 1000),
+                                                  "paper_ood_only": m(0.97, 1000), "strong": m(0.2, 300)},
+                                 "gaussian": {"none": m(1.0, 2000)}}}}
+    forms = {f: {"tpr95": {"realised_tpr": 0.95, "fpr": {"tinyimagenet": 0.05}}, "n_in": 2000} for f in ("stored", "png")}
+    bundle = {"validation": {"score": "energy", "forms": forms, "calibration_forms": ["stored", "png"]},
+              "score_selection": {"in_distribution": "cal", "ood": "held-out", "rule": "lowest attacked FPR95",
+                                  "chosen": "energy", "candidates": {n: {"clean": _metrics(0.9, 0.2), "attacked": _metrics(0.8, 0.3)}
+                                                                     for n in ("msp", "energy")}}}
+    md = mod.render_default({"recipe": {"methods": "aloe"}, "runs": {"aloe": {"eval": ev}}, "bundle_metrics": bundle})
+    assert "| tinyimagenet | `paper` worst case, both sides | 1,000 + 1,000 | 95.0 |" in md
+    assert "| tinyimagenet | `strong` worst case, both sides | 300 + 300 | 20.0 |" in md
+    assert "| gaussian (synthetic) | clean | 2,000 + 2,000 | 100.0 |" in md
+    assert md.index("tinyimagenet | clean") < md.index("gaussian (synthetic)")  # real sets first, noise apart
+    assert "| png | 95.0 | 5.0 |" in md and "| energy (chosen) |" in md
+    assert "mean" not in md.lower()  # no average over sets anywhere
