@@ -17,6 +17,7 @@ from pathlib import Path
 
 METRICS = (("auroc", "AUROC ↑"), ("fpr_at_95_tpr", "FPR95 ↓"), ("aupr_in", "AUPR-in ↑"), ("aupr_out", "AUPR-out ↑"))
 SCORES = ("msp", "energy")
+SYNTHETIC = ("gaussian", "uniform", "blobs")  # the built-in noise sets (ood_sets.SYNTHETIC_SETS)
 
 
 def _pct(x: float | None) -> str:
@@ -42,12 +43,10 @@ def _cell(run: dict, score: str, ood: str, attack: str) -> dict | None:
     return None
 
 
-def _mean(run: dict, score: str, attack: str, metric: str) -> float | None:
-    ev = dict(_attacks(run)).get(attack)
-    if ev is None or score not in ev["results"]:
-        return None
-    values = [per[attack][metric] for per in ev["results"][score].values() if attack in per]
-    return sum(values) / len(values) if values else None
+def _is_synthetic(ev: dict, ood: str) -> bool:
+    """Synthetic noise sets are reported apart from real ones and never averaged with them."""
+    source = ev.get("ood_sets", {}).get(ood, {}).get("source", "")
+    return source.startswith("synthetic:") or (not source and ood in SYNTHETIC)
 
 
 def _accuracy(run: dict, attack: str, score: str = "msp") -> float | None:
@@ -63,22 +62,33 @@ def _label(attack: str) -> str:
 
 
 def render_summary(data: dict, score: str = "msp") -> str:
+    """One row per method and OOD set (real sets first, synthetic noise in its own table); no averages."""
     runs, methods = data["runs"], _methods(data)
-    attacks = [a for a, _ in _attacks(runs[methods[0]])]
-    sets = ", ".join(runs[methods[0]]["eval"]["results"][score])
+    first = runs[methods[0]]
+    attacks = [a for a, _ in _attacks(first)]
+    sets = list(first["eval"]["results"][score])
     names = {"paper": "`paper` (ε = 1/255, 10 steps)", "strong": "`strong` (ε = 8/255, 100 steps)"}
-    out = [f"Mean over OOD sets ({sets}); {score.upper()} score; percent. Attacks: "
-           + ", ".join(names[a] for a in attacks if a in names) + ".", "",
-           "| method | test acc. | " + " | ".join(f"AUROC {_label(a)} ↑" for a in attacks) + " | "
-           + " | ".join(f"FPR95 {_label(a)} ↓" for a in attacks) + " |",
-           "|---|" + "---:|" * (1 + 2 * len(attacks))]
-    for m in methods:
-        run = runs[m]
-        cells = [_pct(run["eval"]["accuracy"]["clean"])]
-        cells += [_pct(_mean(run, score, a, "auroc")) for a in attacks]
-        cells += [_pct(_mean(run, score, a, "fpr_at_95_tpr")) for a in attacks]
-        out.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(out) + "\n"
+    out = []
+    for title, group in (("Real OOD sets", [s for s in sets if not _is_synthetic(first["eval"], s)]),
+                         ("Synthetic noise (not averaged with real sets)", [s for s in sets if _is_synthetic(first["eval"], s)])):
+        if not group:
+            continue
+        out += [f"{title}; {score.upper()} score; percent; images per side in the n columns. Attacks: "
+                + ", ".join(names[a] for a in attacks if a in names) + ".", "",
+                "| method | OOD set | test acc. | " + " | ".join(f"AUROC {_label(a)} ↑" for a in attacks) + " | "
+                + " | ".join(f"FPR95 {_label(a)} ↓" for a in attacks) + " | " + " | ".join(f"n {_label(a)}" for a in attacks) + " |",
+                "|---|---|" + "---:|" * (1 + 3 * len(attacks))]
+        for m in methods:
+            run = runs[m]
+            for ood in group:
+                cells_by_attack = [_cell(run, score, ood, a) for a in attacks]
+                cells = [_pct(run["eval"]["accuracy"]["clean"])]
+                cells += [_pct(c["auroc"]) if c else "–" for c in cells_by_attack]
+                cells += [_pct(c["fpr_at_95_tpr"]) if c else "–" for c in cells_by_attack]
+                cells += [str(c["n_out"]) if c else "–" for c in cells_by_attack]
+                out.append(f"| {m} | {ood} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
 
 
 def render_full(data: dict) -> str:

@@ -27,14 +27,17 @@ def _eval(attack: str, base: float, n: int) -> dict:
     return {"attacks": ["none", attack], "accuracy": {"clean": 0.8, attack: {"msp": 0.7, "energy": 0.6}}, "results": results}
 
 
-def test_summary_means_over_sets_and_strong_comes_from_eval_strong():
+def test_summary_has_a_row_per_set_noise_apart_and_strong_comes_from_eval_strong():
     r = _module()
     data = {"runs": {"aloe": {"eval": _eval("paper", 0.9, 2000), "eval_strong": _eval("strong", 0.6, 500)},
                      "msp": {"eval": _eval("paper", 0.7, 2000)},  # no strong run: its cells are "–"
                      "pretrain": {"train_end": {}}}}
     summary = r.render_summary(data)
-    assert "| aloe | 80.0 | 90.0 | 65.0 | 35.0 | 10.0 | 50.0 | 50.0 |" in summary  # paper: mean(70, 60); strong: mean(40, 30)
-    assert "| msp | 80.0 | 70.0 | 45.0 | – |" in summary
+    assert "| aloe | tinyimagenet | 80.0 | 90.0 | 70.0 | 40.0 | 10.0 | 50.0 | 50.0 | 2000 | 2000 | 500 |" in summary
+    assert "| msp | tinyimagenet | 80.0 | 70.0 | 50.0 | – |" in summary
+    assert summary.index("Real OOD sets") < summary.index("| aloe | tinyimagenet") < summary.index("Synthetic noise") \
+        < summary.index("| aloe | gaussian")
+    assert "mean" not in summary.lower()
     assert "pretrain" not in summary
     full = r.render_full(data)
     assert "| gaussian | strong | 30.0 / 50.0 | – |" in full
