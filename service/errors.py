@@ -1,9 +1,16 @@
-"""One error shape for every failure: `{"error": {"code": "...", "message": "..."}}`.
+"""One error type mapped to HTTP in one place.
 
 Routes raise `ApiError(status, code, message)`; the handlers installed by `install_error_handlers`
 turn it, any other `HTTPException` (404/405 from routing, 401/403 from the admin API), and request
-validation errors into that JSON shape. Unexpected exceptions are caught by the outer middleware
+validation errors into JSON. Unexpected exceptions are caught by the outer middleware
 (`service.middleware`) so that no client ever sees an HTML page or a traceback.
+
+The body's shape depends on the protocol the path speaks (`error_body(code, message, path)`):
+
+- everywhere but `/v2`: `{"error": {"code": "...", "message": "..."}}`;
+- `/v2` (Open Inference Protocol): `{"error": "<message>", "code": "<code>"}` - the OIP / KServe
+  shape, whose `error` is a string (tritonclient's `str(exception)` needs it), with this service's
+  machine-readable code next to it.
 """
 
 from __future__ import annotations
@@ -51,12 +58,24 @@ def unavailable(code: str, message: str, retry_after_s: int = 1) -> ApiError:
     return ApiError(503, code, message, headers={"Retry-After": str(retry_after_s)})
 
 
-def error_body(code: str, message: str) -> dict:
+V2_PREFIX = "/v2"
+
+
+def speaks_v2(path: str) -> bool:
+    return path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
+
+
+def error_body(code: str, message: str, path: str = "") -> dict:
+    """The JSON error for a request to `path`: the OIP shape on /v2, this service's everywhere else."""
+    if speaks_v2(path):
+        return {"error": message, "code": code}
     return {"error": {"code": code, "message": message}}
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, path: str = ""
+) -> JSONResponse:
+    return JSONResponse(error_body(code, message, path), status_code=status, headers=headers)
 
 
 def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -71,11 +90,11 @@ def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONRespon
             message = f"no route for {request.method} {request.url.path}"
         elif exc.status_code == 405:
             message = f"method {request.method} is not allowed on {request.url.path}"
-    return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+    return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None), path=request.url.path)
 
 
 def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return error_response(422, "validation_error", describe_validation_errors(exc.errors()))
+    return error_response(422, "validation_error", describe_validation_errors(exc.errors()), path=request.url.path)
 
 
 def describe_validation_errors(errors) -> str:

@@ -109,17 +109,18 @@ class ServiceMiddleware:
                 body_done = not message.get("more_body", False)
             return message
 
+        path = scope["path"]
         try:
             if content_length is not None and content_length > limit:
                 await _send_json(
-                    send_with_id, 413, "body_too_large", f"request body of {content_length} bytes exceeds {limit} bytes"
+                    send_with_id, 413, "body_too_large", f"request body of {content_length} bytes exceeds {limit} bytes", path=path
                 )
             else:
                 await self.app(scope, receive_limited, send_with_id)
         except Exception:
             log.exception("unhandled error in %s %s (request %s)", scope.get("method"), scope.get("path"), request_id)
             if not started:
-                await _send_json(send_with_id, 500, "internal_error", f"internal error; request id {request_id}")
+                await _send_json(send_with_id, 500, "internal_error", f"internal error; request id {request_id}", path=path)
         except asyncio.CancelledError:
             # uvicorn cancels requests still running when graceful_shutdown_s is over. Answer a clean
             # JSON 503 (retry elsewhere) instead of its plain-text 500 and a logged traceback; the
@@ -128,7 +129,7 @@ class ServiceMiddleware:
             if not started:
                 await _send_json(
                     send_with_id, 503, "shutting_down", "the service is shutting down; retry on another instance",
-                    headers=[(b"retry-after", b"1")],
+                    headers=[(b"retry-after", b"1")], path=path,
                 )
             else:
                 raise
@@ -139,8 +140,8 @@ class ServiceMiddleware:
             self.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - start)
 
 
-async def _send_json(send: Send, status: int, code: str, message: str, headers: list | None = None) -> None:
-    body = json.dumps(error_body(code, message)).encode()
+async def _send_json(send: Send, status: int, code: str, message: str, headers: list | None = None, path: str = "") -> None:
+    body = json.dumps(error_body(code, message, path)).encode()
     headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()), *(headers or ())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

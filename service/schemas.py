@@ -1,7 +1,8 @@
 """Request and response bodies of the HTTP API — plain data, no logic, with OpenAPI examples.
 
-The Open Inference Protocol v2 types mirror the KServe/Triton REST spec (`/v2/...`); errors
-everywhere, v2 included, use this service's `ErrorResponse` shape.
+The Open Inference Protocol v2 types mirror the KServe/Triton REST spec (`/v2/...`), errors
+included: `/v2` answers `V2ErrorResponse` (`{"error": "<message>", "code": "<code>"}`), every
+other path this service's `ErrorResponse`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ class ErrorDetail(BaseModel):
 class ErrorResponse(BaseModel):
     model_config = _example(error={"code": "invalid_image", "message": "image 1: cannot decode PNG: truncated"})
     error: ErrorDetail
+
+
+class V2ErrorResponse(BaseModel):
+    """The Open Inference Protocol's error body (a string `error`), with this service's code next to it."""
+
+    model_config = _example(error="input shape must be [N, 3, 32, 32] with 1 <= N <= 64, got [1, 3, 8, 8]", code="invalid_tensor")
+    error: str = Field(description="What was wrong, for humans (the OIP / KServe `error` string).")
+    code: str = Field(description="Stable machine-readable error code, e.g. `invalid_tensor`, `queue_full`.")
 
 
 # -- /v1/predict ------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ names; it may also name the verdict outputs `ood_score`, `p_value`, `accept` (BO
 `label_index` (INT64), computed by `postprocess.score_outputs` exactly as /v1/predict computes them
 (request parameter `operating_point` picks the threshold). The wire format, JSON and binary, is
 `service.v2_codec`; inference goes through the same batcher as /v1/predict and every answered
-request's p-values feed the metrics and the drift alarm like /v1's. Errors use the service's
-`{"error": {"code", "message"}}` shape; a not-ready server answers 503.
+request's p-values feed the metrics and the drift alarm like /v1's. Errors use the OIP shape
+`{"error": "<message>", "code": "<code>"}` (chosen in `errors.error_body` by path); a not-ready
+server answers 503.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..batching import BatcherError
 from ..deps import ActiveModelDep, BatcherDep, SettingsDep
 from ..errors import ApiError, unavailable
 from ..postprocess import NonFiniteOutput, score_outputs
-from ..schemas import ErrorResponse, V2InferRequest, V2InferResponse, V2ModelMetadata, V2ServerMetadata
+from ..schemas import V2ErrorResponse, V2InferRequest, V2InferResponse, V2ModelMetadata, V2ServerMetadata
 from ..v2_codec import VERDICT_OUTPUTS, InputSpec, encode_infer_response, parse_infer_request
 from .health import is_ready
 from .predict import resolve_operating_point
@@ -31,24 +32,24 @@ from .predict import resolve_operating_point
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 
 _ERRORS = {
-    404: {"model": ErrorResponse, "description": "Unknown model name or version (`model_not_found`)."},
+    404: {"model": V2ErrorResponse, "description": "Unknown model name or version (`model_not_found`)."},
     422: {
-        "model": ErrorResponse,
+        "model": V2ErrorResponse,
         "description": "Wrong input name, datatype, shape, data length or binary data size (`invalid_tensor`), "
         "unknown or repeated output (`unknown_output`, `duplicate_output`), a bad parameter (`invalid_parameter`, "
         "`unsupported_parameter`, `unknown_operating_point`), or a body that is not a v2 inference request "
         "(`validation_error`).",
     },
-    503: {"model": ErrorResponse, "description": "Not ready, queue full, or inference failed; has Retry-After."},
+    503: {"model": V2ErrorResponse, "description": "Not ready, queue full, or inference failed; has Retry-After."},
 }
 _INFER_ERRORS = {
     400: {
-        "model": ErrorResponse,
+        "model": V2ErrorResponse,
         "description": "The JSON part is not valid JSON (`invalid_json`), or Inference-Header-Content-Length is "
         "larger than the body (`invalid_inference_header`).",
     },
-    413: {"model": ErrorResponse, "description": "Body larger than `max_body_bytes` (`body_too_large`)."},
-    415: {"model": ErrorResponse, "description": "A compressed body (Content-Encoding); send it uncompressed."},
+    413: {"model": V2ErrorResponse, "description": "Body larger than `max_body_bytes` (`body_too_large`)."},
+    415: {"model": V2ErrorResponse, "description": "A compressed body (Content-Encoding); send it uncompressed."},
     **_ERRORS,
 }
 _INFER_OPENAPI = {

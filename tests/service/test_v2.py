@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from oodguard.service.bundle import make_session
-from oodguard.service.schemas import ErrorResponse, V2InferResponse, V2ModelMetadata
+from oodguard.service.schemas import V2ErrorResponse, V2InferResponse, V2ModelMetadata
 
 
 def _request(images: np.ndarray, **extra) -> dict:
@@ -15,10 +15,11 @@ def _request(images: np.ndarray, **extra) -> dict:
 
 def _error(r, status: int, code: str, *parts: str) -> None:
     assert r.status_code == status, r.text
-    err = ErrorResponse.model_validate(r.json()).error
+    err = V2ErrorResponse.model_validate(r.json())  # the OIP shape: {"error": "<message>", "code"}
+    assert set(r.json()) == {"error", "code"}, r.json()
     assert err.code == code, err
     for p in parts:
-        assert p in err.message, err.message
+        assert p in err.error, err.error
 
 
 def test_health_and_server_metadata(client):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from oodguard.service.preprocess import decode_images
-from oodguard.service.schemas import ErrorResponse
+from oodguard.service.schemas import V2ErrorResponse
 from oodguard.service.v2_codec import InputSpec, encode_infer_response, parse_infer_request, split_body
 
 from .bundle_factory import encode_image
@@ -59,10 +59,11 @@ def _decode_response(r) -> dict[str, np.ndarray]:
 
 def _error(r, status: int, code: str, *parts: str) -> None:
     assert r.status_code == status, r.text
-    err = ErrorResponse.model_validate(r.json()).error
+    err = V2ErrorResponse.model_validate(r.json())  # the OIP shape: {"error": "<message>", "code"}
+    assert set(r.json()) == {"error", "code"}, r.json()
     assert err.code == code, err
     for p in parts:
-        assert p in err.message, err.message
+        assert p in err.error, err.error
 
 
 def test_json_without_content_type(client):
