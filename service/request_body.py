@@ -137,11 +137,36 @@ async def read_multipart_images(content_type: str, chunks: AsyncIterator[bytes],
     return [bytes(image) for image in parts.images]
 
 
-def decode_json_images(body: bytes, max_images: int) -> list[bytes]:
+def check_json_budget(body: bytes, max_separators: int) -> None:
+    """Refuse, before parsing, a JSON body with more values than the request can legitimately hold.
+
+    Parsing builds one Python object per value (~30 bytes for a 2-byte `0,`), so a 16 MiB body of
+    numbers would cost hundreds of MB and hold the event loop for a second. Counting separators is a
+    C-speed scan over the bytes that allocates nothing; separators inside strings are counted too,
+    which only makes the bound stricter for bodies no legitimate client sends.
+    """
+    separators = body.count(b",") + body.count(b":")
+    if separators > max_separators:
+        raise ApiError(
+            422, "invalid_json", f"the JSON body has {separators} separators (',' ':'); a request needs at most {max_separators}"
+        )
+
+
+def parse_json(body: bytes, max_images: int):
+    """`json.loads` within the value budget; every parse failure a 422 `invalid_json`."""
+    # {"images": ["data:image/png;base64,...", ...]}: per image a comma between items, and a data
+    # URL's colon and comma; a few dozen for other keys.
+    check_json_budget(body, 4 * max_images + 64)
     try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: absurd nesting
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        # ValueError: JSONDecodeError, UnicodeDecodeError, and an integer longer than Python's
+        # int-to-str limit (4300 digits); RecursionError: absurd nesting.
         raise ApiError(422, "invalid_json", f"body is not valid JSON: {type(exc).__name__}: {exc}"[:300]) from None
+
+
+def decode_json_images(body: bytes, max_images: int) -> list[bytes]:
+    payload = parse_json(body, max_images)
     images = payload.get("images") if isinstance(payload, dict) else None
     if not isinstance(images, list):
         raise ApiError(422, "invalid_json", 'JSON body must be an object {"images": ["<base64>", ...]}')

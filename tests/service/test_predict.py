@@ -203,8 +203,13 @@ def test_malformed_multipart(client):
         (json.dumps({"images": ["!!!not base64!!!"]}).encode(), "invalid_base64"),
         (json.dumps({"images": [42]}).encode(), "invalid_base64"),
         (json.dumps({"images": ["data:image/png;base64"]}).encode(), "invalid_base64"),
+        # issue 18 #6: an integer beyond Python's int-to-str limit (4300 digits) raised ValueError -> 500
+        (b'{"x": ' + b"9" * 5000 + b', "images": []}', "invalid_json"),
+        # a body of numbers costs ~30x its size once parsed: refused from its separators, unparsed
+        (b'{"images": [], "x": [' + b"0," * 100_000 + b"0]}", "invalid_json"),
     ],
-    ids=["syntax", "list", "images-not-list", "deep-nesting", "bad-base64", "not-string", "bad-data-url"],
+    ids=["syntax", "list", "images-not-list", "deep-nesting", "bad-base64", "not-string", "bad-data-url",
+         "5000-digit-int", "many-values"],
 )
 def test_bad_json(client, body, code):
     _assert_error(client.post("/v1/predict", content=body, headers={"content-type": "application/json"}), 422, code)
