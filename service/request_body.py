@@ -148,7 +148,7 @@ def check_json_budget(body: bytes, max_separators: int) -> None:
     separators = body.count(b",") + body.count(b":")
     if separators > max_separators:
         raise ApiError(
-            422, "invalid_json", f"the JSON body has {separators} separators (',' ':'); a request needs at most {max_separators}"
+            422, "too_many_values", f"the JSON body has {separators} separators (',' ':'); a request needs at most {max_separators}"
         )
 
 

@@ -13,9 +13,12 @@ turns named arrays back into bytes. Real clients (`tritonclient[http]`, KServe's
   binary outputs come back after a JSON header of `Inference-Header-Content-Length` bytes, each with
   `parameters.binary_data_size`.
 
-Work per request is bounded before any array is built: one input, its shape within the service's
-limits, the element count equal to the shape's product and to the byte count, every binary byte
-claimed by exactly one input, requested outputs unique and known.
+Work per request is bounded before any array is built: the JSON part holds no more values than
+the largest valid tensor (its separators are counted before it is parsed: parsed numbers cost ~30x
+their bytes), no more requested outputs than the model offers (checked on the parsed JSON, before
+validation builds a model per entry), one input, its shape within the service's limits, the element
+count equal to the shape's product and to the byte count, every binary byte claimed by exactly one
+input, requested outputs unique and known.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import orjson
 from pydantic import ValidationError
 
 from .errors import ApiError, describe_validation_errors
+from .request_body import check_json_budget
 from .schemas import V2InferRequest
 
 # v2 datatype <-> little-endian numpy dtype (the binary extension is little-endian).
@@ -76,6 +80,11 @@ def _invalid(message: str, code: str = "invalid_tensor") -> ApiError:
     return ApiError(422, code, message)
 
 
+def max_json_separators(spec: InputSpec) -> int:
+    """Separators (`,` `:`) the JSON part of a valid request can need: one per tensor value, plus the fields'."""
+    return spec.max_images * math.prod(spec.chw) + 1024
+
+
 def split_body(body: bytes, header_length: int | None) -> tuple[bytes, bytes]:
     """(JSON part, binary part) of a request or response body."""
     if header_length is None:
@@ -91,10 +100,14 @@ def split_body(body: bytes, header_length: int | None) -> tuple[bytes, bytes]:
 
 def parse_infer_request(body: bytes, header_length: int | None, spec: InputSpec) -> InferRequest:
     json_part, binary = split_body(body, header_length)
+    check_json_budget(json_part, max_json_separators(spec))
     try:
         raw = orjson.loads(json_part)
-    except orjson.JSONDecodeError as exc:
+    except orjson.JSONDecodeError as exc:  # also integers beyond 64 bits and nesting deeper than 1024
         raise ApiError(400, "invalid_json", f"the inference request is not valid JSON: {exc}") from None
+    outputs = raw.get("outputs") if isinstance(raw, dict) else None
+    if isinstance(outputs, list) and len(outputs) > len(spec.outputs):  # before a model per entry is built
+        raise _invalid(f"{len(outputs)} outputs requested; this model offers {len(spec.outputs)}", "too_many_outputs")
     try:
         request = V2InferRequest.model_validate(raw)
     except ValidationError as exc:

@@ -69,8 +69,8 @@ PREDICT_ERRORS = {
     ),
     422: _err(
         "Undecodable or invalid image (`invalid_image`), no images (`no_images`), more than "
-        "`max_images_per_request` (`too_many_images`), invalid JSON (`invalid_json`) or base64 "
-        "(`invalid_base64`), malformed multipart (`invalid_multipart`), unknown `operating_point` "
+        "`max_images_per_request` (`too_many_images`), invalid JSON (`invalid_json`), a JSON body with more values than images allow "
+        "(`too_many_values`) or invalid base64 (`invalid_base64`), malformed multipart (`invalid_multipart`), unknown `operating_point` "
         "(`unknown_operating_point`), `top_k` out of range (`invalid_top_k` / `validation_error`).",
         "invalid_image",
         "image 1: cannot decode PNG: image file is truncated",

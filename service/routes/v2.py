@@ -36,7 +36,7 @@ _ERRORS = {
     422: {
         "model": V2ErrorResponse,
         "description": "Wrong input name, datatype, shape, data length or binary data size (`invalid_tensor`), "
-        "unknown or repeated output (`unknown_output`, `duplicate_output`), a bad parameter (`invalid_parameter`, "
+        "unknown or repeated output (`unknown_output`, `duplicate_output`, `too_many_outputs`), a JSON part with more values than the largest valid tensor (`too_many_values`), a bad parameter (`invalid_parameter`, "
         "`unsupported_parameter`, `unknown_operating_point`), or a body that is not a v2 inference request "
         "(`validation_error`).",
     },

@@ -204,9 +204,28 @@ def test_malformed_binary_requests_are_422(client, mutate, code, part):
     _error(client.post(URL, content=body, headers=headers), 422, code, part)
 
 
-def test_many_requested_outputs_are_refused_in_linear_time(client):
-    body, headers = _mutated_binary(lambda h, raw: (h.update(outputs=[{"name": "msp"}] * 200_000), raw)[1])
+def test_many_requested_outputs_are_refused_before_validation(client):
+    # issue 18 #1: each repeat rebuilt the output (K = 20,000 -> +935 MB, a 255 MB response). More
+    # entries than the model offers are refused from the parsed JSON; a body of them too large for
+    # the value budget is refused before parsing.
+    n_outputs = len(client.get("/v2/models/tiny").json()["outputs"]) + 4  # + the verdict outputs
+    body, headers = _mutated_binary(lambda h, raw: (h.update(outputs=[{"name": "msp"}] * (n_outputs + 1)), raw)[1])
+    _error(client.post(URL, content=body, headers=headers), 422, "too_many_outputs", str(n_outputs))
+    body, headers = _mutated_binary(lambda h, raw: (h.update(outputs=[{"name": "msp"}] * 20_000), raw)[1])
+    _error(client.post(URL, content=body, headers=headers), 422, "too_many_values", "separators")
+
+
+def test_a_few_repeated_outputs_are_duplicates(client):
+    body, headers = _mutated_binary(lambda h, raw: (h.update(outputs=[{"name": "msp"}] * 3), raw)[1])
     _error(client.post(URL, content=body, headers=headers), 422, "duplicate_output", "msp")
+
+
+def test_json_data_with_more_values_than_any_valid_tensor_is_refused_unparsed(client):
+    # issue 18 #4: a 16 MiB JSON body cost ~30x its size once parsed. 64 images of 3x8x8 = 12,288
+    # values at most; one more than the budget is refused from its separators.
+    values = 64 * 3 * 8 * 8 + 1024 + 1
+    body = b'{"inputs": [{"name": "image", "shape": [1, 3, 8, 8], "datatype": "FP32", "data": [' + b"0," * values + b"0]}]}"
+    _error(client.post(URL, content=body), 422, "too_many_values", "separators")
 
 
 def test_compressed_body_is_415(client):
