@@ -23,6 +23,7 @@ from .middleware import ServiceMiddleware
 from .preprocess import ImageLimits, configure_pillow
 from .registry import ModelRegistry
 from .schemas import ErrorResponse
+from .security import configured_token
 from .routes import admin, health, models, predict, v2
 from .routes import metrics as metrics_route
 from .settings import Settings
@@ -112,8 +113,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_upload_bytes=settings.max_upload_bytes,
         body_timeout_s=settings.client_timeout_s,
     )
-    for module in (predict, models, health, metrics_route, v2, admin):
+    for module in (predict, models, health, metrics_route, v2):
         app.include_router(module.router)
+    if configured_token(settings) is not None:
+        # Admin off means absent: no /admin in OpenAPI, and every /admin* path and method answers
+        # what an unknown path answers (404; no 405 from a matching path, no slash redirect).
+        app.include_router(admin.router)
     if settings.fast_predict:
         predict.install_fast_path(app)
     return app

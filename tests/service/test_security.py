@@ -54,6 +54,26 @@ def test_admin_api_is_absent_without_a_token(tmp_path, bundle, method, path):
     )
 
 
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
+@pytest.mark.parametrize("path", ["/admin", "/admin/", "/admin/models", "/admin/models/", "/admin/rollback/", "/admin/x/y/z"])
+def test_admin_off_is_absent_on_every_path_and_method(tmp_path, bundle, method, path):
+    # issue 18 #12: with admin off, PUT /admin/models answered 405 and /admin/models/ a 307 whose
+    # Location reflected the Host header.
+    with _client(tmp_path, bundle, None) as client:
+        resp = client.request(method, path, headers={"Host": "evil.example"}, follow_redirects=False)
+    assert resp.status_code == 404, resp.text
+    assert resp.json()["error"]["code"] == "not_found"
+    assert "location" not in resp.headers
+
+
+def test_admin_off_is_not_in_openapi(tmp_path, bundle):
+    with _client(tmp_path, bundle, None) as client:
+        paths = client.get("/openapi.json").json()["paths"]
+    assert paths and not [p for p in paths if p.startswith("/admin")]
+    with _client(tmp_path, bundle, TOKEN) as client:
+        assert "/admin/models" in client.get("/openapi.json").json()["paths"]
+
+
 def test_empty_token_env_means_off(tmp_path, bundle, monkeypatch):
     monkeypatch.setenv("OODGUARD_ADMIN_TOKEN", "")
     settings = Settings(bundle=bundle, models_dir=tmp_path / "models", batching=False)
