@@ -9,7 +9,10 @@ skips everything else by its length (weights are never copied):
   attribute) and in model-local function bodies;
 - the domains the model defines itself (its local functions: composites of other ops, not code);
 - tensors stored outside the file (`data_location = EXTERNAL` or `external_data` entries), which
-  would make onnxruntime open other paths.
+  would make onnxruntime open other paths - wherever a TensorProto can sit: graph initializers
+  (dense and sparse), node attributes (`t`, `tensors`, `sparse_tensor(s)`), the default values of
+  a local function's attributes (`FunctionProto.attribute_proto`), and the graphs of
+  `ModelProto.training_info` (initialization and algorithm), in every nested subgraph of these.
 
 Field numbers are those of onnx/onnx.proto3 (stable since IR version 3).
 """
@@ -33,13 +36,14 @@ class OnnxScan:
 
 
 # Field numbers (onnx.proto3).
-_MODEL_GRAPH, _MODEL_OPSET, _MODEL_FUNCTIONS = 7, 8, 25
+_MODEL_GRAPH, _MODEL_OPSET, _MODEL_TRAINING_INFO, _MODEL_FUNCTIONS = 7, 8, 20, 25
+_TRAINING_INITIALIZATION, _TRAINING_ALGORITHM = 1, 2
 _GRAPH_NODE, _GRAPH_INITIALIZER, _GRAPH_SPARSE_INITIALIZER = 1, 5, 15
 _NODE_ATTRIBUTE, _NODE_DOMAIN = 5, 7
 _ATTR_T, _ATTR_G, _ATTR_TENSORS, _ATTR_GRAPHS, _ATTR_SPARSE, _ATTR_SPARSES = 5, 6, 10, 11, 22, 23
 _TENSOR_NAME, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 8, 13, 14
 _SPARSE_VALUES, _SPARSE_INDICES = 1, 2
-_FUNCTION_NODE, _FUNCTION_OPSET, _FUNCTION_DOMAIN = 7, 9, 10
+_FUNCTION_NODE, _FUNCTION_OPSET, _FUNCTION_DOMAIN, _FUNCTION_ATTRIBUTE_PROTO = 7, 9, 10, 11
 _OPSET_DOMAIN = 1
 _EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
 _MAX_DEPTH = 64  # nested subgraphs; a deeper file is refused rather than recursed into
@@ -56,6 +60,10 @@ def scan_onnx(data: bytes) -> OnnxScan:
             scan.opset_domains.add(_opset_domain(_message(value)))
         elif num == _MODEL_FUNCTIONS:
             _function(_message(value), scan)
+        elif num == _MODEL_TRAINING_INFO:
+            for sub, graph in _fields(_message(value)):
+                if sub in (_TRAINING_INITIALIZATION, _TRAINING_ALGORITHM):
+                    _graph(_message(graph), scan, 1)
     return scan
 
 
@@ -103,6 +111,8 @@ def _function(view: memoryview, scan: OnnxScan) -> None:
             scan.opset_domains.add(_opset_domain(_message(value)))
         elif num == _FUNCTION_DOMAIN:
             scan.function_domains.add(_text(value))
+        elif num == _FUNCTION_ATTRIBUTE_PROTO:  # an attribute's default value: may hold tensors and graphs
+            _attribute(_message(value), scan, 1)
 
 
 def _tensor(view: memoryview, scan: OnnxScan) -> None:

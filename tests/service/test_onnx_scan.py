@@ -100,6 +100,53 @@ def test_external_data_is_found_in_initializers_and_attributes():
     assert _scan(_model([node, helper.make_node("Identity", ["image"], ["out"])])).external_tensors == ["c"]
 
 
+def _external(name: str) -> onnx.TensorProto:
+    tensor = numpy_helper.from_array(np.ones((1,), np.float32), name)
+    tensor.data_location = TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", "/etc/passwd"
+    tensor.ClearField("raw_data")
+    return tensor
+
+
+def test_external_data_in_a_local_function_attribute_default():
+    # issue 18 #8: FunctionProto.attribute_proto (an attribute's default value) was not scanned.
+    fn = helper.make_function(
+        "local.fn", "F", ["x"], ["y"], [helper.make_node("Identity", ["x"], ["y"])], [helper.make_opsetid("", 17)]
+    )
+    fn.attribute_proto.append(helper.make_attribute("w", _external("fn_default")))
+    model = _model([helper.make_node("F", ["image"], ["out"], domain="local.fn")],
+                   opsets=(("", 17), ("local.fn", 1)), functions=[fn])
+    assert _scan(model).external_tensors == ["fn_default"]
+    # ... also a graph-valued default whose body holds the tensor
+    body = helper.make_graph([helper.make_node("Constant", [], ["k"], value=_external("in_graph_default"))], "b", [], [])
+    fn.ClearField("attribute_proto")
+    fn.attribute_proto.append(helper.make_attribute("g", body))
+    model.functions[0].CopyFrom(fn)
+    assert _scan(model).external_tensors == ["in_graph_default"]
+
+
+def test_external_data_in_training_info_graphs():
+    model = _model([helper.make_node("Identity", ["image"], ["out"])])
+    info = model.training_info.add()
+    info.initialization.CopyFrom(helper.make_graph([], "init", [], [], initializer=[_external("init_w")]))
+    info.algorithm.CopyFrom(helper.make_graph([helper.make_node("Constant", [], ["k"], value=_external("algo_c"))], "algo", [], []))
+    assert sorted(_scan(model).external_tensors) == ["algo_c", "init_w"]
+
+
+def test_verify_refuses_external_data_in_a_function_attribute(tmp_path):
+    fn = helper.make_function(
+        "local.fn", "F", ["x"], ["y"], [helper.make_node("Identity", ["x"], ["y"])], [helper.make_opsetid("", 17)]
+    )
+    fn.attribute_proto.append(helper.make_attribute("w", _external("fn_default")))
+    model = build_tiny_onnx()
+    model.functions.append(fn)
+    model.opset_import.append(helper.make_opsetid("local.fn", 1))
+    with pytest.raises(BundleError) as err:
+        verify_bundle(_bundle_with_model(tmp_path, model))
+    assert err.value.check == "onnx" and "external data" in err.value.message
+
+
 @pytest.mark.parametrize(
     "data, message",
     [
