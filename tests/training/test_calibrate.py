@@ -219,3 +219,20 @@ def test_score_auto_without_held_out_outliers_is_a_clear_error(tmp_path, tiny_da
     export_run(run, ["msp", "energy"])
     with pytest.raises(ValueError, match="held-out outlier classes"):
         calibrate_run(run, CalibrateConfig(score="auto", auto_samples=4, max_samples=16, tarball=False))
+
+
+def test_realised_tpr_and_fpr_match_an_independent_computation(bundle):
+    """Recomputed here from onnxruntime scores: TPR = in-distribution test images accepted (score >= threshold),
+    FPR = OOD images accepted. An inverted comparison in calibration would swap them for 1 - rate."""
+    from oodguard.training.ood_sets import load_ood_set, subsample
+
+    run, built = bundle
+    session = make_session(built.bundle_dir / "model.onnx")
+    score = lambda u8: run_onnx(session, to_tensor(u8).numpy(), output_names=["msp"])["msp"]  # noqa: E731
+    test = subsample(RunData.open(run).test_set(), 64, 0)
+    gauss = load_ood_set("gaussian", 64, 0)
+    s_in, s_out = score(test.images), score(gauss.images)
+    for op in built.manifest.operating_points:
+        assert op.realised_tpr == pytest.approx(float(np.sum(s_in >= op.threshold)) / len(s_in), abs=1e-12)
+        assert op.fpr["gaussian"] == pytest.approx(float(np.sum(s_out >= op.threshold)) / len(s_out), abs=1e-12)
+    assert len({op.realised_tpr for op in built.manifest.operating_points}) > 1  # the points differ: not vacuous
