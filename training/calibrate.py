@@ -190,7 +190,10 @@ def calibrate_run(run_dir: str | Path, cfg: CalibrateConfig) -> BuiltBundle:
         "score": cfg.score,
         "test_images": int(test_scores.size),
         "test_source": test_set.source,
-        "ood_images": {k: int(v.size) for k, v in ood_scores.items()},
+        # images behind each FPR (attacked ones: the evaluation's seeded subset) and behind the attacked TPRs
+        "ood_images": {**{k: int(v.size) for k, v in ood_scores.items()},
+                       **{f"{s}/{a}": int(v.size) for (s, a), v in attacked.items() if s != "in"}},
+        "test_images_attacked": {a: int(v.size) for (s, a), v in attacked.items() if s == "in"},
         "operating_points": validation,
         # ~0.5 when the test split's conformal p-values are uniform, as they should be in-distribution
         "test_p_value_mean": float(np.mean(conformal_p_values(cal_sorted, test_scores))),
