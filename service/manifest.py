@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,7 +34,7 @@ CALIBRATION_FILE = "calibration.npy"
 GOLDEN_FILE = "golden.npz"
 INPUT_NAME = "image"
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # bundle names and versions (directory names)
 
 
 class _Strict(BaseModel):
@@ -119,6 +120,16 @@ class BundleManifest(_Strict):
     # `bundle.write_manifest`: `verify_bundle` refuses a manifest edited after it was written.
     content_sha256: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _finite_numbers(cls, raw: Any) -> Any:
+        # A NaN threshold rejects everything (and reads as `null` in JSON answers); NaN or inf in
+        # metrics cannot be answered as JSON at all. Refused anywhere in the manifest.
+        where = _first_non_finite(raw)
+        if where is not None:
+            raise ValueError(f"non-finite number (NaN or infinity) at {where or 'top level'}; manifests hold finite numbers only")
+        return raw
+
     @field_validator("schema_version")
     @classmethod
     def _known_schema(cls, v: int) -> int:
@@ -130,8 +141,8 @@ class BundleManifest(_Strict):
     @classmethod
     def _safe_name(cls, v: str) -> str:
         # Names become directory names (<models_dir>/<name>/<version>): no separators, no "..".
-        if not _NAME_RE.match(v) or ".." in v:
-            raise ValueError(f"{v!r} must match {_NAME_RE.pattern} and must not contain '..'")
+        if not NAME_RE.match(v) or ".." in v:
+            raise ValueError(f"{v!r} must match {NAME_RE.pattern} and must not contain '..'")
         return v
 
     @field_validator("files")
@@ -202,6 +213,22 @@ def _without_unset_class_fields(payload: dict[str, Any]) -> dict[str, Any]:
             if op.get(key) is None:
                 op.pop(key, None)
     return payload
+
+
+def _first_non_finite(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first NaN / infinite float in a JSON-like value, or None. Iterative: any depth."""
+    stack = [(path, value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return where
+        if isinstance(item, dict):
+            stack.extend((f"{where}.{k}" if where else str(k), v) for k, v in item.items())
+        elif isinstance(item, (list, tuple)):
+            stack.extend((f"{where}[{i}]", v) for i, v in enumerate(item))
+        elif isinstance(item, BaseModel):
+            stack.extend((f"{where}.{k}" if where else k, v) for k, v in item.__dict__.items())
+    return None
 
 
 def load_manifest(bundle_dir: str | Path) -> BundleManifest:
