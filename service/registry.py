@@ -25,7 +25,7 @@ import numpy as np
 from .bundle import BundleError, manifest_sha256, verify_bundle
 from .loaded_model import LoadedModel, contract_diff, key_metrics
 from .manifest import MANIFEST_FILE, BundleManifest, load_manifest
-from .store import ModelStore, StoreError, TarLimits, copy_bundle, ref, safe_extract_tar, split_ref
+from .store import ModelStore, StoreError, TarLimits, check_tree, copy_bundle, ref, safe_extract_tar, split_ref
 
 log = logging.getLogger(__name__)
 
@@ -251,14 +251,19 @@ class ModelRegistry:
         """Validate and install a bundle directory that lies inside the models dir (or, `_trusted`, anywhere)."""
         store = self.require_store()
         src = Path(path)
-        if not _trusted and not store.is_inside(src):
-            raise RegistryError("outside_models_dir", f"{path} is not inside the models directory {store.root}", 400)
-        if src.is_symlink() or not src.is_dir() or not (src / MANIFEST_FILE).is_file():
-            # Checked before copying: the models dir itself (path "") would be copied into its own staging dir.
-            raise RegistryError("not_a_bundle", f"{path} is not a bundle directory (no {MANIFEST_FILE})", 400)
-        if not _trusted and any(part.startswith(".") for part in src.resolve().relative_to(store.root).parts):
-            raise RegistryError("not_a_bundle", f"{path} is in a hidden (staging) directory of the models dir", 400)
+        shown = str(path)[:200]
+        try:
+            if not _trusted and not store.is_inside(src):
+                raise RegistryError("outside_models_dir", f"{shown} is not inside the models directory {store.root}", 400)
+            if src.is_symlink() or not src.is_dir() or not (src / MANIFEST_FILE).is_file():
+                # Checked before copying: the models dir itself (path "") would be copied into its own staging dir.
+                raise RegistryError("not_a_bundle", f"{shown} is not a bundle directory (no {MANIFEST_FILE})", 400)
+            if not _trusted and any(part.startswith(".") for part in src.resolve().relative_to(store.root).parts):
+                raise RegistryError("not_a_bundle", f"{shown} is in a hidden (staging) directory of the models dir", 400)
+        except OSError as exc:  # ENAMETOOLONG, ELOOP, EACCES, ...: not a path that can hold a bundle
+            raise RegistryError("not_a_bundle", f"{shown} cannot be read as a bundle directory ({exc.strerror})", 400) from None
         with self._counting_rejections(), store.staging_dir() as stage:
+            check_tree(src.resolve(), self._tar_limits())  # copytree and hashing recurse per level
             copy = copy_bundle(src.resolve(), stage / "bundle")
             return self._validate_and_install(store, copy)
 

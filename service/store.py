@@ -23,6 +23,7 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import shutil
 import tarfile
 import tempfile
@@ -35,7 +36,7 @@ from typing import Any, BinaryIO, Iterator
 
 from .atomic import atomic_write_text, fsync_dir
 from .bundle import BundleError, manifest_sha256
-from .manifest import MANIFEST_FILE, load_manifest
+from .manifest import MANIFEST_FILE, NAME_RE, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ class TarLimits:
 
     max_total_bytes: int = 1 << 30  # 1 GiB decompressed
     max_members: int = 10_000
+    max_depth: int = 16  # path components of a member (bundles are flat: report/plots/x.png is 3)
+    max_path_bytes: int = 1024  # UTF-8 bytes of a member's path (each component at most NAME_MAX, 255)
 
 
 @dataclass
@@ -104,16 +107,25 @@ class ModelStore:
         self._sweep_stale_staging()
 
     def _sweep_stale_staging(self, max_age_s: float = _STALE_STAGING_S) -> None:
-        """Remove half-written uploads left by a killed process (never a fresh one: another process may own it)."""
+        """Remove half-written uploads left by a killed process (never a fresh one: another process may own it).
+
+        Runs at start-up: it must never stop the service from starting, whatever it finds (a tree
+        too deep for a recursive delete once crashed it here, on every restart).
+        """
         incoming = self.root / _INCOMING
-        if not incoming.is_dir():
-            return
-        now = time.time()
-        for entry in incoming.iterdir():
-            with contextlib.suppress(OSError):
-                if now - entry.stat().st_mtime > max_age_s:
-                    shutil.rmtree(entry, ignore_errors=True)
+        try:
+            if not incoming.is_dir():
+                return
+            now = time.time()
+            for entry in incoming.iterdir():
+                try:
+                    stale = now - entry.lstat().st_mtime > max_age_s
+                except OSError:
+                    continue
+                if stale and remove_tree(entry):
                     log.info("removed stale staging dir %s", entry)
+        except Exception as exc:  # noqa: BLE001 - a leftover must never keep the service down
+            log.error("could not sweep stale staging dirs in %s: %s", incoming, exc)
 
     # -- state ----------------------------------------------------------------------------------
     @property
@@ -216,8 +228,10 @@ class ModelStore:
     # -- versions -------------------------------------------------------------------------------
     def version_dir(self, name: str, version: str) -> Path:
         split_ref(ref(name, version))  # refuses separators
-        if name.startswith(".") or version.startswith(".") or ".." in name or ".." in version:
-            raise StoreError("bad_name", f"{ref(name, version)!r} is not a valid name/version", status=422)
+        # A manifest's name and version match NAME_RE (at most 64 characters): anything else (a
+        # 300-character name, once ENAMETOOLONG -> 500) cannot be a stored version.
+        if not all(NAME_RE.match(part) and ".." not in part for part in (name, version)):
+            raise StoreError("bad_name", f"{ref(name, version)[:200]!r} is not a valid name/version", status=422)
         return self.root / name / version
 
     def list_versions(self) -> list[tuple[str, str, Path]]:
@@ -246,7 +260,7 @@ class ModelStore:
         try:
             yield tmp
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_tree(tmp)
 
     def install(self, staged_bundle: Path) -> tuple[str, str, Path, bool]:
         """Move a staged (already verified) bundle to `<name>/<version>`. Returns (name, version, dir, created).
@@ -300,6 +314,54 @@ class ModelStore:
         return removed
 
 
+# -- removing trees ----------------------------------------------------------------------------------
+
+
+def remove_tree(path: str | Path) -> bool:
+    """Delete a directory tree of any depth; never raises. Returns whether it is gone.
+
+    `shutil.rmtree` recurses once per level (RecursionError on a tree 1,000 directories deep, which a
+    34 KB archive holds) and deep trees outgrow PATH_MAX. Here every subdirectory met is first
+    renamed to the top of the tree under a short unique name, so the paths used are at most two
+    components below `path` and the work is a loop, not a recursion. Symbolic links are removed,
+    never followed. Failures are logged, not raised: cleanup must not turn into the error reported.
+    """
+    top = Path(path)
+    try:
+        if top.is_symlink() or not top.is_dir():
+            top.unlink(missing_ok=True)
+            return True
+        pending = [top]
+        moved = 0
+        tag = secrets.token_hex(4)  # flattened names no entry of the tree can predict
+        while pending:
+            current = pending[-1]
+            subdirs = []
+            with os.scandir(current) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        subdirs.append(entry.name)
+                    else:
+                        os.unlink(entry.path)
+            if not subdirs:
+                pending.pop()
+                if current != top:
+                    os.rmdir(current)
+                continue
+            for name in subdirs:  # flatten: move each child directory up to the top level
+                moved += 1
+                flat = top / f".rm-{tag}-{moved}"
+                os.rename(current / name, flat)
+                pending.append(flat)
+        os.rmdir(top)
+        return True
+    except FileNotFoundError:
+        return not top.exists()
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        log.error("could not remove %s: %s", top, exc)
+        return False
+
+
 # -- safe tar extraction ---------------------------------------------------------------------------
 
 
@@ -322,7 +384,7 @@ def safe_extract_tar(fileobj: BinaryIO, dest: Path, limits: TarLimits = TarLimit
                 members.append(member)
                 if len(members) > limits.max_members:
                     raise BundleError("archive", f"more than {limits.max_members} entries")
-                _check_member(member)
+                _check_member(member, limits)
                 total += member.size
                 if total > limits.max_total_bytes:
                     raise BundleError("archive", f"content exceeds {limits.max_total_bytes} bytes uncompressed")
@@ -337,9 +399,10 @@ def safe_extract_tar(fileobj: BinaryIO, dest: Path, limits: TarLimits = TarLimit
     return _bundle_root(dest)
 
 
-def _check_member(member: tarfile.TarInfo) -> None:
+def _check_member(member: tarfile.TarInfo, limits: TarLimits) -> None:
     name = member.name
     parts = Path(name).parts
+    _check_path_shape(name, parts, limits)
     if name.startswith(("/", "\\")) or Path(name).is_absolute() or (parts and ":" in parts[0]):
         raise BundleError("archive", f"absolute path {name!r} in archive")
     if ".." in parts or ".." in name.replace("\\", "/").split("/"):
@@ -348,6 +411,37 @@ def _check_member(member: tarfile.TarInfo) -> None:
         raise BundleError("archive", f"link {name!r} in archive; bundles hold regular files only")
     if not (member.isfile() or member.isdir()):
         raise BundleError("archive", f"{name!r} is not a regular file or directory (device, fifo, ...)")
+
+
+def _check_path_shape(name: str, parts: tuple[str, ...], limits: TarLimits) -> None:
+    # Deep or long paths: a recursive delete / copy / glob of 1,200 nested directories overflows
+    # Python's stack, and long names fail with ENAMETOOLONG at whatever step meets them first.
+    if len(parts) > limits.max_depth:
+        raise BundleError("archive", f"path {name[:100]!r}... is {len(parts)} levels deep; at most {limits.max_depth}")
+    if len(name.encode("utf-8", "surrogateescape")) > limits.max_path_bytes or any(len(p.encode("utf-8", "surrogateescape")) > 255 for p in parts):
+        raise BundleError("archive", f"path {name[:100]!r}... is longer than {limits.max_path_bytes} bytes (or a part than 255)")
+
+
+def check_tree(root: Path, limits: TarLimits = TarLimits()) -> None:
+    """Refuse a bundle directory deeper, larger in entries, or with longer paths than an archive may hold.
+
+    Iterative (any depth is walked without recursion); run before a directory is copied or hashed.
+    """
+    pending, seen = [root], 0
+    while pending:
+        current = pending.pop()
+        with os.scandir(current) as entries:
+            for entry in entries:
+                seen += 1
+                if seen > limits.max_members:
+                    raise BundleError("files", f"more than {limits.max_members} entries")
+                rel = Path(entry.path).relative_to(root)
+                try:
+                    _check_path_shape(rel.as_posix(), rel.parts, limits)
+                except BundleError as exc:
+                    raise BundleError("files", exc.message) from None
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(Path(entry.path))
 
 
 def _bundle_root(dest: Path) -> Path:
