@@ -81,7 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             state.ready = False
             metrics.ready.set(0)
-            registry.stop_watch()
+            registry.close()  # stops the watcher and any bundle validation still running
             await batcher.stop(settings.graceful_shutdown_s)
             state.decode_pool.shutdown(wait=False, cancel_futures=True)
             log.info("stopped")

@@ -166,6 +166,10 @@ def register(app: typer.Typer) -> None:
             None, "--drift-alpha", help="Drift alarm level (alarm when the p-value martingale reaches 1/alpha). Default: 0.01."
         ),
         keep_versions: int | None = typer.Option(None, "--keep-versions", help="Versions kept for rollback. Default: 5."),
+        validate_timeout_s: float | None = typer.Option(
+            None, "--validate-timeout",
+            help="Seconds a bundle from the models dir or /admin may take to verify and warm up (child process). Default: 120.",
+        ),
         http: str | None = typer.Option(None, "--http", help="uvicorn HTTP parser: auto, h11, httptools. Default: auto."),
         access_log: bool | None = typer.Option(None, "--access-log/--no-access-log", help="Log every request. Default: off."),
         log_level: str | None = typer.Option(None, "--log-level", help="Logging level. Default: INFO."),
@@ -194,6 +198,7 @@ def register(app: typer.Typer) -> None:
             client_timeout_s=client_timeout_s,
             limit_concurrency=max_connections,
             keep_versions=keep_versions,
+            validate_timeout_s=validate_timeout_s,
             drift_alpha=drift_alpha,
             http=http,
             access_log=access_log,

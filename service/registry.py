@@ -1,7 +1,8 @@
 """The model registry: which validated, warmed bundle is served, and swapping it without dropping a request.
 
 A swap is: validate (`verify_bundle`: schema, every sha256, onnxruntime loads it, golden outputs,
-plus the client contract unless the caller consents to a change), warm with a dummy batch, persist
+plus the client contract unless the caller consents to a change; first in a child process with a
+wall-clock limit, `isolate.py`, so a graph that never ends cannot wedge it), warm with a dummy batch, persist
 the new pointer, then switch one reference. Requests pin the model they started with through
 `acquire()`; a retired model's onnxruntime session is released once its last pinned request ends.
 Swaps are serialised by a lock and are blocking work: async callers run them in a thread.
@@ -23,6 +24,7 @@ from typing import Any, BinaryIO, Iterator
 import numpy as np
 
 from .bundle import BundleError, manifest_sha256, verify_bundle
+from .isolate import kill_children, verify_in_child
 from .loaded_model import LoadedModel, contract_diff, key_metrics
 from .manifest import MANIFEST_FILE, BundleManifest, load_manifest
 from .store import ModelStore, StoreError, TarLimits, check_tree, copy_bundle, ref, safe_extract_tar, split_ref
@@ -116,13 +118,31 @@ class ModelRegistry:
         return old
 
     # -- loading ------------------------------------------------------------------------------------
-    def _load(self, bundle_dir: Path, expect: str | None = None) -> tuple[LoadedModel, dict[str, float], list[str]]:
+    def _warm_batches(self) -> tuple[int, ...]:
+        return tuple(sorted({1, max(1, int(getattr(self.settings, "max_batch", 1) or 1))}))
+
+    def _verify_isolated(self, bundle_dir: Path) -> None:
+        """The whole check + warm-up in a child process killed after validate_timeout_s (see isolate.py)."""
+        verify_in_child(
+            bundle_dir,
+            intra_op_threads=int(getattr(self.settings, "intra_op_threads", 1)),
+            warm_batches=self._warm_batches(),
+            timeout_s=float(getattr(self.settings, "validate_timeout_s", 120.0)),
+        )
+
+    def _load(
+        self, bundle_dir: Path, expect: str | None = None, isolated: bool = True
+    ) -> tuple[LoadedModel, dict[str, float], list[str]]:
         """Validate + warm a bundle. Raises BundleError naming the failed check; touches no shared state.
 
         `expect` ("name/version"): the store path it was found under, which its manifest must match.
+        `isolated`: first pass every check in a child process with a time limit (bundles from the
+        models directory or the admin API; the operator's own `--bundle` alone is trusted to end).
         """
         threads = int(getattr(self.settings, "intra_op_threads", 1))  # 0 = onnxruntime default
         t0 = time.perf_counter()
+        if isolated:
+            self._verify_isolated(bundle_dir)
         # verify_bundle hashes every file before onnxruntime ever parses the graph; we then serve the
         # very session it verified.
         report = verify_bundle(bundle_dir, intra_op_threads=threads)
@@ -140,7 +160,7 @@ class ModelRegistry:
 
     def _warm(self, model: LoadedModel) -> None:
         spec = model.manifest.input
-        for batch in sorted({1, max(1, int(getattr(self.settings, "max_batch", 1) or 1))}):
+        for batch in self._warm_batches():
             dummy = np.zeros((batch, spec.channels, spec.height, spec.width), dtype=np.float32)
             try:
                 model.run(dummy)
@@ -153,7 +173,7 @@ class ModelRegistry:
         if self.store is None:
             if not bundle:
                 raise RegistryError("no_model", "set a bundle (OODGUARD_BUNDLE / --bundle) or a models dir", 500)
-            model, timings, _ = self._load(Path(bundle).resolve())
+            model, timings, _ = self._load(Path(bundle).resolve(), isolated=False)
             self._switch(model)
             log.info("serving %s from %s (validate %.3fs, warm %.3fs)", model.ref, bundle, timings["validate"], timings["warm"])
             return model
@@ -279,6 +299,7 @@ class ModelRegistry:
     def _validate_and_install(self, store: ModelStore, root: Path) -> dict[str, Any]:
         threads = int(getattr(self.settings, "intra_op_threads", 1))  # 0 = onnxruntime default
         t0 = time.perf_counter()
+        self._verify_isolated(root)
         report = verify_bundle(root, intra_op_threads=threads)
         name, version, dest, created = store.install(root)
         active = self._active
@@ -411,6 +432,13 @@ class ModelRegistry:
         self._watch_thread = threading.Thread(target=_loop, name="oodguard-watch", daemon=True)
         self._watch_thread.start()
         log.info("watching %s every %.1fs", self.store.state_path, interval)
+
+    def close(self) -> None:
+        """Stop watching and kill running validations (shutdown must not wait for a hostile graph)."""
+        self.stop_watch()
+        killed = kill_children()
+        if killed:
+            log.warning("shutdown: stopped %d bundle validation(s) still running", killed)
 
     def stop_watch(self) -> None:
         self._watch_stop.set()

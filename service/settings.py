@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     keep_versions: int = Field(5, ge=1, le=1000, description="Versions kept per model for rollback.")
     watch_interval_s: float = Field(0.0, ge=0.0, le=3600.0, description="Poll models_dir's ACTIVE pointer (0 = off).")
     admin_token: SecretStr | None = Field(None, description="Bearer token enabling /admin (off when unset).")
+    validate_timeout_s: float = Field(
+        120.0, gt=0.0, le=3600.0,
+        description="Longest a bundle from the models directory or /admin may take to verify and warm up "
+        "(in a child process, killed after it; 422 check `timeout`).",
+    )
 
     # -- inference ------------------------------------------------------------------------------
     batching: bool = Field(True, description="Group concurrent requests into one onnxruntime call.")

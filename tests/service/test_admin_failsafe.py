@@ -11,6 +11,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from oodguard.service.store import ModelStore, TarLimits, check_tree, remove_tree
@@ -185,4 +186,68 @@ def test_overlong_names_on_activate_are_422(admin_client, name, version):
     client = admin_client()
     resp = client.post(f"/admin/models/{name}/{version}/activate", headers=AUTH)
     assert resp.status_code == 422 and resp.json()["error"]["code"] == "bad_name", resp.text
+    assert served_version(client) == "1"
+
+
+# -- #3: a graph that never ends --------------------------------------------------------------------
+
+
+def make_endless_bundle(root: Path, version: str = "9") -> Path:
+    """A valid tiny bundle whose `logits` also add 0 x Loop(M = 2^62): correct values, never computed.
+
+    The golden outputs are the tiny model's (0 x anything finite is 0): only the time is wrong.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    from oodguard.service.bundle import write_manifest
+    from oodguard.service.manifest import MODEL_FILE, load_manifest
+
+    from .bundle_factory import build_tiny_onnx
+
+    bundle = make_tiny_bundle(root, "tiny", version)
+    model = build_tiny_onnx()
+    graph = model.graph
+    out = next(n for n in graph.node if n.op_type == "Identity" and list(n.output) == ["logits"])
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["v_in", "step"], ["v_out"])],
+        "spin",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [])],
+        initializer=[numpy_helper.from_array(np.array(1.0, np.float32), "step")],
+    )
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array(2**62, np.int64), "trips"),
+        numpy_helper.from_array(np.array(True), "keep_going"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "v0"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+    ])
+    graph.node.extend([
+        helper.make_node("Loop", ["trips", "keep_going", "v0"], ["spun"], body=body),
+        helper.make_node("Mul", ["spun", "zero"], ["nothing"]),
+        helper.make_node("Add", [out.input[0], "nothing"], ["logits_spun"]),
+    ])
+    out.input[0] = "logits_spun"
+    (bundle / MODEL_FILE).write_bytes(model.SerializeToString())
+    write_manifest(bundle, load_manifest(bundle))
+    return bundle
+
+
+def test_a_bundle_whose_graph_never_ends_is_refused_within_the_time_limit(admin_client, tmp_path):
+    client = admin_client(validate_timeout_s=3.0)
+    t0 = time.monotonic()
+    resp = upload(client, tar_gz(make_endless_bundle(tmp_path / "endless")))
+    elapsed = time.monotonic() - t0
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["error"]["check"] == "timeout" and "3 s" in resp.json()["error"]["message"]
+    assert elapsed < 30, elapsed
+    assert served_version(client) == "1"
+    assert not any((tmp_path / "models" / ".incoming").iterdir())
+
+
+def test_a_planted_endless_version_cannot_be_activated(admin_client, tmp_path):
+    client = admin_client(validate_timeout_s=2.0)
+    make_endless_bundle(tmp_path / "models" / "tiny" / "9")
+    resp = client.post("/admin/models/tiny/9/activate", headers=AUTH)
+    assert resp.status_code == 422 and resp.json()["error"]["check"] == "timeout", resp.text
     assert served_version(client) == "1"

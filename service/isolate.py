@@ -1,0 +1,108 @@
+"""Bundle validation in a child process with a wall-clock limit.
+
+A bundle's graph is the deployer's code in all but name: `0 x Loop(M=2^62)` added to `logits` is a
+5.7 KB bundle whose golden-output check never returns, and onnxruntime offers no way to stop a
+`session.run` from another thread except `RunOptions.terminate`, which a hostile graph may never
+check in time. So every bundle that comes from the models directory or the admin API is first
+verified (`verify_bundle`: schema, hashes, ONNX scan, onnxruntime load, golden outputs) and warmed
+with the batch sizes the service will use, in a child process that is killed when it takes longer
+than `validate_timeout_s`. Only a bundle that passed there is loaded by the service itself.
+
+Children come from a `forkserver` that imports numpy, onnxruntime and the bundle code once, so a
+check costs a fork (tens of milliseconds), not an interpreter start-up. A child that dies (a crash
+inside onnxruntime on a malformed graph) is a failed check too. `kill_children()` ends every
+running check (at shutdown, so SIGTERM is never held up by a validation).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+from pathlib import Path
+
+from .bundle import BundleError
+
+log = logging.getLogger(__name__)
+
+_PRELOAD = ["numpy", "onnxruntime", "oodguard.service.bundle"]
+_lock = threading.Lock()
+_children: set = set()
+_context = None
+
+
+def _ctx():
+    global _context
+    with _lock:
+        if _context is None:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(_PRELOAD)
+            _context = ctx
+        return _context
+
+
+def verify_in_child(bundle_dir: str | Path, *, intra_op_threads: int, warm_batches: tuple[int, ...], timeout_s: float) -> None:
+    """Raise BundleError unless the bundle verifies and runs its warm-up batches within `timeout_s`."""
+    ctx = _ctx()
+    receiver, sender = ctx.Pipe(duplex=False)
+    proc = ctx.Process(
+        target=_child, args=(str(bundle_dir), int(intra_op_threads), tuple(warm_batches), sender),
+        name="oodguard-validate", daemon=True,
+    )
+    with _lock:
+        proc.start()
+        _children.add(proc)
+    sender.close()
+    try:
+        if not receiver.poll(timeout_s):
+            raise BundleError(
+                "timeout", f"validation and warm-up did not finish within {timeout_s:g} s (validate_timeout_s); "
+                "a graph that loops or computes for that long cannot serve"
+            )
+        try:
+            outcome = receiver.recv()
+        except (EOFError, OSError):
+            proc.join(5)
+            raise BundleError("onnx", f"the validation process died (exit status {proc.exitcode})") from None
+        if outcome is not None:
+            check, message = outcome
+            raise BundleError(check, message)
+    finally:
+        receiver.close()
+        if proc.is_alive():
+            proc.kill()
+        proc.join(5)
+        with _lock:
+            _children.discard(proc)
+
+
+def kill_children() -> int:
+    """Kill every running validation child; returns how many were running."""
+    with _lock:
+        running = [p for p in _children if p.is_alive()]
+    for proc in running:
+        proc.kill()
+    return len(running)
+
+
+def _child(bundle_dir: str, intra_op_threads: int, warm_batches: tuple[int, ...], sender) -> None:
+    import numpy as np
+
+    from .bundle import verify_bundle
+
+    try:
+        report = verify_bundle(bundle_dir, intra_op_threads=intra_op_threads)
+        spec = report.manifest.input
+        for batch in warm_batches:
+            dummy = np.zeros((batch, spec.channels, spec.height, spec.width), dtype=np.float32)
+            try:
+                report.session.run(None, {spec.name: dummy})
+            except Exception as exc:  # noqa: BLE001 - any failure of the graph is the bundle's
+                raise BundleError("warm", f"warm-up batch of {batch} failed: {exc}") from None
+        sender.send(None)
+    except BundleError as exc:
+        sender.send((exc.check, exc.message))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent as a failed check
+        sender.send(("onnx", f"{type(exc).__name__}: {exc}"[:500]))
+    finally:
+        sender.close()
