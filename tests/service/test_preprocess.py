@@ -113,6 +113,31 @@ def test_16_bit_png_is_scaled_not_clipped():
     assert np.all(out == 128)
 
 
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_wide_pixels_convert_block_by_block_exactly_as_whole(monkeypatch, mode):
+    # issue 18 #13: the whole-image float64 arithmetic cost +450 MB for a 4096^2 16-bit PNG; the
+    # block-wise conversion must give the very same bytes.
+    from oodguard.service import preprocess
+
+    rng = np.random.default_rng(0)
+    dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
+    arr = (rng.uniform(-10, 70000, size=(37, 23)) if mode != "I;16" else rng.integers(0, 65536, size=(37, 23))).astype(dtype)
+    if mode == "F":
+        arr[3, 4], arr[5, 6] = np.nan, np.inf
+
+    def whole(a, m):  # the previous implementation, verbatim
+        a = a.astype(np.float64)
+        if m == "F":
+            peak = 1.0 if a.size == 0 or np.nanmax(a) <= 1.0 else 65535.0 if np.nanmax(a) > 255.0 else 255.0
+        else:
+            peak = 255.0 if a.size == 0 or a.max() <= 255 else 65535.0
+        return np.clip(np.rint(np.nan_to_num(a) * (255.0 / peak)), 0, 255).astype(np.uint8)
+
+    monkeypatch.setattr(preprocess, "_CHUNK_PIXELS", 50)  # blocks of 2 rows: many blocks, a short last one
+    np.testing.assert_array_equal(preprocess._to_uint8(arr, mode), whole(arr, mode))
+    np.testing.assert_array_equal(preprocess._to_uint8(arr[:, :0], mode), whole(arr[:, :0], mode))
+
+
 def test_cmyk_jpeg_and_grayscale_become_rgb():
     cmyk = Image.new("CMYK", (8, 8), (0, 255, 255, 0))  # red in CMYK
     out = decode_image(_encode(cmyk, "JPEG", quality=95), SPEC)
