@@ -23,10 +23,10 @@ from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 
-from .bundle import BundleError, manifest_sha256, verify_bundle
+from .bundle import BundleError, verify_bundle
 from .isolate import kill_children, verify_in_child
 from .loaded_model import LoadedModel, contract_diff, key_metrics
-from .manifest import MANIFEST_FILE, BundleManifest, load_manifest
+from .manifest import MANIFEST_FILE, BundleManifest
 from .store import ModelStore, StoreError, TarLimits, check_tree, copy_bundle, ref, safe_extract_tar, split_ref
 
 log = logging.getLogger(__name__)
@@ -219,10 +219,11 @@ class ModelRegistry:
         state = self.store.read_state()
         for name, version, vdir in self.store.list_versions():
             is_active = active is not None and active.name == name and active.version == version
-            try:
-                entry = self._describe(load_manifest(vdir), manifest_sha256(vdir), active=is_active)
-            except ValueError as exc:
-                entry = {"name": name, "version": version, "active": is_active, "error": str(exc)}
+            stored = self.store.read_manifest(vdir)  # parsed once per change of the file
+            if stored.manifest is not None:
+                entry = self._describe(stored.manifest, stored.sha256, active=is_active)
+            else:
+                entry = {"name": name, "version": version, "active": is_active, "error": stored.error}
             entry["registered_at"] = state.registered.get(ref(name, version))
             entry["pointer"] = state.active == ref(name, version)
             out.append(entry)

@@ -251,3 +251,29 @@ def test_a_planted_endless_version_cannot_be_activated(admin_client, tmp_path):
     resp = client.post("/admin/models/tiny/9/activate", headers=AUTH)
     assert resp.status_code == 422 and resp.json()["error"]["check"] == "timeout", resp.text
     assert served_version(client) == "1"
+
+
+# -- #14: listing parses each stored manifest once per change ---------------------------------------
+
+
+def test_listing_parses_each_manifest_once_per_change(admin_client, tmp_path, monkeypatch):
+    from oodguard.service import store as store_mod
+    from oodguard.service.bundle import write_manifest
+    from oodguard.service.manifest import load_manifest
+
+    big = make_tiny_bundle(tmp_path / "big", "tiny", "2", description="x" * (8 << 20))  # an 8 MB description
+    client = admin_client()
+    assert upload(client, tar_gz(big)).status_code == 201
+    parsed = []
+    real = store_mod._read_stored_manifest
+    monkeypatch.setattr(store_mod, "_read_stored_manifest", lambda d: parsed.append(d.name) or real(d))
+    client.app.state.registry.store._manifests.clear()  # registration already read them
+    for _ in range(5):
+        for path in ("/v1/models", "/admin/models"):
+            resp = client.get(path, headers=AUTH)
+            assert resp.status_code == 200 and len(resp.json()["versions"]) == 2
+    assert sorted(parsed) == ["1", "2"]  # once per version, not once per call
+    stored = tmp_path / "models" / "tiny" / "2"
+    write_manifest(stored, load_manifest(stored).model_copy(update={"description": "short"}))  # a changed file
+    versions = client.get("/v1/models").json()["versions"]
+    assert sorted(parsed) == ["1", "2", "2"] and len(versions) == 2
