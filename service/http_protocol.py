@@ -1,13 +1,22 @@
-"""uvicorn's httptools protocol with the two guards it lacks: a request-head size limit and deadline.
+"""uvicorn's httptools protocol with the guards it lacks: head size and deadline, pipelining, writes.
 
 uvicorn enforces a head size limit only with its h11 parser (`h11_max_incomplete_event_size`);
 with httptools (the fast default when installed) a client may send megabytes of headers, and no
 parser has a deadline for receiving a head, so a client dribbling one header byte every few
-seconds (slowloris) holds a connection forever. This subclass:
+seconds (slowloris) holds a connection forever. uvicorn also queues every pipelined request it
+parses (one socket read may hold hundreds) and waits forever for a client that never reads its
+responses. This subclass:
 
-- answers 431 and closes once a request head exceeds `max_head_bytes`;
+- answers 431 and closes once a request head exceeds `max_head_bytes` - per request, not per
+  socket read: each head's request line and headers are counted as the parser delivers them, so a
+  second, pipelined request in the same read is held to the limit too;
 - answers 408 and closes when a head (including a fresh connection's first one) is not complete
   within `head_timeout_s` of its first byte / of the connection opening;
+- queues at most one pipelined request behind the one in progress: a third request arriving
+  before the first is answered stops the parsing; the two are answered and the connection closed
+  (HTTP/1.1 lets a server close after any response; clients that pipeline must retry);
+- aborts a connection whose responses the client has not read for `write_timeout_s` (the
+  transport's buffer stayed above its high-water mark), so unread responses cannot pile up;
 - answers a JSON 503 (Retry-After) to a connection beyond `max_connections` on its first bytes and
   closes it, instead of uvicorn's `limit_concurrency` plain-text 503.
 
@@ -20,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger(__name__)
@@ -28,14 +38,22 @@ _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large", 50
 _CODES = {408: "request_timeout", 431: "header_too_large", 503: "too_many_connections"}
 
 
+class _StopParsing(Exception):
+    """Raised in a parser callback to stop parsing the rest of the current read."""
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     max_head_bytes: int = 16 * 1024
     head_timeout_s: float = 15.0
+    write_timeout_s: float = 15.0
     max_connections: int | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._head_bytes = 0
+        self._parsed_head = 0  # request line + headers of the message being parsed, as delivered
+        self._stopped = False  # parsing stopped for good (refused, or too deep a pipeline)
+        self._write_timer: asyncio.TimerHandle | None = None
         self._tail = b""  # last bytes of the previous read: a terminator may straddle two reads
         self._in_head = True
         self._head_timer: asyncio.TimerHandle | None = None
@@ -46,10 +64,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        self._cancel_write_timer()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self.transport.is_closing():
+        if self.transport.is_closing() or self._stopped:
             return
         if self._over_limit:
             self._refuse(503, f"more than {self.max_connections} open connections; retry shortly")
@@ -63,19 +82,51 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 return
             self._head_bytes += len(data)
             self._tail = data[-3:]
-        super().data_received(data)
+        # uvicorn's data_received, except that a stop we asked for (a callback raising _StopParsing,
+        # which httptools re-raises wrapped in HttpParserCallbackError) is not answered as a 400.
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            if self._stopped:
+                return
+            msg = "Invalid HTTP request received."
+            self.logger.warning(msg)
+            self.send_400_response(msg)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
 
     # -- parser callbacks ---------------------------------------------------------------------------
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
+        self._parsed_head = 0
         self._arm_head_timer()
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)  # "name: value\r\n"
+        super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._head_bytes = 0
         self._tail = b""
         self._cancel_head_timer()
+        if self.cycle is not None and not self.cycle.response_complete and self.pipeline:
+            # A request in progress and one already queued: do not queue a third. Answer the two,
+            # then close (the last queued one says `connection: close`); the rest is not read.
+            log.warning("%s: more than one pipelined request queued; closing after the queued one", self._peer())
+            self.pipeline[0][0].keep_alive = False
+            self.flow.pause_reading()
+            self._stopped = True
+            raise _StopParsing
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:
@@ -85,7 +136,36 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._tail = b""
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timer is None and self.write_timeout_s > 0:
+            self._write_timer = self.loop.call_later(self.write_timeout_s, self._write_timed_out)
+
+    def resume_writing(self) -> None:
+        self._cancel_write_timer()
+        super().resume_writing()
+
     # -- guards -------------------------------------------------------------------------------------
+    def _count_head(self, n: int) -> None:
+        self._parsed_head += n
+        if self._parsed_head > self.max_head_bytes:
+            self._refuse(431, f"request head larger than {self.max_head_bytes} bytes")
+            raise _StopParsing
+
+    def _cancel_write_timer(self) -> None:
+        if getattr(self, "_write_timer", None) is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_timed_out(self) -> None:
+        self._write_timer = None
+        if not self.transport.is_closing():
+            log.warning("%s: responses not read for %g s; aborting the connection", self._peer(), self.write_timeout_s)
+            self.transport.abort()  # drop the unread buffer; connection_lost releases the waiting send
+
+    def _peer(self) -> str:
+        return "%s:%d" % self.client if self.client else "client"
+
     def _arm_head_timer(self) -> None:
         if self._head_timer is None and self.head_timeout_s > 0:
             self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
@@ -101,8 +181,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(408, f"request head not received within {self.head_timeout_s:g} s")
 
     def _refuse(self, status: int, message: str) -> None:
-        client = "%s:%d" % self.client if self.client else "client"
-        log.warning("%s: %s; closing the connection", client, message)
+        self._stopped = True
+        log.warning("%s: %s; closing the connection", self._peer(), message)
         self._cancel_head_timer()
         if self.cycle is None or self.cycle.response_complete:  # never interleave with a response
             body = ('{"error":{"code":"%s","message":"%s"}}' % (_CODES[status], message)).encode()
@@ -116,7 +196,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
 
 def guarded_httptools_protocol(
-    max_head_bytes: int, head_timeout_s: float, max_connections: int | None = None
+    max_head_bytes: int, head_timeout_s: float, max_connections: int | None = None, write_timeout_s: float | None = None
 ) -> type[GuardedHttpToolsProtocol]:
     """A protocol class with these limits, for `uvicorn.Config(http=...)`."""
     return type(
@@ -125,6 +205,7 @@ def guarded_httptools_protocol(
         {
             "max_head_bytes": int(max_head_bytes),
             "head_timeout_s": float(head_timeout_s),
+            "write_timeout_s": float(head_timeout_s if write_timeout_s is None else write_timeout_s),
             "max_connections": None if max_connections is None else int(max_connections),
         },
     )

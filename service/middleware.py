@@ -10,6 +10,8 @@ Pure ASGI (no `BaseHTTPMiddleware`, which costs a task and a memory stream per r
   A client silent for `body_timeout_s` in the middle of its body gets 408 (slow-body clients).
 - `oodguard_requests_total{endpoint,status}` and `oodguard_request_duration_seconds{endpoint}`,
   `endpoint` being the route template (`/v2/models/{name}/infer`), never the raw path.
+- A client that disconnects before its body is complete (`ClientDisconnect`) is counted with
+  status 499 and logged on one line: nothing is sent, nothing failed.
 - Any exception that escapes the app is logged once with the request id and answered as a JSON 500
   (if nothing was sent yet) instead of an HTML page or a dropped connection.
 - Lifespan: a startup failure is reported to the server as the short error message only.
@@ -24,6 +26,7 @@ import re
 import time
 from random import getrandbits
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ApiError, error_body
@@ -32,6 +35,7 @@ log = logging.getLogger(__name__)
 
 _REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 _JSON_HEADERS = [(b"content-type", b"application/json")]
+CLIENT_CLOSED = 499  # the status label of a request whose client disconnected before the answer
 
 
 class ServiceMiddleware:
@@ -117,15 +121,21 @@ class ServiceMiddleware:
                 )
             else:
                 await self.app(scope, receive_limited, send_with_id)
+        except ClientDisconnect:
+            # The client went away before its body was complete: nobody to answer, nothing broken.
+            # Counted as 499 (nginx's "client closed request"), logged without a traceback.
+            log.info("%s %s (request %s): client disconnected", scope.get("method"), path, request_id)
+            if not started:
+                status = CLIENT_CLOSED
         except Exception:
-            log.exception("unhandled error in %s %s (request %s)", scope.get("method"), scope.get("path"), request_id)
+            log.exception("unhandled error in %s %s (request %s)", scope.get("method"), path, request_id)
             if not started:
                 await _send_json(send_with_id, 500, "internal_error", f"internal error; request id {request_id}", path=path)
         except asyncio.CancelledError:
             # uvicorn cancels requests still running when graceful_shutdown_s is over. Answer a clean
             # JSON 503 (retry elsewhere) instead of its plain-text 500 and a logged traceback; the
             # task ends here either way.
-            log.warning("%s %s (request %s) cancelled at shutdown", scope.get("method"), scope.get("path"), request_id)
+            log.warning("%s %s (request %s) cancelled at shutdown", scope.get("method"), path, request_id)
             if not started:
                 await _send_json(
                     send_with_id, 503, "shutting_down", "the service is shutting down; retry on another instance",
