@@ -65,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_queue_images=settings.max_queue_images,
             enabled=settings.batching,
             metrics=metrics,
+            max_run_s=settings.request_timeout_s,  # its requests have been answered 503 timeout by then
         )
         await batcher.start()
         state.batcher = batcher

@@ -13,7 +13,8 @@ Each caller gets only its own rows back (views into the batch outputs, no copy).
 
 A request is never split across batches; one larger than `max_batch` runs as a batch of its own.
 If a batch fails, each of its requests is re-run alone, so one poisonous input fails only its own
-request. The queue is bounded (`max_queue_images`): beyond it callers get `QueueFull` (-> 503).
+request; a run longer than `max_run_s` is terminated (`RunWatchdog`), so an input that makes the
+graph loop fails its request instead of holding the inference thread for good. The queue is bounded (`max_queue_images`): beyond it callers get `QueueFull` (-> 503).
 
 With batching off, each request runs alone on the same inference thread (no collector, no wait).
 The model comes from `acquire()` (the registry's pin), taken once per batch: every request of a
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -87,8 +89,12 @@ class DynamicBatcher:
         max_queue_images: int = 1024,
         enabled: bool = True,
         metrics=None,
+        max_run_s: float | None = None,
     ):
         self._acquire = acquire
+        # A run longer than this is stopped (RunOptions.terminate): a graph whose loop an input
+        # triggers would otherwise hold the one inference thread for good.
+        self._watchdog = RunWatchdog(max_run_s) if max_run_s else None
         self.max_batch = int(max_batch)
         self.max_wait = float(max_wait_ms) / 1000.0
         self.max_queue_images = int(max_queue_images)
@@ -132,6 +138,8 @@ class DynamicBatcher:
             p = self._pending.popleft()
             self._settle(p, ShuttingDown("the service is shutting down; retry on another instance"))
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._watchdog is not None:
+            self._watchdog.stop()
 
     @property
     def queued_images(self) -> int:
@@ -310,7 +318,11 @@ class DynamicBatcher:
 
     def _timed_run(self, model, x: np.ndarray) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
-        outputs = model.run(x)
+        if self._watchdog is None:
+            outputs = model.run(x)
+        else:
+            with self._watchdog.watch() as options:
+                outputs = model.run(x, options)
         if self._metrics is not None:
             self._metrics.inference_duration.observe(time.perf_counter() - t0)
             self._metrics.batch_size.observe(x.shape[0])
@@ -321,6 +333,59 @@ class DynamicBatcher:
         if self._metrics is not None:
             self._metrics.inference_errors.inc(n_requests)
         return BatcherError("inference failed for this request's images; retry later or check the input")
+
+
+class RunWatchdog:
+    """Stops an onnxruntime run that outlives `max_run_s` by setting its `RunOptions.terminate`.
+
+    onnxruntime checks the flag between nodes and between a Loop's iterations, so even a graph that
+    loops for 2^62 iterations on some input ends (the run raises, its requests get a 503). One
+    watcher thread per batcher, woken per run: a lock and a notify, not a timer thread per run.
+    """
+
+    def __init__(self, max_run_s: float):
+        self.max_run_s = float(max_run_s)
+        self._cond = threading.Condition()
+        self._current: tuple[Any, float] | None = None  # (RunOptions, deadline)
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def watch(self):
+        import onnxruntime as ort
+
+        options = ort.RunOptions()
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="oodguard-run-watchdog", daemon=True)
+                self._thread.start()
+            self._current = (options, time.monotonic() + self.max_run_s)
+            self._cond.notify()
+        try:
+            yield options
+        finally:
+            with self._cond:
+                self._current = None
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        with self._cond:
+            while not self._stopped:
+                if self._current is None:
+                    self._cond.wait()
+                    continue
+                options, deadline = self._current
+                remaining = deadline - time.monotonic()
+                if remaining > 0:
+                    self._cond.wait(remaining)
+                    continue
+                options.terminate = True
+                self._current = None
+                log.error("an inference run took longer than %.1f s; terminated it", self.max_run_s)
 
 
 class _Ticket:

@@ -50,12 +50,15 @@ class LoadedModel:
     def released(self) -> bool:
         return self._session is None
 
-    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """float32 NCHW in [0,1] -> {output name: array}. Thread-safe (onnxruntime sessions are)."""
+    def run(self, images: np.ndarray, run_options=None) -> dict[str, np.ndarray]:
+        """float32 NCHW in [0,1] -> {output name: array}. Thread-safe (onnxruntime sessions are).
+
+        `run_options`: an `onnxruntime.RunOptions` whose `terminate` another thread may set to stop it.
+        """
         session = self._session
         if session is None:
             raise RuntimeError(f"model {self.ref} was released; acquire() the active model before running it")
-        outputs = session.run(None, {self.input_name: np.ascontiguousarray(images, dtype=np.float32)})
+        outputs = session.run(None, {self.input_name: np.ascontiguousarray(images, dtype=np.float32)}, run_options)
         return dict(zip(self.output_names, outputs))
 
     def p_values(self, scores: np.ndarray) -> np.ndarray:

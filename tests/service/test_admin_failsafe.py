@@ -192,10 +192,12 @@ def test_overlong_names_on_activate_are_422(admin_client, name, version):
 # -- #3: a graph that never ends --------------------------------------------------------------------
 
 
-def make_endless_bundle(root: Path, version: str = "9") -> Path:
+def make_endless_bundle(root: Path, version: str = "9", on_white_only: bool = False) -> Path:
     """A valid tiny bundle whose `logits` also add 0 x Loop(M = 2^62): correct values, never computed.
 
     The golden outputs are the tiny model's (0 x anything finite is 0): only the time is wrong.
+    `on_white_only`: M = 2^62 only when some image of the batch is all white, else 0 - it verifies
+    and warms up in no time, and loops on the input that triggers it.
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -222,8 +224,21 @@ def make_endless_bundle(root: Path, version: str = "9") -> Path:
         numpy_helper.from_array(np.array(0.0, np.float32), "v0"),
         numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
     ])
+    trips = "trips"
+    if on_white_only:  # trips = 2^62 * floor(max over images of the image mean + 0.0005)
+        graph.initializer.append(numpy_helper.from_array(np.array([0.0005], np.float32), "eps_w"))
+        graph.node.extend([
+            helper.make_node("ReduceMean", ["image"], ["img_mean_w"], axes=[1, 2, 3], keepdims=0),
+            helper.make_node("ReduceMax", ["img_mean_w"], ["max_w"], keepdims=0),
+            helper.make_node("Add", ["max_w", "eps_w"], ["shift_w"]),
+            helper.make_node("Floor", ["shift_w"], ["flag_w"]),
+            helper.make_node("Cast", ["flag_w"], ["flag_wi"], to=TensorProto.INT64),
+            helper.make_node("Mul", ["flag_wi", "trips"], ["trips_w"]),
+            helper.make_node("ReduceMax", ["trips_w"], ["trips_s"], keepdims=0),
+        ])
+        trips = "trips_s"
     graph.node.extend([
-        helper.make_node("Loop", ["trips", "keep_going", "v0"], ["spun"], body=body),
+        helper.make_node("Loop", [trips, "keep_going", "v0"], ["spun"], body=body),
         helper.make_node("Mul", ["spun", "zero"], ["nothing"]),
         helper.make_node("Add", [out.input[0], "nothing"], ["logits_spun"]),
     ])
@@ -277,3 +292,19 @@ def test_listing_parses_each_manifest_once_per_change(admin_client, tmp_path, mo
     write_manifest(stored, load_manifest(stored).model_copy(update={"description": "short"}))  # a changed file
     versions = client.get("/v1/models").json()["versions"]
     assert sorted(parsed) == ["1", "2", "2"] and len(versions) == 2
+
+
+def test_an_input_that_makes_the_served_graph_loop_is_terminated(make_client, tmp_path):
+    # The validation child proves the golden and warm-up inputs end; an input-triggered loop in a
+    # served model is stopped by the run watchdog (RunOptions.terminate) after request_timeout_s.
+    from .bundle_factory import encode_image
+
+    bundle = make_endless_bundle(tmp_path / "trigger", on_white_only=True)
+    client = make_client(bundle=bundle, request_timeout_s=1.0)
+    png = {"content-type": "image/png"}
+    t0 = time.monotonic()
+    white = client.post("/v1/predict", content=encode_image((255, 255, 255)), headers=png)
+    assert white.status_code == 503 and white.json()["error"]["code"] == "timeout", white.text
+    red = client.post("/v1/predict", content=encode_image((255, 0, 0)), headers=png)
+    assert red.status_code == 200, red.text  # the inference thread is free again
+    assert time.monotonic() - t0 < 15

@@ -251,11 +251,11 @@ def test_inference_timeout_answers_503(make_client):
     model = c.app.state.registry.active
     original = model.run
 
-    def slow(images):
+    def slow(images, run_options=None):
         import time
 
         time.sleep(0.5)
-        return original(images)
+        return original(images, run_options)
 
     model.run = slow
     r = c.post("/v1/predict", content=_png(), headers={"content-type": "image/png"})
