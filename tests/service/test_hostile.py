@@ -260,3 +260,68 @@ def test_a_16_bit_4096_png_costs_little_more_than_an_8_bit_one(server):
     peak16, r16 = peak_mb(server, lambda: post(png16))
     assert r8.status_code == 200 and r16.status_code == 200, (r8.text, r16.text)
     assert peak16 < 160 and peak16 < 2.5 * max(peak8, 40), (peak16, peak8)  # was +479 MB
+
+
+# -- #2, #3: the admin pipeline leaves a service that starts, and stops ------------------------------
+
+
+def _deep_leftover(models: Path, depth: int = 1200) -> Path:
+    import os
+
+    leftover = models / ".incoming" / "stage-old"
+    path = str(leftover)
+    os.makedirs(path)
+    for _ in range(depth):  # as the 34 KB archive of nested directories left it (Path.mkdir recurses)
+        path += "/d"
+        os.mkdir(path)
+    old = time.time() - 2 * 3600
+    os.utime(leftover, (old, old))
+    return leftover
+
+
+def test_serve_starts_despite_a_stale_deep_staging_leftover(tiny_bundle, tmp_path):
+    models = tmp_path / "models"
+    leftover = _deep_leftover(models)
+    with start_serve(["--bundle", str(tiny_bundle), "--models-dir", str(models), "--decode-threads", "1"],
+                     tmp_path / "serve.log") as s:  # crashed in the stale-staging sweep, on every restart
+        assert httpx.get(s.base + "/readyz", timeout=10).status_code == 200
+        assert not leftover.exists()
+        assert s.stop() == 0
+
+
+def test_sigterm_during_an_endless_validation_stops_the_server(tiny_bundle, tmp_path):
+    import io as _io
+    import tarfile
+
+    from .test_admin_failsafe import make_endless_bundle
+
+    token = "hostile-review-admin-token-0123456789"
+    endless = make_endless_bundle(tmp_path / "endless")
+    buf = _io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(endless, arcname="bundle")
+    env = {"OODGUARD_ADMIN_TOKEN": token, "OODGUARD_GRACEFUL_SHUTDOWN_S": "2"}
+    args = ["--bundle", str(tiny_bundle), "--models-dir", str(tmp_path / "models"), "--decode-threads", "1",
+            "--validate-timeout", "600"]
+    with start_serve(args, tmp_path / "serve.log", env=env) as s:
+        answers: list[httpx.Response | Exception] = []
+
+        def upload() -> None:
+            try:
+                answers.append(httpx.post(s.base + "/admin/models", content=buf.getvalue(), timeout=60,
+                                          headers={"Authorization": f"Bearer {token}", "Content-Type": "application/gzip"}))
+            except httpx.HTTPError as exc:
+                answers.append(exc)
+
+        uploader = threading.Thread(target=upload)
+        uploader.start()
+        time.sleep(2.0)  # validating: the child spins in the Loop
+        t0 = time.monotonic()
+        assert httpx.get(s.base + "/v1/models", timeout=10).status_code == 200  # the service still answers
+        assert time.monotonic() - t0 < 2
+        t0 = time.monotonic()
+        code = s.stop(timeout=30)  # SIGTERM; SIGKILL after 30 s (the review's server needed it)
+        stopped_in = time.monotonic() - t0
+        uploader.join(30)
+    assert code == 0 and stopped_in < 15, (code, stopped_in, s.log()[-2000:])
+    assert "stopped 1 bundle validation" in s.log()
