@@ -19,6 +19,10 @@ red image is confidently "red" (high msp -> accept) and a grey image gives unifo
 `poison=True` adds a branch that makes onnxruntime *raise* for any batch containing an all-white
 image (every pixel 1.0) while leaving every output unchanged otherwise: a real runtime failure for
 fault-injection tests (a failing batch must fail only its own requests).
+
+`make_endless_bundle` adds `0 x Loop(M = 2^62)` to `logits`: a valid bundle whose graph never ends
+(always, or only for a batch holding an all-white image) - for the validation time limit and the
+inference run watchdog.
 """
 
 from __future__ import annotations
@@ -212,3 +216,54 @@ def encode_image(
     buf = io.BytesIO()
     img.save(buf, format=fmt, **save_kwargs)
     return buf.getvalue()
+
+
+def make_endless_bundle(root: Path, version: str = "9", on_white_only: bool = False) -> Path:
+    """A valid tiny bundle whose `logits` also add 0 x Loop(M = 2^62): correct values, never computed.
+
+    The golden outputs are the tiny model's (0 x anything finite is 0): only the time is wrong.
+    `on_white_only`: M = 2^62 only when some image of the batch is all white, else 0 - it verifies
+    and warms up in no time, and loops on the input that triggers it.
+    """
+    from oodguard.service.manifest import load_manifest
+
+    bundle = make_tiny_bundle(root, "tiny", version)
+    model = build_tiny_onnx()
+    graph = model.graph
+    out = next(n for n in graph.node if n.op_type == "Identity" and list(n.output) == ["logits"])
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["v_in", "step"], ["v_out"])],
+        "spin",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [])],
+        initializer=[numpy_helper.from_array(np.array(1.0, np.float32), "step")],
+    )
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array(2**62, np.int64), "trips"),
+        numpy_helper.from_array(np.array(True), "keep_going"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "v0"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+    ])
+    trips = "trips"
+    if on_white_only:  # trips = 2^62 * floor(max over images of the image mean + 0.0005)
+        graph.initializer.append(numpy_helper.from_array(np.array([0.0005], np.float32), "eps_w"))
+        graph.node.extend([
+            helper.make_node("ReduceMean", ["image"], ["img_mean_w"], axes=[1, 2, 3], keepdims=0),
+            helper.make_node("ReduceMax", ["img_mean_w"], ["max_w"], keepdims=0),
+            helper.make_node("Add", ["max_w", "eps_w"], ["shift_w"]),
+            helper.make_node("Floor", ["shift_w"], ["flag_w"]),
+            helper.make_node("Cast", ["flag_w"], ["flag_wi"], to=TensorProto.INT64),
+            helper.make_node("Mul", ["flag_wi", "trips"], ["trips_w"]),
+            helper.make_node("ReduceMax", ["trips_w"], ["trips_s"], keepdims=0),
+        ])
+        trips = "trips_s"
+    graph.node.extend([
+        helper.make_node("Loop", [trips, "keep_going", "v0"], ["spun"], body=body),
+        helper.make_node("Mul", ["spun", "zero"], ["nothing"]),
+        helper.make_node("Add", [out.input[0], "nothing"], ["logits_spun"]),
+    ])
+    out.input[0] = "logits_spun"
+    (bundle / MODEL_FILE).write_bytes(model.SerializeToString())
+    write_manifest(bundle, load_manifest(bundle))
+    return bundle

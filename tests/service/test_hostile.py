@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .serve_process import ServeProcess, read_http_response, start_serve
+from .serve_process import ServeProcess, start_serve
 
 pytestmark = pytest.mark.slow
 
@@ -293,7 +293,7 @@ def test_sigterm_during_an_endless_validation_stops_the_server(tiny_bundle, tmp_
     import io as _io
     import tarfile
 
-    from .test_admin_failsafe import make_endless_bundle
+    from .bundle_factory import make_endless_bundle
 
     token = "hostile-review-admin-token-0123456789"
     endless = make_endless_bundle(tmp_path / "endless")
