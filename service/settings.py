@@ -99,6 +99,11 @@ class Settings(BaseSettings):
     limit_concurrency: int | None = Field(1024, ge=1, description="Open connections at most; more get 503 at once.")
     graceful_shutdown_s: float = Field(30.0, gt=0.0, description="Longest wait for in-flight requests on shutdown.")
     access_log: bool = Field(False, description="Log every request (uvicorn access log); off: it costs throughput.")
+    malloc_mmap_threshold_bytes: int = Field(
+        131072, ge=0, le=1 << 30,
+        description="oodguard serve pins glibc's mmap threshold here, so large transient buffers (bodies, images) "
+        "return to the OS when freed (0 = glibc's dynamic threshold).",
+    )
 
     log_level: LogLevel = Field("INFO", description="Python logging level.")
 

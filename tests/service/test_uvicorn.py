@@ -123,3 +123,32 @@ def test_quiet_garbage_collector_freezes_and_raises_the_young_threshold():
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+_MMAP_CHILD = """
+import sys
+from oodguard.service.cli import pin_mmap_threshold
+def rss_mib():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) // 1024
+pinned = pin_mmap_threshold(int(sys.argv[1]))
+base = rss_mib()
+a = b"a" * (16 << 20); del a  # freeing an mmapped 16 MiB chunk raises glibc's dynamic threshold to 16 MiB
+chunks, keep = [], []
+for i in range(16):  # 64 MiB of 4 MiB buffers, with small heap survivors between them (no trimming)
+    chunks.append(b"b" * (4 << 20)); keep.append(b"x" * 1024 + bytes(i))
+del chunks
+print(pinned, rss_mib() - base)
+"""
+
+
+@pytest.mark.parametrize("threshold, pinned, max_growth_mib", [(131072, True, 8), (0, False, None)])
+def test_a_pinned_mmap_threshold_returns_large_freed_buffers_to_the_os(threshold, pinned, max_growth_mib):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _MMAP_CHILD, str(threshold)], capture_output=True, text=True, timeout=60)
+    was_pinned, growth = out.stdout.split()
+    assert was_pinned == str(pinned), out.stderr
+    if max_growth_mib is not None:
+        assert int(growth) < max_growth_mib, growth  # glibc's dynamic threshold kept ~64 MiB resident
+
