@@ -108,7 +108,7 @@ def main() -> None:
     ap.add_argument("--methods", default="aloe", help="Fine-tuning methods; the first is shipped.")
     ap.add_argument("--eval-samples", type=int, default=2000, help="Images per set, clean and shifted.")
     ap.add_argument("--paper-samples", type=int, default=1000, help="Images per side under the paper attack.")
-    ap.add_argument("--strong-samples", type=int, default=300, help="Images per side under the strong attack.")
+    ap.add_argument("--strong-samples", type=int, default=200, help="Images per side under the strong attack.")
     ap.add_argument("--auto-samples", type=int, default=300, help="Images per side attacked by --score auto.")
     ap.add_argument("--bundle", default="models/default", help="Where the shipped bundle goes.")
     ap.add_argument("--version", default=time.strftime("%Y%m%d", time.gmtime()), help="Bundle version.")
