@@ -147,6 +147,34 @@ def test_cmyk_jpeg_and_grayscale_become_rgb():
     assert np.all(grey == 77)
 
 
+def test_each_decoded_image_is_released_before_the_next_is_decoded(monkeypatch):
+    # Pillow's `with img:` closes only the file: the decoded pixels of every image of a request stayed
+    # allocated until the request ended (64 x 4096^2 16-bit PNGs: +2.1 GB). Each must be closed - its
+    # pixels released - before the next one is decoded.
+    from oodguard.service import preprocess
+
+    opened = preprocess.open_images([_encode(Image.new("RGB", (64, 64), c), "PNG") for c in ("red", "green", "blue")])
+    alive_at_each_load = []
+    real_load = preprocess.load_image
+
+    def counting(img, spec):
+        alive_at_each_load.append(sum(_decoded(other) for other in opened if other is not img))
+        return real_load(img, spec)
+
+    monkeypatch.setattr(preprocess, "load_image", counting)
+    out = preprocess.load_images(opened, SPEC)
+    assert out.shape == (3, 3, 8, 8) and alive_at_each_load == [0, 0, 0]
+    assert not any(_decoded(img) for img in opened)
+
+
+def _decoded(img: Image.Image) -> bool:
+    """Whether an image still holds decoded pixels (after close(), any pixel access raises)."""
+    try:
+        return img.im is not None
+    except (ValueError, AssertionError):  # closed (DeferredError), or not decoded yet (no core)
+        return False
+
+
 def test_animated_gif_uses_the_first_frame():
     frames = [Image.new("RGB", (8, 8), c) for c in [(0, 255, 0), (255, 0, 0), (0, 0, 255)]]
     buf = io.BytesIO()
