@@ -174,6 +174,9 @@ def register(app: typer.Typer) -> None:
         max_images: int | None = typer.Option(None, "--max-images", help="Images per request at most. Default: 64."),
         max_pixels: int | None = typer.Option(None, "--max-pixels", help="Largest width*height. Default: 16777216."),
         max_image_side: int | None = typer.Option(None, "--max-image-side", help="Largest width or height. Default: 8192."),
+        max_request_pixels: int | None = typer.Option(
+            None, "--max-request-pixels", help="Largest width*height summed over a request's images. Default: 67108864."
+        ),
         request_timeout_s: float | None = typer.Option(None, "--request-timeout", help="Seconds to wait for inference. Default: 30."),
         watch_interval_s: float | None = typer.Option(
             None, "--watch-interval", help="Poll the models dir's ACTIVE pointer every N s (0 = off). Default: 0."
@@ -215,6 +218,7 @@ def register(app: typer.Typer) -> None:
             max_images_per_request=max_images,
             max_pixels=max_pixels,
             max_image_side=max_image_side,
+            max_request_pixels=max_request_pixels,
             request_timeout_s=request_timeout_s,
             watch_interval_s=watch_interval_s,
             client_timeout_s=client_timeout_s,

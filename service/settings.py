@@ -88,6 +88,11 @@ class Settings(BaseSettings):
         16_777_216, ge=1, description="Largest width*height, checked from the header before decoding (413 above)."
     )
     max_image_side: int = Field(8192, ge=1, description="Largest width or height in pixels (413 above).")
+    max_request_pixels: int = Field(
+        67_108_864, ge=1,
+        description="Largest sum of width*height over a request's images, from the headers before decoding (413 above); "
+        "default 4 x max_pixels.",
+    )
 
     # -- HTTP server (uvicorn) ------------------------------------------------------------------
     http: Literal["auto", "h11", "httptools"] = Field("auto", description="uvicorn HTTP parser implementation.")

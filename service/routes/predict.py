@@ -54,9 +54,9 @@ def _err(description: str, code: str, message: str) -> dict:
 
 PREDICT_ERRORS = {
     413: _err(
-        "Body larger than `max_body_bytes` (`body_too_large`), or an image whose header declares more than "
-        "`max_pixels` pixels (`too_many_pixels`) or a side above `max_image_side` (`image_too_large`): "
-        "refused before decoding.",
+        "Body larger than `max_body_bytes` (`body_too_large`), an image whose header declares more than "
+        "`max_pixels` pixels (`too_many_pixels`) or a side above `max_image_side` (`image_too_large`), or "
+        "images declaring more than `max_request_pixels` in all (`too_many_pixels`): refused before decoding.",
         "too_many_pixels",
         "image 0: PNG is 50000x50000 = 2500000000 pixels; at most 16777216 allowed",
     ),

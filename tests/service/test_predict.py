@@ -215,6 +215,19 @@ def test_bad_json(client, body, code):
     _assert_error(client.post("/v1/predict", content=body, headers={"content-type": "application/json"}), 422, code)
 
 
+def test_a_request_declaring_more_pixels_than_max_request_pixels_is_413_before_decoding(make_client, monkeypatch):
+    from oodguard.service import preprocess
+
+    c = make_client(max_request_pixels=100)
+    decoded, real = [], preprocess.load_image
+    monkeypatch.setattr(preprocess, "load_image", lambda *a: decoded.append(1) or real(*a))
+    files = [("files", (f"{i}.png", encode_image((255, 0, 0), fmt="PNG"), "image/png")) for i in range(2)]  # 2 x 8x8
+    r = c.post("/v1/predict", files=files)
+    _assert_error(r, 413, "too_many_pixels", "128", "100")
+    assert not decoded
+    assert c.post("/v1/predict", files=files[:1]).status_code == 200  # 64 pixels: within
+
+
 def test_unknown_operating_point_and_bad_top_k(client):
     ok = {"content": _png(), "headers": {"content-type": "image/png"}}
     _assert_error(client.post("/v1/predict?operating_point=tpr50", **ok), 422, "unknown_operating_point", "tpr90", "tpr95")
