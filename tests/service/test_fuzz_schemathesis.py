@@ -23,6 +23,7 @@ from collections import Counter
 import pytest
 import schemathesis  # dev extra; `make test` installs it
 from hypothesis import HealthCheck, settings
+from pydantic import SecretStr
 from schemathesis import GenerationMode
 from schemathesis.checks import (
     content_type_conformance,
@@ -47,8 +48,9 @@ STATUSES: Counter[int] = Counter()  # responses per status code
 
 
 def _static_openapi() -> dict:
-    # Settings.model_construct: defaults only, no environment, no validation - nothing is loaded.
-    return create_app(Settings.model_construct()).openapi()
+    # Settings.model_construct: defaults only, no environment, no validation - nothing is loaded. With
+    # the token, as the live app below: without one the admin routes are not mounted at all.
+    return create_app(Settings.model_construct(admin_token=SecretStr(TOKEN))).openapi()
 
 
 OPENAPI = _static_openapi()
