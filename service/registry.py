@@ -309,7 +309,11 @@ class ModelRegistry:
         if created:
             with self._swap_lock:  # never prune a version while a swap may be loading it
                 active = self._active
-                store.prune(name, protect=(active.ref,) if active else ())
+                try:
+                    store.prune(name, protect=(active.ref,) if active else ())
+                except (OSError, StoreError) as exc:
+                    # The bundle is registered: say so (201), not 500. Pruning is retried at the next registration.
+                    log.error("registered %s, but pruning old versions failed: %s", ref(name, version), exc)
         return {
             "name": name,
             "version": version,

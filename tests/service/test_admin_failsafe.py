@@ -251,3 +251,17 @@ def test_an_input_that_makes_the_served_graph_loop_is_terminated(make_client, tm
     red = client.post("/v1/predict", content=encode_image((255, 0, 0)), headers=png)
     assert red.status_code == 200, red.text  # the inference thread is free again
     assert time.monotonic() - t0 < 15
+
+
+def test_a_failed_prune_still_answers_the_registration_that_happened(admin_client, src, monkeypatch):
+    # Operator-facing answers match what happened: the bundle is registered, so 201, not a 500.
+    from oodguard.service import store as store_mod
+
+    def broken(self, name, protect=()):
+        raise OSError(28, "No space left on device")
+
+    client = admin_client(keep_versions=1)
+    monkeypatch.setattr(store_mod.ModelStore, "prune", broken)
+    resp = upload(client, tar_gz(src["2"]))
+    assert resp.status_code == 201 and resp.json()["version"] == "2", resp.text
+    assert [v["version"] for v in client.get("/admin/models", headers=AUTH).json()["versions"]] == ["1", "2"]
