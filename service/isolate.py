@@ -9,7 +9,10 @@ with the batch sizes the service will use, in a child process that is killed whe
 than `validate_timeout_s`. Only a bundle that passed there is loaded by the service itself.
 
 Children come from a `forkserver` that imports numpy, onnxruntime and the bundle code once, so a
-check costs a fork (tens of milliseconds), not an interpreter start-up. A child that dies (a crash
+check costs a fork (tens of milliseconds), not an interpreter start-up; the fork server stays for
+the life of the process (~70 MiB resident). As with any multiprocessing start method but `fork`,
+a script that calls this at import time needs the `if __name__ == "__main__":` guard (the
+children import the main module; `oodguard serve` has it). A child that dies (a crash
 inside onnxruntime on a malformed graph) is a failed check too. `kill_children()` ends every
 running check (at shutdown, so SIGTERM is never held up by a validation).
 """
