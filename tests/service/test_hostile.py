@@ -49,7 +49,9 @@ def peak_mb(server: ServeProcess, action: Callable[[], object]) -> tuple[float, 
     Path(f"/proc/{server.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
     before = server.vm_kb("VmRSS")
     result = action()
-    return (server.vm_kb("VmHWM") - before) / 1024, result
+    peak = (server.vm_kb("VmHWM") - before) / 1024
+    print(f"peak RSS +{peak:.0f} MiB above {before / 1024:.0f} MiB")  # shown with pytest -s
+    return peak, result
 
 
 def _connect(server: ServeProcess) -> socket.socket:
