@@ -57,13 +57,20 @@ def main() -> None:
             print(f"{run.name} epoch {rec['epoch']:3d}  {points[-1]['hours']:.2f} h  test {100 * acc:.2f}% "
                   f"(n={len(idx)})  train {100 * rec['train_acc']:.2f}%", flush=True)
         summary = json.loads((run / "summary.json").read_text())
-        offset_h += summary["train_seconds"] / 3600 if "train_seconds" in summary else _epochs(run)[-1]["time"] / 3600
+        offset_h += _epochs(run)[-1]["time"] / 3600  # cumulative over resumed invocations (summary's is the last one's)
         final = summary.get("test_accuracy")
         if final is not None:
             points.append({"run": run.name, "epoch": "final", "hours": offset_h, "test_accuracy_full": final})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"subset": int(len(idx)), "points": points}, indent=1) + "\n")
     if args.png:
+        plot(points, len(idx), args.png)
+        print(f"wrote {args.out} and {args.png}")
+
+
+def plot(points: list[dict], n: int, png: Path) -> None:
+    """Test accuracy per kept epoch (subset) and at the end of each run (full test split) vs hours."""
+    if png:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -73,7 +80,7 @@ def main() -> None:
         for name in dict.fromkeys(p["run"] for p in points):
             xs = [p["hours"] for p in points if p["run"] == name and "test_accuracy_subset" in p]
             ys = [100 * p["test_accuracy_subset"] for p in points if p["run"] == name and "test_accuracy_subset" in p]
-            ax.plot(xs, ys, marker="o", label=f"{name} (test subset, n={len(idx)})")
+            ax.plot(xs, ys, marker="o", label=f"{name} (test subset, n={n})")
         finals = [p for p in points if "test_accuracy_full" in p]
         ax.scatter([p["hours"] for p in finals], [100 * p["test_accuracy_full"] for p in finals], marker="*", s=120,
                    color="black", zorder=3, label="end of run (full test split)")
@@ -82,8 +89,7 @@ def main() -> None:
                title="fast_cnn: pre-training (CE) then ALOE fine-tuning")
         ax.legend(fontsize=8, loc="lower right")
         fig.tight_layout()
-        fig.savefig(args.png, dpi=110)
-        print(f"wrote {args.out} and {args.png}")
+        fig.savefig(png, dpi=110)
 
 
 if __name__ == "__main__":
