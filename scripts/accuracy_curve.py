@@ -70,26 +70,25 @@ def main() -> None:
 
 def plot(points: list[dict], n: int, png: Path) -> None:
     """Test accuracy per kept epoch (subset) and at the end of each run (full test split) vs hours."""
-    if png:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name in dict.fromkeys(p["run"] for p in points):
-            xs = [p["hours"] for p in points if p["run"] == name and "test_accuracy_subset" in p]
-            ys = [100 * p["test_accuracy_subset"] for p in points if p["run"] == name and "test_accuracy_subset" in p]
-            ax.plot(xs, ys, marker="o", label=f"{name} (test subset, n={n})")
-        finals = [p for p in points if "test_accuracy_full" in p]
-        ax.scatter([p["hours"] for p in finals], [100 * p["test_accuracy_full"] for p in finals], marker="*", s=120,
-                   color="black", zorder=3, label="end of run (full test split)")
-        ax.axhline(92, color="grey", linestyle=":", linewidth=1)
-        ax.set(xlabel="training hours on 2 CPU cores", ylabel="CIFAR-10 test accuracy (%)",
-               title="fast_cnn: pre-training (CE) then ALOE fine-tuning")
-        ax.legend(fontsize=8, loc="lower right")
-        fig.tight_layout()
-        fig.savefig(png, dpi=110)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(p["run"] for p in points):
+        xs = [p["hours"] for p in points if p["run"] == name and "test_accuracy_subset" in p]
+        ys = [100 * p["test_accuracy_subset"] for p in points if p["run"] == name and "test_accuracy_subset" in p]
+        ax.plot(xs, ys, marker="o", label=f"{name} (test subset, n={n})")
+    finals = [p for p in points if "test_accuracy_full" in p]
+    ax.scatter([p["hours"] for p in finals], [100 * p["test_accuracy_full"] for p in finals], marker="*", s=120,
+               color="black", zorder=3, label="end of run (full test split)")
+    ax.axhline(92, color="grey", linestyle=":", linewidth=1)
+    ax.set(xlabel="training hours on 2 CPU cores", ylabel="CIFAR-10 test accuracy (%)",
+           title="fast_cnn: pre-training (CE) then ALOE fine-tuning")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from .attacks import AttackConfig, pgd_with, pgd_worst_case
 from .checkpoint import write_json_atomic
 from .loop_parts import resolve_device
 from .metrics import ood_metrics
-from .ood_sets import load_ood_set, subsample
+from .ood_sets import load_ood_set, subsample, subset_indices
 from .run_data import RunData
 from .report import write_report
 from .scores import (
@@ -214,13 +214,6 @@ def _score_batches(model: nn.Module, images: np.ndarray, names: list[str], ctx: 
             {n: np.concatenate(v) for n, v in preds.items()})
 
 
-def _subset_indices(n: int, limit: int | None, seed: int) -> np.ndarray:
-    """All indices, or a sorted seeded subset of `limit` of them (the same rule as ood_sets.subsample)."""
-    if limit is None or limit >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
-
-
 def _clean_scores(model: nn.Module, images: np.ndarray, names: list[str], ctx: ScoreContext, batch_size: int,
                   desc: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
     scores, preds = _score_batches(model, images, names, ctx, None, True, batch_size, 0, desc)
@@ -325,7 +318,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig, out_dir: str | Path | Non
         t0 = time.perf_counter()
         # attacked protocols may run on a seeded subset of the clean images (recorded as n_in / n_out)
         limit = cfg.attack_samples.get(attack_name) if attack is not None else None
-        in_idx = _subset_indices(len(test), limit, cfg.seed)
+        in_idx = subset_indices(len(test), limit, cfg.seed)
         s_in, pred_in = _score_batches(model, test.images[in_idx], cfg.scores, ctx, attack, True, cfg.batch_size,
                                        cfg.seed, f"in-distribution [{attack_name}]")
         if attack is None:
@@ -337,7 +330,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig, out_dir: str | Path | Non
         for key, (_, image_set) in ood_sets.items():
             if attack is not None and cfg.attack_sets is not None and key not in cfg.attack_sets:
                 continue
-            out_idx = _subset_indices(len(image_set), limit, cfg.seed + 1)
+            out_idx = subset_indices(len(image_set), limit, cfg.seed + 1)
             s_out, _ = _score_batches(model, image_set.images[out_idx], cfg.scores, ctx, attack, False,
                                       cfg.batch_size, cfg.seed + 1, f"{key} [{attack_name}]")
             for n in cfg.scores:

@@ -101,10 +101,15 @@ def load_ood_set(spec: str, max_samples: int | None = None, seed: int = DEFAULT_
     return subsample(image_set, max_samples, seed)
 
 
+def subset_indices(n: int, max_samples: int | None, seed: int = DEFAULT_SEED) -> np.ndarray:
+    """All of range(n), or a sorted seeded random subset of `max_samples` of it."""
+    if max_samples is None or max_samples >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:max_samples])
+
+
 def subsample(image_set, max_samples: int | None, seed: int = DEFAULT_SEED):
     """The same ImageSet restricted to a seeded random subset of `max_samples` images (order kept)."""
-    n = len(image_set.images)
-    if max_samples is None or max_samples >= n:
+    if max_samples is None or max_samples >= len(image_set.images):
         return image_set
-    idx = np.sort(np.random.default_rng(seed).permutation(n)[:max_samples])
-    return image_set.subset(idx)
+    return image_set.subset(subset_indices(len(image_set.images), max_samples, seed))

@@ -24,7 +24,7 @@ import torch
 from . import data
 from .attacks import pgd_worst_case
 from .metrics import ood_metrics
-from .ood_sets import subsample
+from .ood_sets import subsample, subset_indices
 from .run_data import RunData
 from .scores import ScoreContext, scored_forward
 
@@ -56,7 +56,7 @@ def select_score(run: RunData, candidates: list[str], onnx_scores: Callable[[np.
         raise ValueError("--score auto: the exported graph has no score outputs to choose from")
     val_out = run.outlier_validation_set()
     as_float = lambda u8: data.to_tensor(u8).numpy()  # noqa: E731
-    cal_sub = subsample(data.ImageSet(cal_images, np.zeros(len(cal_images), np.int64)), attack_samples, seed).images
+    cal_sub = cal_images[subset_indices(len(cal_images), attack_samples, seed)]
     out_sub = subsample(val_out, attack_samples, seed + 1).images
     record: dict[str, Any] = {
         "rule": "lowest FPR95 under the paper worst-case attack (both sides), then lowest clean FPR95",

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from oodguard.service.preprocess import decode_images
-from oodguard.service.schemas import V2ErrorResponse
 from oodguard.service.v2_codec import InputSpec, encode_infer_response, parse_infer_request, split_body
 
 from .bundle_factory import encode_image
+from .test_v2 import _error  # one check of the OIP error shape for both v2 test files
 
 URL = "/v2/models/tiny/infer"
 
@@ -55,15 +55,6 @@ def _decode_response(r) -> dict[str, np.ndarray]:
             offset += size
     assert offset == len(binary)
     return out
-
-
-def _error(r, status: int, code: str, *parts: str) -> None:
-    assert r.status_code == status, r.text
-    err = V2ErrorResponse.model_validate(r.json())  # the OIP shape: {"error": "<message>", "code"}
-    assert set(r.json()) == {"error", "code"}, r.json()
-    assert err.code == code, err
-    for p in parts:
-        assert p in err.error, err.error
 
 
 def test_json_without_content_type(client):
