@@ -6,7 +6,10 @@ The CPU recipe (2 cores; every stage resumable — run the script again and it c
    SGD nesterov lr 0.2 with a short warm-up and cosine decay, label smoothing 0.1, flip + 2-px translations
    and upload-form augmentation (JPEG 20-95 / lossless, resize round trips through 24-128 px), on
    CIFAR-10's training split minus the 5,000-image calibration split. PRETRAIN_EPOCHS epochs.
-2. Fine-tune the pretrained weights with ALOE for FINETUNE_EPOCHS epochs: batches of 128 inliers + 128
+1b. `pretrain_restart` (when RESTART_EPOCHS > 0): a warm restart (SGDR) of the same recipe from the
+   pre-trained weights: RESTART_EPOCHS more epochs, lr RESTART_LR with a short warm-up and cosine decay.
+   It lets the 16-epoch run be extended without re-running it; its hours count in the training total.
+2. Fine-tune the last pretrained weights with ALOE for FINETUNE_EPOCHS epochs: batches of 128 inliers + 128
    outliers (the outlier set minus the 10% of its classes held out for validation), both attacked with
    L∞ PGD at ε = 1/255 (2 steps of 1/255), the same augmentation on both sides, λ = 0.5, lr 0.03 cosine.
    ALOE costs ~6 plain steps per inlier (two attacks plus the joint step), which is why it fine-tunes.
@@ -21,7 +24,7 @@ The CPU recipe (2 cores; every stage resumable — run the script again and it c
 Runs live in --out (default ~/oodguard-runs/default: outside the work tree, so a fresh checkout resumes).
 The GPU recipe is one flag away: `oodguard train --recipe paper --method aloe --out runs/paper`.
 
-Usage: python scripts/train_default.py [--out DIR] [--pretrain-epochs 16] [--finetune-epochs 2]
+Usage: python scripts/train_default.py [--out DIR] [--pretrain-epochs 16] [--restart-epochs 10] [--finetune-epochs 2]
 """
 
 from __future__ import annotations
@@ -77,6 +80,13 @@ def pretrain_run(run: Path, args: argparse.Namespace, log: Path) -> float:
                         "--epochs", str(args.pretrain_epochs)], log)
 
 
+def restart_run(pretrained: Path, run: Path, args: argparse.Namespace, log: Path) -> float:
+    """Warm restart (SGDR) of the pre-training recipe from `pretrained`: a fresh warm-up and cosine."""
+    return _train(run, ["--recipe", "fast", "--method", "msp", *common_train_args(args.threads),
+                        "--init-from", str(pretrained), "--epochs", str(args.restart_epochs),
+                        "--lr", str(args.restart_lr), "--warmup-steps", "50"], log)
+
+
 def finetune_run(method: str, pretrained: Path, run: Path, args: argparse.Namespace, log: Path) -> float:
     """Fine-tune the pretrained weights with `method` (the recipe's flags, args' epochs / lr / threads); wall seconds."""
     return _train(run, ["--method", method, *common_train_args(args.threads), "--init-from", str(pretrained),
@@ -103,6 +113,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(Path.home() / "oodguard-runs" / "default"), help="Directory for the runs.")
     ap.add_argument("--pretrain-epochs", type=int, default=16)
+    ap.add_argument("--restart-epochs", type=int, default=10, help="Warm-restart epochs after pre-training (0: none).")
+    ap.add_argument("--restart-lr", type=float, default=0.1)
     ap.add_argument("--finetune-epochs", type=int, default=2)
     ap.add_argument("--finetune-lr", type=float, default=0.03)
     ap.add_argument("--methods", default="aloe", help="Fine-tuning methods; the first is shipped.")
@@ -123,6 +135,12 @@ def main() -> None:
 
     pre = out / "pretrain"
     timings["pretrain"] = pretrain_run(pre, args, log)
+    stages = ["pretrain"]
+    if args.restart_epochs > 0:
+        restarted = out / "pretrain_restart"
+        timings["pretrain_restart"] = restart_run(pre, restarted, args, log)
+        stages.append("pretrain_restart")
+        pre = restarted
     for method in methods:
         timings[f"finetune_{method}"] = finetune_run(method, pre, out / method, args, log)
 
@@ -145,7 +163,7 @@ def main() -> None:
     run_oodguard(["bundle", "verify", str(bundle)], log)
 
     results = {"recipe": vars(args), "timings_s": timings, "runs": {}}
-    for name in ("pretrain", *methods):
+    for name in (*stages, *methods):
         run = out / name
         results["runs"][name] = {"train_end": json.loads((run / "summary.json").read_text())}
         if (run / "eval" / "eval.json").is_file():
@@ -153,7 +171,7 @@ def main() -> None:
     results["bundle_metrics"] = json.loads((bundle / "manifest.json").read_text())["metrics"]
     (ROOT / "docs").mkdir(exist_ok=True)
     (ROOT / "docs" / "results-default.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    train_s = sum(results["runs"][n]["train_end"].get("train_seconds", 0.0) for n in ("pretrain", *methods))
+    train_s = sum(results["runs"][n]["train_end"].get("train_seconds", 0.0) for n in (*stages, *methods))
     print(f"training {train_s / 3600:.2f} h (pretrain + fine-tune, as logged); this invocation "
           f"{sum(timings.values()) / 60:.1f} min -> {bundle}")
 
