@@ -90,7 +90,7 @@ _LEGACY_MODEL_KWARGS = {"small_cnn": ({"pool": "maxavg"},)}
 
 def resolve_model_config(model_config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The model_config that builds a model `state_dict` loads into (the recorded one, or a legacy variant)."""
-    from .models import create_model
+    from .architectures import create_model
 
     candidates = [dict(model_config)]
     for extra in _LEGACY_MODEL_KWARGS.get(model_config.get("name", ""), ()):
@@ -115,7 +115,7 @@ def load_model_from_run(run_dir: str | Path, map_location: str | torch.device = 
 
     The config dict is `config.json` (training config, model_config, data lineage, code version).
     """
-    from .models import create_model  # local: keep this module importable without building models
+    from .architectures import create_model  # local: keep this module importable without building models
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

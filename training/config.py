@@ -50,7 +50,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 class TrainConfig:
     # what to train
     method: str = "aloe"  # msp | oe | adv | aoe | aloe (see METHOD_HELP)
-    model: str = "small_cnn"  # a name from oodguard.training.models.list_models()
+    model: str = "small_cnn"  # a name from oodguard.training.architectures.list_architectures()
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra create_model kwargs, e.g. {"widths": [48, 96, 192]}
     recipe: str = "cpu"  # cpu | paper: defaults applied before explicit flags
     # data
@@ -119,13 +119,13 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError with every problem named (the CLI turns it into a usage error)."""
-        from .models import list_models
+        from .architectures import list_architectures
 
         problems = []
         if self.method not in METHODS:
             problems.append(f"unknown method {self.method!r}; valid methods: {', '.join(METHODS)}")
-        if self.model not in list_models():
-            problems.append(f"unknown model {self.model!r}; valid models: {', '.join(list_models())}")
+        if self.model not in list_architectures():
+            problems.append(f"unknown model {self.model!r}; valid models: {', '.join(list_architectures())}")
         if self.recipe not in RECIPES:
             problems.append(f"unknown recipe {self.recipe!r}; valid recipes: {', '.join(RECIPES)}")
         if self.on_corrupt not in ("fail", "skip"):

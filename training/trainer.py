@@ -43,7 +43,7 @@ from .loop_parts import (  # noqa: F401  (CosineSchedule, accuracy: re-exported)
     CosineSchedule, StopSignals, accuracy, attack_bn, autocast, resolve_device, warn_if_cpu_is_contended,
 )
 from .losses import ce_per_sample, oe_loss, oe_loss_per_sample
-from .models import create_model
+from .architectures import create_model
 from .runinfo import check_run_dir, code_version, environment_info, prepare_run_dir
 
 log = logging.getLogger(__name__)

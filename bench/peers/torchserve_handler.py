@@ -3,7 +3,7 @@
 Packed by bench/serve.py with torch-model-archiver: the serialized file is the run's checkpoint
 (`checkpoints/last.pt`, a dict of tensors read with `weights_only=True`), and `handler_config.json`
 (extra file) says how many torch threads a worker uses. The model is rebuilt with
-`oodguard.training.models.create_model` from the checkpoint's `model_config`, so TorchServe serves
+`oodguard.training.architectures.create_model` from the checkpoint's `model_config`, so TorchServe serves
 exactly the network the hand-written torch endpoint serves.
 
 A request is one image (multipart field `file`, or the raw body); TorchServe hands the handler a
@@ -32,7 +32,7 @@ class ImageClassifierHandler:
         self.classes: list[str] = []
 
     def initialize(self, context) -> None:
-        from oodguard.training.models import create_model
+        from oodguard.training.architectures import create_model
 
         model_dir = context.system_properties["model_dir"]
         config_path = os.path.join(model_dir, "handler_config.json")

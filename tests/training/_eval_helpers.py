@@ -16,7 +16,7 @@ import torch
 
 from oodguard.training.checkpoint import save_checkpoint
 from oodguard.training.data import calibration_split, load_in_distribution, to_tensor
-from oodguard.training.models import create_model
+from oodguard.training.architectures import create_model
 
 TINY_MODEL = {"name": "small_cnn", "num_classes": 10, "widths": (8, 16, 16), "stem": 8}
 

@@ -7,7 +7,7 @@ import torch
 
 from oodguard.training.attacks import TRAIN_PAPER, AttackConfig, pgd_linf, pgd_with
 from oodguard.training.losses import ce_per_sample, oe_loss_per_sample
-from oodguard.training.models import create_model
+from oodguard.training.architectures import create_model
 
 
 

@@ -122,7 +122,7 @@ def test_schedule_refit_keeps_the_lr_continuous_and_ends_at_min_lr():
 def test_attack_bn_modes_do_not_touch_running_stats(mode):
     from oodguard.training.attacks import pgd_linf
     from oodguard.training.losses import oe_loss_per_sample
-    from oodguard.training.models import create_model
+    from oodguard.training.architectures import create_model
 
     model = create_model("small_cnn", widths=(8, 16, 16), stem=8).train()
     before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
@@ -163,7 +163,7 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
 def test_checkpoints_of_the_first_small_cnn_still_load(tiny_config, tmp_path):
     """small_cnn first concatenated max- and mean-pooled features; runs made then still load."""
     from oodguard.training import checkpoint
-    from oodguard.training.models import create_model
+    from oodguard.training.architectures import create_model
 
     train(tiny_config(method="msp", max_steps=2, eval_test=False))
     path = tmp_path / "run" / "checkpoints" / "last.pt"

@@ -1,4 +1,8 @@
-"""Model registry: CIFAR-sized classifiers whose input is float NCHW in [0, 1] pixel space.
+"""Architectures: CIFAR-sized classifiers built by name, whose input is float NCHW in [0, 1] pixel space.
+
+Each is registered with `@register_architecture(name)`; `list_architectures()` names them and
+`create_model(name, num_classes, **kwargs)` builds one. (Deployed model versions are the service's
+`ModelRegistry`, a different thing.)
 
 Every model normalises its input itself (CIFAR mean/std as buffers, the first step of `features`), so
 attacks, ε and exported ONNX graphs all live in [0, 1]. Every model exposes
@@ -25,32 +29,32 @@ from torch import nn
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
-_REGISTRY: dict[str, Callable[..., OODNet]] = {}
+_ARCHITECTURES: dict[str, Callable[..., OODNet]] = {}
 
 
-def register_model(name: str) -> Callable[[Callable[..., OODNet]], Callable[..., OODNet]]:
-    """Decorator: `@register_model("resnet18")` on a builder `fn(num_classes, **kwargs) -> OODNet`."""
+def register_architecture(name: str) -> Callable[[Callable[..., OODNet]], Callable[..., OODNet]]:
+    """Decorator: `@register_architecture("resnet18")` on a builder `fn(num_classes, **kwargs) -> OODNet`."""
 
     def deco(fn: Callable[..., OODNet]) -> Callable[..., OODNet]:
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} is already registered")
-        _REGISTRY[name] = fn
+        if name in _ARCHITECTURES:
+            raise ValueError(f"architecture {name!r} is already registered")
+        _ARCHITECTURES[name] = fn
         return fn
 
     return deco
 
 
-def list_models() -> list[str]:
-    return sorted(_REGISTRY)
+def list_architectures() -> list[str]:
+    return sorted(_ARCHITECTURES)
 
 
 def create_model(name: str, num_classes: int = 10, **kwargs: Any) -> OODNet:
     """Build a registered model; unknown names raise ValueError listing the valid ones."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(list_models())}")
+    if name not in _ARCHITECTURES:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(list_architectures())}")
     if int(num_classes) < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    model = _REGISTRY[name](num_classes=int(num_classes), **kwargs)
+    model = _ARCHITECTURES[name](num_classes=int(num_classes), **kwargs)
     model.model_config = {"name": name, "num_classes": int(num_classes), **kwargs}
     return model
 
@@ -145,12 +149,12 @@ class SmallCNN(OODNet):
         return torch.mean(h, dim=(2, 3))
 
 
-@register_model("small_cnn")
+@register_architecture("small_cnn")
 def small_cnn(num_classes: int = 10, **kwargs: Any) -> OODNet:
     return SmallCNN(num_classes=num_classes, **kwargs)
 
 
-@register_model("fast_cnn")
+@register_architecture("fast_cnn")
 def fast_cnn(num_classes: int = 10, **kwargs: Any) -> OODNet:
     """The same block design at airbench94's widths (64, 256, 256), GELU: the net fast CIFAR-10 training
     reaches ~94% with in ~10 epochs. ~2.3 M parameters, ~120 M multiply-adds per image; ~280 training
@@ -196,7 +200,7 @@ class ResNet18(OODNet):
         return torch.flatten(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1), 1)
 
 
-@register_model("resnet18")
+@register_architecture("resnet18")
 def resnet18(num_classes: int = 10, **kwargs: Any) -> OODNet:
     return ResNet18(num_classes=num_classes, **kwargs)
 
@@ -246,7 +250,7 @@ class WideResNet(OODNet):
         return torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)
 
 
-@register_model("wrn40_2")
+@register_architecture("wrn40_2")
 def wrn40_2(num_classes: int = 10, **kwargs: Any) -> OODNet:
     return WideResNet(num_classes=num_classes, **{"depth": 40, "widen": 2, **kwargs})
 
@@ -307,7 +311,7 @@ class DenseNetBC(OODNet):
         return torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)
 
 
-@register_model("densenet100")
+@register_architecture("densenet100")
 def densenet100(num_classes: int = 10, **kwargs: Any) -> OODNet:
     return DenseNetBC(num_classes=num_classes, **{"depth": 100, "growth": 12, **kwargs})
 

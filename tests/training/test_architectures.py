@@ -1,4 +1,4 @@
-"""One parametrized test per registered model: shapes, features/head contract, rebuild, ONNX export."""
+"""One parametrized test per registered architecture: shapes, features/head contract, rebuild, ONNX export."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from oodguard.training.models import CIFAR10_MEAN, CIFAR10_STD, OODNet, create_model, list_models, register_model
+from oodguard.training.architectures import (
+    CIFAR10_MEAN, CIFAR10_STD, OODNet, create_model, list_architectures, register_architecture,
+)
 
 
-
-def test_registry_has_the_documented_names():
-    assert {"small_cnn", "resnet18", "wrn40_2", "densenet100"} <= set(list_models())
+def test_the_documented_architectures_are_registered():
+    assert {"small_cnn", "resnet18", "wrn40_2", "densenet100"} <= set(list_architectures())
 
 
 def test_unknown_model_lists_valid_names():
@@ -21,10 +22,10 @@ def test_unknown_model_lists_valid_names():
 
 def test_duplicate_registration_is_refused():
     with pytest.raises(ValueError, match="already registered"):
-        register_model("small_cnn")(lambda num_classes: None)
+        register_architecture("small_cnn")(lambda num_classes: None)
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", list_architectures())
 def test_model_contract(name):
     torch.manual_seed(0)
     model = create_model(name, num_classes=7)
@@ -51,7 +52,7 @@ def test_model_contract(name):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter announces its retirement
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", list_architectures())
 def test_model_exports_to_onnx_and_matches(name, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
