@@ -40,7 +40,7 @@ from . import data
 from .attacks import AttackConfig, pgd_with, pgd_worst_case
 from .checkpoint import write_json_atomic
 from .loop_parts import resolve_device
-from .metrics import ood_metrics
+from .ood_metrics import ood_metrics
 from .ood_sets import load_ood_set, subsample, subset_indices
 from .run_data import RunData
 from .report import write_report

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import roc_curve
+from .ood_metrics import roc_curve
 
 log = logging.getLogger(__name__)
 

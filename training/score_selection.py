@@ -23,7 +23,7 @@ import torch
 
 from . import data
 from .attacks import pgd_worst_case
-from .metrics import ood_metrics
+from .ood_metrics import ood_metrics
 from .ood_sets import subsample, subset_indices
 from .run_data import RunData
 from .scores import ScoreContext, scored_forward

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn import metrics as skm
 
-from oodguard.training.metrics import METRIC_KEYS, OODMetrics, ood_metrics, roc_curve
+from oodguard.training.ood_metrics import METRIC_KEYS, OODMetrics, ood_metrics, roc_curve
 
 
 def test_perfect_separation():
