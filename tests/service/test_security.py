@@ -13,7 +13,7 @@ from oodguard.service.app import create_app
 from oodguard.service.security import token_matches
 from oodguard.service.settings import Settings
 
-from .bundle_factory import make_tiny_bundle
+from .bundle_factory import encode_image, make_tiny_bundle
 
 TOKEN = "s3cret-admin-token-for-tests-0123456789"
 ADMIN_ROUTES = [
@@ -116,9 +116,15 @@ def test_right_token_is_let_in_and_never_logged(tmp_path, bundle, caplog):
 
 
 def test_predict_and_health_need_no_token(tmp_path, bundle):
-    with _client(tmp_path, bundle, TOKEN) as client:
+    red = encode_image((255, 0, 0))
+    with _client(tmp_path, bundle, TOKEN) as client:  # admin on: only /admin asks for the token
         assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").status_code == 200
         assert client.get("/v1/models").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer not-the-admin-token-0123456789"}):
+            resp = client.post("/v1/predict", files={"file": ("red.png", red, "image/png")}, headers=headers)
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["predictions"][0]["label"] == "red"
 
 
 def test_token_compare():
