@@ -12,7 +12,7 @@ allows) and negative (data it forbids, which must be refused with a 4xx, never a
 Operations are enumerated at collection time from the schema the app factory builds (building an
 app loads no model); the requests go to one started app (lifespan entered once, tiny bundle in a
 models directory so admin calls reach the registry), whose served /openapi.json is checked to be
-that same schema. `FUZZ_CASES` counts the requests actually sent.
+that same schema. No test depends on another having run.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ import os
 from collections import Counter
 
 import pytest
+from _pytest.outcomes import Skipped as SkipTest
 import schemathesis  # dev extra; `make test` installs it
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
 from pydantic import SecretStr
 from schemathesis import GenerationMode
 from schemathesis.checks import (
@@ -43,8 +45,6 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 BASE_URL = "http://testserver"
 MAX_EXAMPLES = 50  # per operation and generation mode: bounded, the whole file stays well under a minute
 CHECKS = [not_a_server_error, response_schema_conformance, status_code_conformance, content_type_conformance]
-FUZZ_CASES: Counter[str] = Counter()  # requests per 'METHOD /path'
-STATUSES: Counter[int] = Counter()  # responses per status code
 
 
 def _static_openapi() -> dict:
@@ -92,21 +92,34 @@ def test_the_served_schema_is_the_fuzzed_one(live_client):
 @schema.parametrize()
 @settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 def test_api_conforms_to_its_schema(case, live_client):
-    FUZZ_CASES[f"{case.method.upper()} {case.path}"] += 1
-    response = case.call_and_validate(base_url=BASE_URL, session=live_client, headers=AUTH, checks=CHECKS)
-    STATUSES[response.status_code] += 1
+    case.call_and_validate(base_url=BASE_URL, session=live_client, headers=AUTH, checks=CHECKS)
 
 
-def test_every_operation_was_fuzzed():
-    """Runs after the fuzz tests (file order): every documented operation received requests."""
-    operations = {f"{op.method.upper()} {op.path}" for op in (r.ok() for r in schema.get_all_operations())}
+def test_every_operation_was_fuzzed(live_client):
+    """Stands alone (no test reads what another one did): every documented operation gets a few
+    cases of its own here, positive and negative, checked like the fuzz test's; both halves answer."""
+    operations = [r.ok() for r in schema.get_all_operations()]
     assert len(operations) >= 16
-    missing = operations - set(FUZZ_CASES)
-    assert not missing, sorted(missing)
-    # Both halves were exercised: accepted requests and refused ones (401 included: negative mode drops the token).
-    assert STATUSES[200] > 0 and any(400 <= s < 500 for s in STATUSES) and STATUSES[401] > 0, STATUSES
-    documented = sum(n for k, n in FUZZ_CASES.items() if k in operations)
-    print(
-        f"\nschemathesis: {sum(FUZZ_CASES.values())} requests ({documented} on the {len(operations)} documented "
-        f"operations, the rest probing undocumented methods); statuses {dict(sorted(STATUSES.items()))}"
-    )
+    statuses: Counter[int] = Counter()
+    fuzzed: Counter[str] = Counter()
+
+    for op in operations:
+        label = f"{op.method.upper()} {op.path}"
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+            @settings(max_examples=3, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+            @given(case=op.as_strategy(generation_mode=mode))
+            def run(case) -> None:
+                response = case.call_and_validate(base_url=BASE_URL, session=live_client, headers=AUTH, checks=CHECKS)
+                statuses[response.status_code] += 1
+                fuzzed[label] += 1
+
+            try:
+                run()
+            except (Unsatisfiable, SkipTest) as exc:  # nothing of this mode to generate for this operation
+                if mode is GenerationMode.POSITIVE:
+                    raise AssertionError(f"{label}: no positive case could be generated") from exc
+    missing = sorted({f"{op.method.upper()} {op.path}" for op in operations} - set(fuzzed))
+    assert not missing, missing
+    assert statuses[200] > 0 and any(400 <= s < 500 for s in statuses), statuses
+    print(f"\nschemathesis, every operation: {sum(fuzzed.values())} requests; statuses {dict(sorted(statuses.items()))}")
