@@ -169,8 +169,8 @@ def _decode_property(data: bytes) -> None:
     assert out.shape == (8, 8, 3) and out.dtype == np.uint8
 
 
-@settings(FUZZ, max_examples=1000)
 @counted("decode: random bytes", 1000)
+@settings(FUZZ, max_examples=1000)
 @given(st.binary(max_size=4096))
 def test_decode_random_bytes_raises_only_image_errors(data):
     FUZZ_COUNTS["decode: random bytes"] += 1
@@ -178,8 +178,8 @@ def test_decode_random_bytes_raises_only_image_errors(data):
     _decode_property(data)
 
 
-@settings(FUZZ, max_examples=1500)
 @counted("decode: mutated images", 1500)
+@settings(FUZZ, max_examples=1500)
 @given(mutated_images())
 def test_decode_mutated_images_raises_only_image_errors(data):
     FUZZ_COUNTS["decode: mutated images"] += 1
@@ -190,24 +190,24 @@ def test_decode_mutated_images_raises_only_image_errors(data):
 # -- over HTTP ------------------------------------------------------------------------------------
 
 
-@settings(FUZZ, max_examples=200)
 @counted("http: random bytes", 200)
+@settings(FUZZ, max_examples=200)
 @given(data=st.binary(max_size=2048), content_type=st.sampled_from(["image/png", "image/jpeg", "application/octet-stream"]))
 def test_http_random_bytes_get_2xx_or_4xx_json(fuzz_client, data, content_type):
     FUZZ_COUNTS["http: random bytes"] += 1
     _assert_2xx_or_4xx_json(_post(fuzz_client, data, content_type))
 
 
-@settings(FUZZ, max_examples=400)
 @counted("http: mutated images", 400)
+@settings(FUZZ, max_examples=400)
 @given(mutated_images())
 def test_http_mutated_images_get_2xx_or_4xx_json(fuzz_client, data):
     FUZZ_COUNTS["http: mutated images"] += 1
     _assert_2xx_or_4xx_json(_post(fuzz_client, data))
 
 
-@settings(FUZZ, max_examples=300)
 @counted("http: valid sizes/modes/formats", 300)
+@settings(FUZZ, max_examples=300)
 @given(valid_images())
 def test_http_every_valid_size_mode_and_format_is_classified(fuzz_client, image):
     data, what = image
@@ -218,8 +218,8 @@ def test_http_every_valid_size_mode_and_format_is_classified(fuzz_client, image)
     assert pred["label"] in ("red", "green", "blue") and 0 < pred["p_value"] <= 1
 
 
-@settings(FUZZ, max_examples=100)
 @counted("http: multi-image with one broken", 100)
+@settings(FUZZ, max_examples=100)
 @given(
     good=st.lists(st.sampled_from(SEEDS), min_size=1, max_size=5),
     bad=mutated_images(),
