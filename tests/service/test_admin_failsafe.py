@@ -250,7 +250,7 @@ def test_an_input_that_makes_the_served_graph_loop_is_terminated(make_client, tm
     assert white.status_code == 503 and white.json()["error"]["code"] == "timeout", white.text
     red = client.post("/v1/predict", content=encode_image((255, 0, 0)), headers=png)
     assert red.status_code == 200, red.text  # the inference thread is free again
-    assert time.monotonic() - t0 < 15
+    assert time.monotonic() - t0 < 60  # stopped, not left to run its 2^62 iterations (generous: a loaded machine)
 
 
 def test_a_failed_prune_still_answers_the_registration_that_happened(admin_client, src, monkeypatch):

@@ -93,24 +93,24 @@ def test_batch_waits_for_announced_requests_at_most_max_wait():
             await b.infer(_images(0.5), mine)
             return time.perf_counter() - t0
 
-    elapsed, _ = asyncio.run(_with_batcher(model, go, max_batch=32, max_wait_ms=30))
-    assert 0.025 <= elapsed < 1.0
+    elapsed, _ = asyncio.run(_with_batcher(model, go, max_batch=32, max_wait_ms=200))
+    # It waited (at least max_wait) and then ran without the missing one (not forever: a generous
+    # bound that a loaded machine cannot break; the bug it guards against never ends).
+    assert 0.19 <= elapsed < 30.0
     assert model.batch_sizes == [1]
 
 
 def test_a_lone_request_does_not_wait_for_the_batch_to_fill():
-    # Nothing else announced: waiting could not grow the batch, so it runs at once (max_wait is 1 s).
+    # Nothing else announced: waiting could not grow the batch, so it runs at once. max_wait is 10
+    # minutes: a request that waited for it would time out here (after 60 s, however loaded the machine).
     model = FakeModel()
 
     async def go(b):
-        t0 = time.perf_counter()
         for v in (0.1, 0.2, 0.3, 0.4, 0.5):
             with b.incoming() as ticket:
-                await b.infer(_images(v), ticket)
-        return time.perf_counter() - t0
+                await asyncio.wait_for(b.infer(_images(v), ticket), 60)
 
-    elapsed, _ = asyncio.run(_with_batcher(model, go, max_batch=32, max_wait_ms=1000))
-    assert elapsed < 1.0, f"5 sequential requests took {elapsed:.2f}s: each waited for max_wait"
+    asyncio.run(_with_batcher(model, go, max_batch=32, max_wait_ms=600_000))
     assert model.batch_sizes == [1] * 5
 
 
@@ -134,13 +134,11 @@ def test_announced_requests_join_the_batch_when_they_arrive():
 def test_full_batch_does_not_wait():
     model = FakeModel()
 
-    async def go(b):
-        t0 = time.perf_counter()
-        await asyncio.gather(*(b.infer(_images(0.1)) for _ in range(4)))
-        return time.perf_counter() - t0
+    async def go(b):  # max_wait is 10 minutes: waiting for it would time out here
+        await asyncio.wait_for(asyncio.gather(*(b.infer(_images(0.1)) for _ in range(4))), 60)
 
-    elapsed, _ = asyncio.run(_with_batcher(model, go, max_batch=4, max_wait_ms=5000))
-    assert elapsed < 2.0 and model.batch_sizes == [4]
+    asyncio.run(_with_batcher(model, go, max_batch=4, max_wait_ms=600_000))
+    assert model.batch_sizes == [4]
 
 
 def test_a_request_larger_than_max_batch_runs_alone():

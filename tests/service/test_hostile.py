@@ -96,7 +96,7 @@ def test_v2_repeated_requested_outputs_are_422_at_no_cost(server):
     t0 = time.monotonic()
     peak, resp = peak_mb(server, lambda: httpx.post(server.base + V2, content=body, headers=headers, timeout=30))
     assert resp.status_code == 422 and resp.json()["code"] == "too_many_outputs", resp.text
-    assert time.monotonic() - t0 < 5 and peak < 40, peak
+    assert time.monotonic() - t0 < 8 and peak < 40, peak  # was 10.5 s on an idle machine; 8 s: generous
 
 
 # -- #4: JSON bodies ---------------------------------------------------------------------------------
@@ -138,7 +138,9 @@ def test_16_mib_json_bodies_are_refused_unparsed_and_the_loop_stays_responsive(s
         watcher.join()
     assert [r.status_code for r in responses] == [422] * 8 and {r.json()["code"] for r in responses} == {"too_many_values"}
     assert peak < 8 * 16 * 2.5, peak  # the bodies themselves (read into memory, < 2.5 x each while joined)
-    assert max(latencies) < 1.0, max(latencies)
+    # Parsing them on the loop blocked it 1.3-2 s per body (8 of them). Tolerant of a loaded machine:
+    # at most two probes over 1 s, none over 5 s.
+    assert sum(lat > 1.0 for lat in latencies) <= 2 and max(latencies) < 5.0, sorted(latencies)[-5:]
 
 
 def test_the_largest_valid_json_request_costs_a_bounded_multiple_of_its_size(server):
@@ -320,10 +322,10 @@ def test_sigterm_during_an_endless_validation_stops_the_server(tiny_bundle, tmp_
         time.sleep(2.0)  # validating: the child spins in the Loop
         t0 = time.monotonic()
         assert httpx.get(s.base + "/v1/models", timeout=10).status_code == 200  # the service still answers
-        assert time.monotonic() - t0 < 2
+        assert time.monotonic() - t0 < 10  # not wedged behind the validation (generous: a loaded machine)
         t0 = time.monotonic()
         code = s.stop(timeout=30)  # SIGTERM; SIGKILL after 30 s (the review's server needed it)
         stopped_in = time.monotonic() - t0
         uploader.join(30)
-    assert code == 0 and stopped_in < 15, (code, stopped_in, s.log()[-2000:])
+    assert code == 0 and stopped_in < 25, (code, stopped_in, s.log()[-2000:])  # exit 0: no SIGKILL was needed
     assert "stopped 1 bundle validation" in s.log()

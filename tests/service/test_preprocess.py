@@ -198,7 +198,7 @@ def test_bomb_is_refused_from_the_header_before_decoding():
     t0 = time.perf_counter()
     with pytest.raises(ImageError) as err:
         decode_image(data, SPEC, ImageLimits(max_pixels=16_777_216, max_image_side=100_000))
-    assert time.perf_counter() - t0 < 1.0
+    assert time.perf_counter() - t0 < 10.0  # decoding 3.6e9 pixels would take minutes (and ~11 GB)
     assert err.value.code == "too_many_pixels" and err.value.status == 413
     assert "pixels" in err.value.message
 

@@ -133,7 +133,7 @@ def test_a_client_that_never_finishes_cannot_hold_the_shutdown(tiny_bundle, tmp_
     with server:
         stuck = _connect(server.base)
         stuck.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\nab")
-        time.sleep(0.3)
+        time.sleep(1.0)  # let the server take the connection in (generous on a loaded machine)
         t0 = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         code = server.proc.wait(timeout=30)
@@ -141,7 +141,8 @@ def test_a_client_that_never_finishes_cannot_hold_the_shutdown(tiny_bundle, tmp_
         reply = _read_until_closed(stuck)
         stuck.close()
     assert code == 0, server.log()
-    assert grace_s * 0.8 < elapsed < grace_s + 5, elapsed
+    # At the grace deadline, not at the client's (60 s): generous above, a loaded machine is slow to exit.
+    assert grace_s * 0.8 < elapsed < grace_s + 20, elapsed
     # Cancelled at the grace deadline, it is told so in JSON (not uvicorn's plain-text 500).
     assert reply.startswith(b"HTTP/1.1 503") and b'"shutting_down"' in reply and b"retry-after: 1" in reply, reply[:300]
     assert "Traceback" not in server.log()

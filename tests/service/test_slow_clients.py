@@ -63,7 +63,7 @@ def test_slowloris_dribbling_a_head_is_cut_at_the_head_deadline(server):
     with _connect(server.base) as sock:
         sock.settimeout(0.2)
         t0 = time.monotonic()
-        for byte in head:  # one byte every 0.2 s: 50 s for the whole head if nobody stops it
+        for byte in head:  # one byte every 0.2 s: 54 s for the whole head if nobody stops it
             try:
                 sock.sendall(bytes([byte]))
                 data = sock.recv(65536)
@@ -75,7 +75,8 @@ def test_slowloris_dribbling_a_head_is_cut_at_the_head_deadline(server):
             break  # the server answered or closed
         elapsed = time.monotonic() - t0
     assert reply.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in reply, reply[:200]
-    assert HEAD_DEADLINE_S * 0.8 < elapsed < HEAD_DEADLINE_S + 3.0, elapsed
+    # Cut at the deadline, long before the head would end; generous above for a loaded machine.
+    assert HEAD_DEADLINE_S * 0.8 < elapsed < HEAD_DEADLINE_S + 20.0, elapsed
 
 
 def test_a_client_stalling_mid_body_gets_408_and_is_closed(server):
@@ -83,24 +84,24 @@ def test_a_client_stalling_mid_body_gets_408_and_is_closed(server):
         b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
         b"Content-Length: 100000\r\n\r\n"
     )
-    with _connect(server.base) as sock:
+    with _connect(server.base, timeout=60) as sock:
         sock.sendall(head + PNG[:50])  # ... and nothing more
         t0 = time.monotonic()
         reply = _read_until_closed(sock)
         elapsed = time.monotonic() - t0
     assert reply.startswith(b"HTTP/1.1 408"), reply[:300]
     assert b'"body_timeout"' in reply and b"application/json" in reply
-    assert HEAD_DEADLINE_S * 0.8 < elapsed < HEAD_DEADLINE_S + 3.0, elapsed
+    assert HEAD_DEADLINE_S * 0.8 < elapsed < HEAD_DEADLINE_S + 20.0, elapsed  # held for good otherwise
 
 
 def test_an_idle_keep_alive_connection_is_closed(server):
-    with _connect(server.base) as sock:
+    with _connect(server.base, timeout=60) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # keep-alive by default in HTTP/1.1
         assert read_http_response(sock).startswith(b"HTTP/1.1 200")
         t0 = time.monotonic()
         rest = _read_until_closed(sock)  # the server closes the idle connection by itself
         elapsed = time.monotonic() - t0
-    assert rest == b"" and elapsed < 1.0 + 3.0, (rest[:100], elapsed)
+    assert rest == b"" and elapsed < 1.0 + 20.0, (rest[:100], elapsed)  # keep-alive timeout 1 s; generous
 
 
 def test_many_idle_connections_cost_little_memory_and_requests_are_still_served(tiny_bundle, tmp_path):
@@ -130,7 +131,7 @@ def test_many_idle_connections_cost_little_memory_and_requests_are_still_served(
                     latencies.append(time.monotonic() - t0)
                     assert r.status_code == 200 and r.json()["predictions"][0]["label"] == "blue"
             rss_held = server.vm_kb("VmRSS")
-            assert max(latencies) < 2.0, latencies
+            assert max(latencies) < 5.0, latencies  # served while 300 connections idle (generous: a loaded machine)
             assert rss_held - rss_before < 32 * 1024, f"{n_idle} idle connections cost {(rss_held - rss_before) / 1024:.1f} MiB"
 
             # Every idle connection is closed by the server at the head deadline (408), none held longer.
@@ -139,7 +140,7 @@ def test_many_idle_connections_cost_little_memory_and_requests_are_still_served(
                 sock.setblocking(False)
                 selector.register(sock, selectors.EVENT_READ)
             replies: dict[int, bytes] = {}
-            while len(replies) < n_idle and time.monotonic() - t_open < deadline_s + 10:
+            while len(replies) < n_idle and time.monotonic() - t_open < deadline_s + 30:
                 for key, _ in selector.select(timeout=0.5):
                     sock = key.fileobj
                     try:
@@ -157,7 +158,7 @@ def test_many_idle_connections_cost_little_memory_and_requests_are_still_served(
                 sock.close()
         assert len(replies) == n_idle, f"{n_idle - len(replies)} connections still open after {closed_after:.1f} s"
         assert sum(r.startswith(b"HTTP/1.1 408") for r in replies.values()) >= n_idle * 0.95
-        assert deadline_s * 0.8 < closed_after < deadline_s + 10
+        assert deadline_s * 0.8 < closed_after < deadline_s + 30
         print(f"\n{n_idle} idle connections: RSS {rss_before / 1024:.1f} -> {rss_held / 1024:.1f} MiB, "
               f"p100 request latency meanwhile {max(latencies) * 1000:.0f} ms, all closed after {closed_after:.1f} s")
         assert server.stop() == 0

@@ -84,11 +84,11 @@ def test_oversized_and_slow_request_heads_are_cut_off(server):
 
     t0 = time.monotonic()
     reply = _raw(base, b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finishes its head
-    assert reply.startswith(b"HTTP/1.1 408") and 0.8 < time.monotonic() - t0 < 5
+    assert reply.startswith(b"HTTP/1.1 408") and 0.8 < time.monotonic() - t0 < 20  # client timeout 1 s; generous
 
     t0 = time.monotonic()
     assert _raw(base, b"").startswith(b"HTTP/1.1 408")  # connects and says nothing
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 20
 
     ok = _raw(base, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert ok.startswith(b"HTTP/1.1 200")

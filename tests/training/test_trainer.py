@@ -85,7 +85,7 @@ def test_existing_run_dir_needs_resume_or_overwrite(tiny_config, tmp_path):
 def test_time_budget_stops_cleanly_and_fits_the_schedule(tiny_config, tmp_path):
     result = train(tiny_config(method="msp", max_steps=100_000, time_budget=1.5, eval_test=False))
     assert result.stopped in ("time_budget", "completed")
-    assert result.train_seconds < 1.5 + 1.0
+    assert result.train_seconds < 1.5 + 5.0  # stops at the first step past the budget (generous: a loaded machine)
     # the schedule was shrunk to what fits, so the LR got (close) to its minimum
     assert result.total_steps < 100_000
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == result.step
