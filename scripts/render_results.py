@@ -4,6 +4,7 @@
     python scripts/render_results.py docs/results-robustness.json --long     # every metric, long format
     python scripts/render_results.py docs/results-default.json --summary     # the short table only
     python scripts/render_results.py docs/results-default.json --default     # the shipped model, per set
+    python scripts/render_results.py EVAL_DIR/eval.json --certified          # certified (IBP) rows, per set
 
 The clean and `paper` numbers come from RUN/eval (--eval-samples images per set), the `strong` ones
 from RUN/eval_strong (a smaller seeded subset: 100 PGD steps per image and score).
@@ -177,15 +178,44 @@ def render_default(data: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def render_certified(ev: dict) -> str:
+    """The certified rows of one eval.json (`oodguard evaluate --certify`): per score, OOD set and radius,
+    the guaranteed metrics (clean inliers vs the IBP bound of each OOD image's worst case) next to the clean
+    ones. Synthetic noise after the real sets, never averaged with them."""
+    cert = ev.get("certified") or {}
+    if not cert:
+        raise SystemExit("no certified rows in this eval.json (run `oodguard evaluate --certify ...`)")
+    out = []
+    for score in cert["scores"]:
+        results = ev["results"][score]
+        sets = sorted(results, key=lambda k: _is_synthetic(ev, k))
+        out += [f"Score `{score}`; in-distribution: {ev['in_distribution']['spec']} test split, clean; percent.", "",
+                "| OOD set | ε | images (in + OOD) | guaranteed AUROC ↑ | guaranteed FPR95 ↓ | clean AUROC ↑ | "
+                "clean FPR95 ↓ | clean images |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for key in sets:
+            clean = results[key]["none"]
+            for row, eps in cert["rows"].items():
+                m = results[key].get(row)
+                if m:
+                    out.append(f"| {key}{' (synthetic)' if _is_synthetic(ev, key) else ''} | {eps * 255:.4g}/255 | "
+                               f"{_n(m)} | {_pct(m['auroc'])} | {_pct(m['fpr_at_95_tpr'])} | {_pct(clean['auroc'])} | "
+                               f"{_pct(clean['fpr_at_95_tpr'])} | {_n(clean)} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results", type=Path)
     ap.add_argument("--summary", action="store_true", help="Only the short mean-over-sets table (MSP score).")
     ap.add_argument("--long", action="store_true", help="Every metric of every cell, one row each.")
     ap.add_argument("--default", action="store_true", help="The shipped model of docs/results-default.json, per set.")
+    ap.add_argument("--certified", action="store_true", help="RESULTS is an eval.json: its certified (IBP) rows.")
     args = ap.parse_args()
     data = json.loads(args.results.read_text())
-    if args.default:
+    if args.certified:
+        print(render_certified(data), end="")
+    elif args.default:
         print(render_default(data), end="")
     elif args.summary:
         print(render_summary(data), end="")

@@ -33,9 +33,9 @@ with a wide margin on every model tested (tests/training/test_certify.py checks 
 scores of random and PGD points). These margins are far below the width of any bound at ε >= 1/255.
 
 Why a module of our own: auto_LiRPA, the maintained bound-propagation library, is on PyPI only as
-0.3 (2022), which requires torch < 1.13 (oodguard pins torch 2.14.1) and builds on `torch.onnx` tracing
-internals that later torch versions changed (checked 2026-11-30); its newer releases are GitHub-only.
-IBP needs only the ~15 rules above.
+0.3 (2022), which requires torch < 1.13 (oodguard pins torch 2.14.1); installed without its dependencies
+next to ours it fails at import (`numpy.lib.arraysetops`, gone in NumPy 2; checked 2026-11-30). Its newer
+releases are GitHub-only. IBP needs only the rules above.
 
     certifier = IntervalBounds(model)                  # traces once; UnsupportedLayerError if it cannot
     ub = score_upper_bounds(certifier, x, 1 / 255, ["energy"])["energy"]   # (N,) float64

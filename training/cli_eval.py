@@ -74,6 +74,14 @@ def evaluate(
         "upscale_x2, upscale_x3, upscale_x4, non_square), or 'all'. Realised TPR / FPR at tpr95 per form."),
     scores: Optional[list[str]] = typer.Option(
         None, "--scores", help="Comma-separated scores: msp, energy, odin, mahalanobis. Default: all four."),
+    certify: Optional[list[str]] = typer.Option(
+        None, "--certify", help="Comma-separated L-inf radii, e.g. 1/255,2/255: per OOD image a sound upper bound of "
+        "msp / energy over its whole eps-ball (interval bound propagation; models of conv, BatchNorm, ReLU, GELU, "
+        "pooling and linear layers; others are refused), reported as rows certified_<k>_255: clean "
+        "in-distribution scores vs those worst cases (guaranteed AUROC, FPR95)."),
+    certify_samples: Optional[int] = typer.Option(
+        None, "--certify-samples", min=1, help="Images per side for the certified rows (a seeded subset, as "
+        "--attack-samples). Default: all evaluated images."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1, help="Images per set (seeded subset)."),
     batch_size: int = typer.Option(256, "--batch-size", min=1),
     maha_fit_samples: int = typer.Option(5000, "--maha-fit-samples", min=10,
@@ -89,7 +97,8 @@ def evaluate(
     from .evaluate import EvalConfig, evaluate_run
 
     cfg = EvalConfig(max_samples=max_samples, batch_size=batch_size, maha_fit_samples=maha_fit_samples,
-                     seed=seed, data_dir=str(data_dir) if data_dir else None, plots=plots, device=device)
+                     seed=seed, data_dir=str(data_dir) if data_dir else None, plots=plots, device=device,
+                     certify=_radii(_split_list(certify)), certify_samples=certify_samples)
     if ood:
         cfg.ood = list(ood)
     if attack:
@@ -111,20 +120,34 @@ def evaluate(
     table = Table(title=Text(f"AUROC / FPR95 (%) — {run_dir}"))
     table.add_column("score")
     table.add_column("OOD set")
-    for a in report["attacks"]:
+    columns = [*report["attacks"], *(report.get("certified") or {}).get("rows", {})]  # certified: guaranteed
+    for a in columns:
         table.add_column("clean" if a == "none" else a, justify="right")
     for score, per_set in report["results"].items():
         for set_name, per_attack in per_set.items():
             cells = ["–" if a not in per_attack else
                      f"{100 * per_attack[a]['auroc']:.1f} / {100 * per_attack[a]['fpr_at_95_tpr']:.1f}"
                      + (f" (n={per_attack[a]['n_in']}+{per_attack[a]['n_out']})" if a != "none" else "")
-                     for a in report["attacks"]]
+                     for a in columns]
             table.add_row(score, Text(set_name), *cells)
     _out.print(table)
     if report.get("shifts"):
         _print_shifts(report["shifts"])
     _out.print(f"accuracy (clean): {100 * report['accuracy']['clean']:.2f}%")
     _out.print(f"wrote {Path(out) if out else Path(run_dir) / 'eval'}/eval.md, eval.json, plots", markup=False)
+
+
+def _radii(items: list[str]) -> list[float]:
+    """'1/255' or '0.0039' -> float."""
+    out = []
+    for item in items:
+        num, _, den = item.partition("/")
+        try:
+            out.append(float(num) / (float(den) if den else 1.0))
+        except (ValueError, ZeroDivisionError):
+            raise typer.BadParameter(f"expected radii like 1/255,2/255 or 0.0039, got {item!r}",
+                                     param_hint="--certify") from None
+    return out
 
 
 def _counts(items: list[str], flag: str) -> dict[str, int]:

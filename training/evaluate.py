@@ -13,6 +13,8 @@ For each score (scores.SCORES), each OOD set and each attack protocol:
 - shifted (`--shifts`): the same in-distribution and OOD images uploaded in other forms (PNG, JPEG of
   other qualities, upscaled, non-square; `shifts.FORMS`) through the service's decode path, with the
   realised TPR / FPR at the `tpr95` threshold calibrated on the run's calibration split.
+- certified (`--certify EPS`, msp / energy): clean inliers vs a sound upper bound of each OOD image's
+  score over its whole ε-ball (interval bound propagation, `certify.py`): rows `certified_<k>_255`.
 
 Writes to `out_dir` (default RUN_DIR/eval): eval.json (every number + the config that made it +
 versions), eval.md, ROC / histogram PNGs, scores.npz (every raw score, so calibration can compute
@@ -107,6 +109,8 @@ class EvalConfig:
     attack_samples: dict[str, int] = field(default_factory=lambda: {"strong": 500})
     attack_sets: list[str] | None = None  # OOD sets attacked (None = all of `ood`); clean numbers cover all
     shifts: list[str] = field(default_factory=list)  # upload forms to evaluate (shifts.FORMS); [] = none
+    certify: list[float] = field(default_factory=list)  # L∞ radii (pixel units) of the certified rows; [] = none
+    certify_samples: int | None = None  # images per side for the certified rows (seeded subset); None = all
     batch_size: int = 256
     maha_fit_samples: int = 5000  # training images (minus calibration) used to fit Mahalanobis
     temperature: float = 1.0
@@ -134,6 +138,12 @@ class EvalConfig:
         if bad:
             raise ValueError(f"--attack-samples: unknown protocol or count < 1: {bad}")
         self.shifts = check_forms(self.shifts)
+        if any(not 0.0 < e <= 1.0 for e in self.certify):
+            raise ValueError(f"--certify radii must be in (0, 1] (pixel units, e.g. 1/255), got {self.certify}")
+        if self.certify and not {"msp", "energy"} & set(self.scores):
+            raise ValueError("--certify bounds msp and energy only; add one of them to --scores")
+        if self.certify_samples is not None and self.certify_samples < 1:
+            raise ValueError(f"--certify-samples must be >= 1, got {self.certify_samples}")
         if self.attack_sets is not None:
             unknown = sorted(set(self.attack_sets) - {set_key(o) for o in self.ood})
             if unknown:
@@ -342,6 +352,21 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig, out_dir: str | Path | Non
         timings[attack_name] = round(time.perf_counter() - t0, 2)
         log.info("%s: done in %.1f s", attack_name, timings[attack_name])
 
+    certified: dict[str, Any] = {}
+    if cfg.certify:  # certify.py: clean inliers vs the IBP bound of each OOD image's score over its ε-ball
+        from .certify import evaluate_certified
+
+        t0 = time.perf_counter()
+        rows, bounds, certified = evaluate_certified(
+            model, test.images, {n: raw[f"{n}__in__none"] for n in cfg.scores},
+            {k: s.images for k, (_, s) in ood_sets.items()}, cfg.certify, samples=cfg.certify_samples,
+            seed=cfg.seed, temperature=cfg.temperature, batch_size=min(cfg.batch_size, 128))
+        for n, per_set in rows.items():
+            for key, per_row in per_set.items():
+                results[n][key].update(per_row)
+        raw.update(bounds)
+        timings["certify"] = round(time.perf_counter() - t0, 2)
+
     shifts: dict[str, Any] = {}
     if cfg.shifts:
         t0 = time.perf_counter()
@@ -367,6 +392,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig, out_dir: str | Path | Non
         "accuracy": accuracy,
         "results": results,
         "shifts": shifts,
+        "certified": certified,
         "timings_s": {**timings, "total": round(time.perf_counter() - started, 2)},
         "device": str(device),
         "versions": _versions(),

@@ -1,8 +1,8 @@
 """eval.md and PNG plots from an evaluation (eval.json content + raw scores). matplotlib Agg only.
 
-Tables: one per score, rows = OOD set x (clean / each attack), columns = metrics in percent; plus the
-in-distribution accuracy, clean and under each attack. Plots per score: ROC curves (clean solid,
-attacked dashed) and in-vs-out score histograms (one panel per OOD set x attack).
+Tables: one per score, rows = OOD set x (clean / each attack / each certified radius), columns = metrics
+in percent; plus the in-distribution accuracy, clean and under each attack. Plots per score: ROC curves
+(clean solid, attacked dashed) and in-vs-out score histograms (one panel per OOD set x attack).
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ def _attack_label(name: str) -> str:
     return "clean" if name == "none" else name
 
 
+def certified_label(eps: float) -> str:
+    return f"certified (IBP), ε = {eps * 255:.4g}/255"
+
+
 def render_markdown(report: dict[str, Any], plots: list[str] | None = None) -> str:
     cfg = report["config"]
     ind = report["in_distribution"]
@@ -62,6 +66,11 @@ def render_markdown(report: dict[str, Any], plots: list[str] | None = None) -> s
                          f"{params['step_size'] * 255:.3g}/255, random start {'on' if params['random_start'] else 'off'}"
                          + worst)
     lines.append("- Per score: " + "; ".join(f"{k}: {v}" for k, v in report["attack_notes"].items()))
+    certified = report.get("certified") or {}
+    if certified:
+        lines += ["", f"**Certified** rows (`--certify`, {certified['method']}): clean in-distribution scores vs a "
+                  "sound upper bound of each OOD image's score over its whole ε-ball (∩ [0, 1]), so no attack within "
+                  "ε does better; ties count against the detector. Scores: " + ", ".join(certified["scores"]) + "."]
     scores = list(report["results"])
     attacks = list(report["attacks"])
 
@@ -87,6 +96,11 @@ def render_markdown(report: dict[str, Any], plots: list[str] | None = None) -> s
                     if m:
                         lines.append(f"| {set_name} | {label} (n = {m['n_in']} + {m['n_out']}) | "
                                      + " | ".join(_pct(m[k]) for k, _ in _COLUMNS) + " |")
+            for key, eps in certified.get("rows", {}).items():
+                m = per_attack.get(key)
+                if m:
+                    lines.append(f"| {set_name} | {certified_label(eps)} (n = {m['n_in']} + {m['n_out']}) | "
+                                 + " | ".join(_pct(m[k]) for k, _ in _COLUMNS) + " |")
     shifts = report.get("shifts") or {}
     if shifts.get("forms"):
         lines += ["", "## Upload forms (shifts, not attacks)", "",
