@@ -14,7 +14,10 @@ Each caller gets only its own rows back (views into the batch outputs, no copy).
 A request is never split across batches; one larger than `max_batch` runs as a batch of its own.
 If a batch fails, each of its requests is re-run alone, so one poisonous input fails only its own
 request; a run longer than `max_run_s` is terminated (`RunWatchdog`), so an input that makes the
-graph loop fails its request instead of holding the inference thread for good. The queue is bounded (`max_queue_images`): beyond it callers get `QueueFull` (-> 503).
+graph loop fails its request instead of holding the inference thread for good. The queue is bounded
+(`max_queue_images`): beyond it callers get `OodguardError` `queue_full` (kind `unavailable`). Every failure a
+caller sees is an `OodguardError` of kind `unavailable`: `queue_full`, `shutting_down`, `not_ready`,
+`model_changed` or `inference_failed`.
 
 With batching off, each request runs alone on the same inference thread (no collector, no wait).
 The model comes from `acquire()` (the registry's pin), taken once per batch: every request of a
@@ -36,27 +39,18 @@ from typing import Any, ContextManager
 
 import numpy as np
 
+from .errors import OodguardError
+
 log = logging.getLogger(__name__)
 
 
-class BatcherError(Exception):
-    """Inference could not be done for a request; `code` says why. The service answers 503."""
-
-    code = "inference_failed"
-
-    def __init__(self, message: str, code: str | None = None):
-        super().__init__(message)
-        self.message = message
-        if code is not None:
-            self.code = code
+def unavailable(code: str, message: str) -> OodguardError:
+    """Inference could not be done for a request, through no fault of its own: `code` says why."""
+    return OodguardError("unavailable", code, message)
 
 
-class QueueFull(BatcherError):
-    code = "queue_full"
-
-
-class ShuttingDown(BatcherError):
-    code = "shutting_down"
+def _shutting_down() -> OodguardError:
+    return unavailable("shutting_down", "the service is shutting down; retry on another instance")
 
 
 @dataclass
@@ -136,7 +130,7 @@ class DynamicBatcher:
             self._task = None
         while self._pending:
             p = self._pending.popleft()
-            self._settle(p, ShuttingDown("the service is shutting down; retry on another instance"))
+            self._settle(p, _shutting_down())
         self._executor.shutdown(wait=False, cancel_futures=True)
         if self._watchdog is not None:
             self._watchdog.stop()
@@ -172,9 +166,9 @@ class DynamicBatcher:
         """
         n = int(images.shape[0])
         if self._closing:
-            raise ShuttingDown("the service is shutting down; retry on another instance")
+            raise _shutting_down()
         if self._queued + n > self.max_queue_images and self._queued > 0:
-            raise QueueFull(f"inference queue is full ({self._queued} images waiting); retry shortly")
+            raise unavailable("queue_full", f"inference queue is full ({self._queued} images waiting); retry shortly")
         self._add_queued(n)
         loop = asyncio.get_running_loop()
         if not self.enabled:
@@ -230,7 +224,7 @@ class DynamicBatcher:
             try:
                 results = await loop.run_in_executor(self._executor, self._run_batch, batch)
             except Exception as exc:  # the executor itself failed (shut down): answer everyone
-                results = [BatcherError(f"inference failed: {exc}")] * len(batch)
+                results = [unavailable("inference_failed", f"inference failed: {exc}")] * len(batch)
             finally:
                 self._running -= 1
             for pending, result in zip(batch, results):
@@ -273,10 +267,9 @@ class DynamicBatcher:
             with self._acquire() as model:
                 return self._run_on(model, batch)
         except Exception as exc:  # no model loaded (or the pin itself failed)
-            code = getattr(exc, "code", None)
-            message = getattr(exc, "message", None) or str(exc)
-            error = BatcherError(message, code="not_ready" if code == "not_ready" else "inference_failed")
-            return [error] * len(batch)
+            if isinstance(exc, OodguardError) and exc.code == "not_ready":
+                return [exc] * len(batch)
+            return [unavailable("inference_failed", getattr(exc, "message", None) or str(exc))] * len(batch)
 
     def _run_on(self, model, batch: list) -> list[BatchResult | BaseException]:
         spec = model.manifest.input
@@ -287,9 +280,7 @@ class DynamicBatcher:
             if tuple(p.images.shape[1:]) == expected:
                 runnable.append(i)
             else:  # decoded for a model whose input size differed (a swap with a contract change)
-                results[i] = BatcherError(
-                    f"the model changed while the request waited (input {expected}); retry", code="model_changed"
-                )
+                results[i] = unavailable("model_changed", f"the model changed while the request waited (input {expected}); retry")
         if not runnable:
             return results
         images = [batch[i].images for i in runnable]
@@ -328,11 +319,11 @@ class DynamicBatcher:
             self._metrics.batch_size.observe(x.shape[0])
         return outputs
 
-    def _failure(self, exc: Exception, n_requests: int) -> BatcherError:
+    def _failure(self, exc: Exception, n_requests: int) -> OodguardError:
         log.error("inference failed: %s", _short(exc, 500))
         if self._metrics is not None:
             self._metrics.inference_errors.inc(n_requests)
-        return BatcherError("inference failed for this request's images; retry later or check the input")
+        return unavailable("inference_failed", "inference failed for this request's images; retry later or check the input")
 
 
 class RunWatchdog:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import atomic_write_text
+from .errors import OodguardError
 from .manifest import (
     CALIBRATION_FILE,
     GOLDEN_FILE,
@@ -30,13 +31,17 @@ GOLDEN_ATOL = 1e-4
 _ALLOWED_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
 
 
-class BundleError(ValueError):
-    """A bundle failed a check. `check` names which one (schema, hash, onnx, golden, ...)."""
+class BundleError(OodguardError, ValueError):
+    """A bundle failed a check: `check` names which one (schema, hash, onnx, golden, ...), `reason` says why.
 
-    def __init__(self, check: str, message: str):
-        super().__init__(f"{check}: {message}")
+    An `OodguardError` of kind `invalid_input`, code `bundle_invalid`, whose message is
+    "<check>: <reason>" and whose JSON error carries `check`.
+    """
+
+    def __init__(self, check: str, reason: str):
+        super().__init__("invalid_input", "bundle_invalid", f"{check}: {reason}", check=check)
         self.check = check
-        self.message = message
+        self.reason = reason
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -82,8 +82,8 @@ def verify(
             passed += list(CHECKS[: CHECKS.index(stage)])
         for check in passed:
             _out.print(f"[green]✓[/green] {check}: {_DESCRIPTION[check]}")
-        _out.print(f"[red]✗ {stage}[/red]: {escape(exc.message)}")
-        _err.print(f"bundle {path} FAILED verification ({exc.check}): {exc.message}", markup=False)
+        _out.print(f"[red]✗ {stage}[/red]: {escape(exc.reason)}")
+        _err.print(f"bundle {path} FAILED verification ({exc.check}): {exc.reason}", markup=False)
         raise typer.Exit(1)
     for check in passed + report.checks:
         _out.print(f"[green]✓[/green] {check}: {_DESCRIPTION.get(check, check)}")

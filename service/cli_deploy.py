@@ -26,10 +26,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .bundle import BundleError, bundle_summary, manifest_sha256, verify_bundle
+from .bundle import bundle_summary, manifest_sha256, verify_bundle
 from .loaded_model import contract_diff
 from .manifest import MANIFEST_FILE, BundleManifest, load_manifest
-from .store import ModelStore, StoreError, TarLimits, copy_bundle, ref, safe_extract_tar, split_ref
+from .errors import OodguardError
+from .store import ModelStore, TarLimits, copy_bundle, ref, safe_extract_tar, split_ref
 
 TOKEN_ENV = "OODGUARD_ADMIN_TOKEN"
 _err = Console(stderr=True, soft_wrap=True)
@@ -309,7 +310,7 @@ def deploy(
                 _deploy_url(bundle, url, activate, allow_contract_change, timeout)
             else:
                 _deploy_models_dir(bundle, models_dir, activate, allow_contract_change, keep_versions)
-    except (BundleError, StoreError, DeployError) as exc:
+    except (OodguardError, DeployError) as exc:  # BundleError included
         _err.print(f"[red]deploy failed:[/red] {exc}")
         raise typer.Exit(1) from None
 
@@ -326,7 +327,7 @@ def rollback(
             _rollback_url(url, timeout)
         else:
             _rollback_models_dir(models_dir)
-    except (BundleError, StoreError, DeployError) as exc:
+    except (OodguardError, DeployError) as exc:  # BundleError included
         _err.print(f"[red]rollback failed:[/red] {exc}")
         raise typer.Exit(1) from None
 

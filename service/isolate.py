@@ -89,22 +89,15 @@ def kill_children() -> int:
 
 
 def _child(bundle_dir: str, intra_op_threads: int, warm_batches: tuple[int, ...], sender) -> None:
-    import numpy as np
-
     from .bundle import verify_bundle
+    from .loaded_model import LoadedModel
 
     try:
         report = verify_bundle(bundle_dir, intra_op_threads=intra_op_threads)
-        spec = report.manifest.input
-        for batch in warm_batches:
-            dummy = np.zeros((batch, spec.channels, spec.height, spec.width), dtype=np.float32)
-            try:
-                report.session.run(None, {spec.name: dummy})
-            except Exception as exc:  # noqa: BLE001 - any failure of the graph is the bundle's
-                raise BundleError("warm", f"warm-up batch of {batch} failed: {exc}") from None
+        LoadedModel(Path(bundle_dir), report.manifest, report.sha256, report.session, report.calibration).warm(warm_batches)
         sender.send(None)
     except BundleError as exc:
-        sender.send((exc.check, exc.message))
+        sender.send((exc.check, exc.reason))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent as a failed check
         sender.send(("onnx", f"{type(exc).__name__}: {exc}"[:500]))
     finally:

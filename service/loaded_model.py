@@ -1,19 +1,21 @@
 """One validated, warmed bundle as the service runs it, and what two bundles differ in for a client.
 
 `LoadedModel` is created by the registry only after `verify_bundle` passed on the very session it
-holds; the registry pins it per request/batch and releases its session once retired and drained.
+holds. It counts its own users: `pin()` / `unpin()` around every batch, `retire()` when a swap
+replaces it; its session is released when it is retired and its last pin ends, never earlier.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .bundle import bundle_summary, conformal_p_values
+from .bundle import BundleError, bundle_summary, conformal_p_values
 from .manifest import BundleManifest
 from .store import ref
 
@@ -35,7 +37,8 @@ class LoadedModel:
         self.input_name: str = manifest.input.name
         self.loaded_at = time.time()
         self._session = session
-        self._inflight = 0  # guarded by the registry's pin lock
+        self._lock = threading.Lock()  # tiny critical sections: safe to take on the event loop
+        self._inflight = 0
         self._retired = False
 
     @property
@@ -49,6 +52,42 @@ class LoadedModel:
     @property
     def released(self) -> bool:
         return self._session is None
+
+    def pin(self) -> bool:
+        """Count one more user (a batch about to run); False if the model is retired: take the active one instead."""
+        with self._lock:
+            if self._retired:
+                return False
+            self._inflight += 1
+            return True
+
+    def unpin(self) -> None:
+        """One user is done; the last one out of a retired model releases its session."""
+        with self._lock:
+            self._inflight -= 1
+            release = self._retired and self._inflight == 0
+        if release:
+            self._release()
+
+    def retire(self) -> None:
+        """No new user will pin it (a swap replaced it); released now if nobody uses it, else by the last `unpin`."""
+        with self._lock:
+            if self._retired:
+                return
+            self._retired = True
+            release = self._inflight == 0
+        if release:
+            self._release()
+
+    def warm(self, batches: tuple[int, ...]) -> None:
+        """Run a zero batch of each size once (onnxruntime allocates and plans on first use). Raises BundleError."""
+        spec = self.manifest.input
+        for batch in batches:
+            dummy = np.zeros((batch, spec.channels, spec.height, spec.width), dtype=np.float32)
+            try:
+                self.run(dummy)
+            except Exception as exc:
+                raise BundleError("warm", f"warm-up batch of {batch} failed: {exc}") from None
 
     def run(self, images: np.ndarray, run_options=None) -> dict[str, np.ndarray]:
         """float32 NCHW in [0,1] -> {output name: array}. Thread-safe (onnxruntime sessions are).

@@ -6,7 +6,7 @@ Pure ASGI (no `BaseHTTPMiddleware`, which costs a task and a memory stream per r
   `request.state.request_id` and echoed on every response.
 - Body limit: a declared `Content-Length` over the limit is answered 413 before any byte is read;
   otherwise bytes are counted as they stream in and the read that crosses the limit raises
-  `ApiError(413)` (turned into JSON by the error handlers). `/admin` uses the larger upload limit.
+  `OodguardError` `body_too_large` (turned into JSON by the error handler). `/admin` uses the larger upload limit.
   A client silent for `body_timeout_s` in the middle of its body gets 408 (slow-body clients).
 - `oodguard_requests_total{endpoint,status}` and `oodguard_request_duration_seconds{endpoint}`,
   `endpoint` being the route template (`/v2/models/{name}/infer`), never the raw path.
@@ -29,7 +29,7 @@ from random import getrandbits
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import ApiError, error_body
+from .errors import OodguardError, render
 
 log = logging.getLogger(__name__)
 
@@ -105,20 +105,19 @@ class ServiceMiddleware:
                 async with asyncio.timeout(body_timeout):
                     message = await receive()
             except TimeoutError:
-                raise ApiError(408, "body_timeout", f"no request body data for {body_timeout:g} s") from None
+                raise OodguardError("client_timeout", "body_timeout", f"no request body data for {body_timeout:g} s") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise ApiError(413, "body_too_large", f"request body exceeds {limit} bytes")
+                    raise OodguardError("too_large", "body_too_large", f"request body exceeds {limit} bytes")
                 body_done = not message.get("more_body", False)
             return message
 
         path = scope["path"]
         try:
             if content_length is not None and content_length > limit:
-                await _send_json(
-                    send_with_id, 413, "body_too_large", f"request body of {content_length} bytes exceeds {limit} bytes", path=path
-                )
+                too_large = OodguardError("too_large", "body_too_large", f"request body of {content_length} bytes exceeds {limit} bytes")
+                await _send_error(send_with_id, too_large, path)
             else:
                 await self.app(scope, receive_limited, send_with_id)
         except ClientDisconnect:
@@ -130,17 +129,15 @@ class ServiceMiddleware:
         except Exception:
             log.exception("unhandled error in %s %s (request %s)", scope.get("method"), path, request_id)
             if not started:
-                await _send_json(send_with_id, 500, "internal_error", f"internal error; request id {request_id}", path=path)
+                await _send_error(send_with_id, OodguardError("internal", "internal_error", f"internal error; request id {request_id}"), path)
         except asyncio.CancelledError:
             # uvicorn cancels requests still running when graceful_shutdown_s is over. Answer a clean
             # JSON 503 (retry elsewhere) instead of its plain-text 500 and a logged traceback; the
             # task ends here either way.
             log.warning("%s %s (request %s) cancelled at shutdown", scope.get("method"), path, request_id)
             if not started:
-                await _send_json(
-                    send_with_id, 503, "shutting_down", "the service is shutting down; retry on another instance",
-                    headers=[(b"retry-after", b"1")], path=path,
-                )
+                stopping = OodguardError("unavailable", "shutting_down", "the service is shutting down; retry on another instance")
+                await _send_error(send_with_id, stopping, path)
             else:
                 raise
         finally:
@@ -150,9 +147,11 @@ class ServiceMiddleware:
             self.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - start)
 
 
-async def _send_json(send: Send, status: int, code: str, message: str, headers: list | None = None, path: str = "") -> None:
-    body = json.dumps(error_body(code, message, path)).encode()
-    headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()), *(headers or ())]
+async def _send_error(send: Send, exc: OodguardError, path: str) -> None:
+    status, extra, content = render(exc, path)
+    body = json.dumps(content).encode()
+    headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

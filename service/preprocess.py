@@ -9,7 +9,8 @@ Steps, per the bundle's `InputSpec`:
   4. Resize the whole image (no crop) to the spec's size with the spec's filter, if it differs.
   5. `np.asarray(img, float32) / 255`, HWC -> CHW.
 
-Every problem raises `ImageError(code, message, status)`; decoding never raises anything else.
+Every problem raises `OodguardError` (`invalid_image`, `unsupported_image_format`, `too_many_pixels`,
+`image_too_large`); decoding never raises anything else.
 This module is pure CPU work. The service decodes small images on the event loop (bounded by bytes
 and by the pixels `open_images` reads from the headers) and everything else in a thread pool.
 """
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import OodguardError
 from .manifest import InputSpec
 
 log = logging.getLogger(__name__)
@@ -44,15 +46,12 @@ _WIDE_INT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 _SCALE = np.float32(255.0)
 
 
-class ImageError(Exception):
-    """An image the service will not process. `code` is stable; `status` is the HTTP status to answer."""
+def _invalid(message: str) -> OodguardError:
+    return OodguardError("invalid_input", "invalid_image", message)
 
-    def __init__(self, code: str, message: str, status: int = 422, index: int | None = None):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.status = status
-        self.index = index
+
+def _too_many_pixels(message: str) -> OodguardError:
+    return OodguardError("too_large", "too_many_pixels", message)
 
 
 @dataclass(frozen=True)
@@ -81,43 +80,39 @@ def configure_pillow(limits: ImageLimits) -> None:
 
 
 def decode_image(data: bytes, spec: InputSpec, limits: ImageLimits = ImageLimits()) -> np.ndarray:
-    """One encoded image -> uint8 array (H, W, 3) at the spec's size. Raises ImageError."""
+    """One encoded image -> uint8 array (H, W, 3) at the spec's size. Raises OodguardError."""
     return load_image(open_image(data, limits), spec)
 
 
 def open_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
     """Read and check an image's header only (format, size, pixel count): cheap, no pixel is decoded.
 
-    The returned image is lazy; `load_image` decodes it. Raises ImageError.
+    The returned image is lazy; `load_image` decodes it. Raises OodguardError.
     """
     if not data:
-        raise ImageError("invalid_image", "empty image (0 bytes)")
+        raise _invalid("empty image (0 bytes)")
     try:
         img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
-        raise ImageError(
-            "unsupported_image_format",
-            f"not a supported image format (supported: {', '.join(ALLOWED_FORMATS)})",
-            status=415,
+        raise OodguardError(
+            "unsupported_media", "unsupported_image_format", f"not a supported image format (supported: {', '.join(ALLOWED_FORMATS)})"
         ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError("too_many_pixels", f"image declares too many pixels: {exc}", status=413) from None
+        raise _too_many_pixels(f"image declares too many pixels: {exc}") from None
     except Exception as exc:  # malformed header: SyntaxError, OSError, struct.error, ...
-        raise ImageError("invalid_image", f"cannot read image header: {_short(exc)}") from None
+        raise _invalid(f"cannot read image header: {_short(exc)}") from None
 
     width, height = img.size
     fmt = img.format or "image"
     error = None
     if width < 1 or height < 1:
-        error = ImageError("invalid_image", f"{fmt} declares an empty size {width}x{height}")
+        error = _invalid(f"{fmt} declares an empty size {width}x{height}")
     elif width > limits.max_image_side or height > limits.max_image_side:
-        error = ImageError(
-            "image_too_large", f"{fmt} is {width}x{height}; the largest side allowed is {limits.max_image_side} px", status=413
+        error = OodguardError(
+            "too_large", "image_too_large", f"{fmt} is {width}x{height}; the largest side allowed is {limits.max_image_side} px"
         )
     elif width * height > limits.max_pixels:
-        error = ImageError(
-            "too_many_pixels", f"{fmt} is {width}x{height} = {width * height} pixels; at most {limits.max_pixels} allowed", status=413
-        )
+        error = _too_many_pixels(f"{fmt} is {width}x{height} = {width * height} pixels; at most {limits.max_pixels} allowed")
     if error is not None:
         img.close()
         raise error
@@ -125,7 +120,7 @@ def open_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
 
 
 def load_image(img: Image.Image, spec: InputSpec) -> np.ndarray:
-    """An `open_image` result -> uint8 array (H, W, 3) at the spec's size; closes the image. Raises ImageError.
+    """An `open_image` result -> uint8 array (H, W, 3) at the spec's size; closes the image. Raises OodguardError.
 
     `img.close()`, not `with img:` - Pillow's context manager only closes the file, and the decoded
     pixels stay allocated as long as the Image object lives: a request's list of opened images then
@@ -136,15 +131,15 @@ def load_image(img: Image.Image, spec: InputSpec) -> np.ndarray:
         try:
             img.load()  # the first frame only, for animated GIF / WebP / TIFF
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageError("too_many_pixels", f"image declares too many pixels: {exc}", status=413) from None
+            raise _too_many_pixels(f"image declares too many pixels: {exc}") from None
         except Exception as exc:  # truncated data, corrupt stream, decoder errors
-            raise ImageError("invalid_image", f"cannot decode {fmt}: {_short(exc)}") from None
+            raise _invalid(f"cannot decode {fmt}: {_short(exc)}") from None
         try:
             return _to_model_array(img, spec)
-        except ImageError:
+        except OodguardError:
             raise
         except Exception as exc:  # an unusual mode Pillow cannot convert, etc.
-            raise ImageError("invalid_image", f"cannot convert {fmt} ({img.mode}) to RGB: {_short(exc)}") from None
+            raise _invalid(f"cannot convert {fmt} ({img.mode}) to RGB: {_short(exc)}") from None
     finally:
         img.close()  # releases the decoded pixels too
 
@@ -160,7 +155,7 @@ def _to_model_array(img: Image.Image, spec: InputSpec) -> np.ndarray:
         rgb = rgb.resize(size, resample=_RESAMPLE[spec.resize])
     arr = np.asarray(rgb, dtype=np.uint8)
     if arr.shape != (spec.height, spec.width, 3):  # defensive: never hand a wrong shape to the batch
-        raise ImageError("invalid_image", f"decoded to shape {arr.shape}, expected {(spec.height, spec.width, 3)}")
+        raise _invalid(f"decoded to shape {arr.shape}, expected {(spec.height, spec.width, 3)}")
     return arr
 
 
@@ -170,7 +165,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if mode == "RGB" and "transparency" not in img.info:
         return img
     if mode in _WIDE_INT_MODES or mode == "F":
-        img = Image.fromarray(_to_uint8(np.asarray(img), mode), mode="L")
+        img = Image.fromarray(to_uint8(np.asarray(img), mode), mode="L")
         mode = "L"
     if mode in _ALPHA_MODES or "transparency" in img.info:
         rgba = img.convert("RGBA")
@@ -180,10 +175,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-_CHUNK_PIXELS = 1 << 18  # pixels converted at a time: float64 temporaries of 2 MiB, not 8 bytes x the image
+CHUNK_PIXELS = 1 << 18  # pixels converted at a time: float64 temporaries of 2 MiB, not 8 bytes x the image
 
 
-def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+def to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
     """Scale 16/32-bit integer or float pixels to 8 bits (Pillow's own convert would clip at 255).
 
     Converted a block of rows at a time: the float64 arithmetic on a whole 4096 x 4096 image made
@@ -198,7 +193,7 @@ def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
     else:
         peak = 255.0 if arr.max() <= 255 else 65535.0
     out = np.empty(arr.shape, dtype=np.uint8)
-    rows = max(1, _CHUNK_PIXELS // max(1, arr.shape[1] if arr.ndim > 1 else arr.size))
+    rows = max(1, CHUNK_PIXELS // max(1, arr.shape[1] if arr.ndim > 1 else arr.size))
     for start in range(0, arr.shape[0], rows):
         block = arr[start : start + rows].astype(np.float64)
         out[start : start + rows] = np.clip(np.rint(np.nan_to_num(block) * (255.0 / peak)), 0, 255)
@@ -214,17 +209,17 @@ def to_tensor(arrays: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def decode_images(blobs: Sequence[bytes], spec: InputSpec, limits: ImageLimits = ImageLimits()) -> np.ndarray:
-    """A request's images -> float32 (N, 3, H, W). The first bad image raises ImageError naming its index."""
+    """A request's images -> float32 (N, 3, H, W). The first bad image raises OodguardError naming its index."""
     return load_images(open_images(blobs, limits), spec)
 
 
 def open_images(blobs: Sequence[bytes], limits: ImageLimits = ImageLimits()) -> list[Image.Image]:
-    """`open_image` each blob (headers only); the first bad one raises ImageError naming its index."""
+    """`open_image` each blob (headers only); the first bad one raises OodguardError naming its index."""
     images: list[Image.Image] = []
     for i, blob in enumerate(blobs):
         try:
             images.append(open_image(blob, limits))
-        except ImageError as exc:
+        except OodguardError as exc:
             for img in images:
                 img.close()
             raise _of_image(i, exc) from None
@@ -234,11 +229,7 @@ def open_images(blobs: Sequence[bytes], limits: ImageLimits = ImageLimits()) -> 
         # 16-bit PNGs kept a decode thread busy for 33 s): the request's total is bounded too.
         for img in images:
             img.close()
-        raise ImageError(
-            "too_many_pixels",
-            f"the request's images declare {total} pixels in all; at most {limits.max_request_pixels} per request",
-            status=413,
-        )
+        raise _too_many_pixels(f"the request's images declare {total} pixels in all; at most {limits.max_request_pixels} per request")
     return images
 
 
@@ -249,7 +240,7 @@ def load_images(images: Sequence[Image.Image], spec: InputSpec) -> np.ndarray:
         for i, img in enumerate(images):
             try:
                 arrays.append(load_image(img, spec))
-            except ImageError as exc:
+            except OodguardError as exc:
                 raise _of_image(i, exc) from None
     finally:
         for img in images[len(arrays) + 1:]:  # load_image closed the ones it saw
@@ -257,9 +248,9 @@ def load_images(images: Sequence[Image.Image], spec: InputSpec) -> np.ndarray:
     return to_tensor(arrays)
 
 
-def _of_image(index: int, exc: ImageError) -> ImageError:
-    """The same error, naming which image of the request it is about."""
-    return ImageError(exc.code, f"image {index}: {exc.message}", exc.status, index=index)
+def _of_image(index: int, exc: OodguardError) -> OodguardError:
+    """The same error, naming which image of the request it is about (in the message and as `index`)."""
+    return OodguardError(exc.kind, exc.code, f"image {index}: {exc.message}", index=index)
 
 
 def declared_pixels(images: Sequence[Image.Image]) -> int:

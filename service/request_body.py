@@ -1,4 +1,4 @@
-"""A predict request's body -> the encoded images it carries (bytes), or an ApiError naming the problem.
+"""A predict request's body -> the encoded images it carries (bytes), or an OodguardError naming the problem.
 
 Three body forms, chosen by Content-Type:
   multipart/form-data     one `file` field or repeated `files` fields (both may be mixed)
@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from .errors import ApiError
+from .errors import OodguardError
 
 IMAGE_FIELDS = (b"file", b"files")
 MAX_TEXT_PART = 64 * 1024  # non-image multipart parts are never large
@@ -41,21 +41,21 @@ async def read_images(
     elif media_type.startswith("image/") or media_type == "application/octet-stream":
         blobs = [await body()]
     else:
-        raise ApiError(
-            415,
+        raise OodguardError(
+            "unsupported_media",
             "unsupported_media_type",
             f"unsupported Content-Type {content_type or '(none)'!r}; send multipart/form-data (file/files), "
             "application/json ({\"images\": [base64...]}) or an image/* body",
         )
     if not blobs:
-        raise ApiError(422, "no_images", "the request contains no images")
+        raise OodguardError("invalid_input", "no_images", "the request contains no images")
     if len(blobs) > max_images:
-        raise ApiError(422, "too_many_images", f"{len(blobs)} images in one request; at most {max_images} allowed")
+        raise OodguardError("invalid_input", "too_many_images", f"{len(blobs)} images in one request; at most {max_images} allowed")
     return blobs
 
 
-def _invalid(message: str) -> ApiError:
-    return ApiError(422, "invalid_multipart", f"malformed multipart body: {message}")
+def _invalid(message: str) -> OodguardError:
+    return OodguardError("invalid_input", "invalid_multipart", f"malformed multipart body: {message}")
 
 
 class _ImageParts:
@@ -97,9 +97,9 @@ class _ImageParts:
         self._is_file = b"filename" in options
         if name in IMAGE_FIELDS:
             if not self._is_file:
-                raise ApiError(422, "invalid_multipart", f"multipart field {name.decode('latin-1')!r} must be a file upload, not text")
+                raise OodguardError("invalid_input", "invalid_multipart", f"multipart field {name.decode('latin-1')!r} must be a file upload, not text")
             if len(self.images) >= self.max_images:
-                raise ApiError(422, "too_many_images", f"more than {self.max_images} files in one request")
+                raise OodguardError("invalid_input", "too_many_images", f"more than {self.max_images} files in one request")
             self._sink = bytearray()
             self.images.append(self._sink)
         else:
@@ -133,7 +133,7 @@ async def read_multipart_images(content_type: str, chunks: AsyncIterator[bytes],
     except (FormParserError, ValueError, UnicodeDecodeError) as exc:
         raise _invalid(str(exc) or type(exc).__name__) from None
     if not parts.images:
-        raise ApiError(422, "no_images", "multipart body has no `file` or `files` field")
+        raise OodguardError("invalid_input", "no_images", "multipart body has no `file` or `files` field")
     return [bytes(image) for image in parts.images]
 
 
@@ -147,8 +147,8 @@ def check_json_budget(body: bytes, max_separators: int) -> None:
     """
     separators = body.count(b",") + body.count(b":")
     if separators > max_separators:
-        raise ApiError(
-            422, "too_many_values", f"the JSON body has {separators} separators (',' ':'); a request needs at most {max_separators}"
+        raise OodguardError(
+            "invalid_input", "too_many_values", f"the JSON body has {separators} separators (',' ':'); a request needs at most {max_separators}"
         )
 
 
@@ -162,26 +162,26 @@ def parse_json(body: bytes, max_images: int):
     except (ValueError, RecursionError) as exc:
         # ValueError: JSONDecodeError, UnicodeDecodeError, and an integer longer than Python's
         # int-to-str limit (4300 digits); RecursionError: absurd nesting.
-        raise ApiError(422, "invalid_json", f"body is not valid JSON: {type(exc).__name__}: {exc}"[:300]) from None
+        raise OodguardError("invalid_input", "invalid_json", f"body is not valid JSON: {type(exc).__name__}: {exc}"[:300]) from None
 
 
 def decode_json_images(body: bytes, max_images: int) -> list[bytes]:
     payload = parse_json(body, max_images)
     images = payload.get("images") if isinstance(payload, dict) else None
     if not isinstance(images, list):
-        raise ApiError(422, "invalid_json", 'JSON body must be an object {"images": ["<base64>", ...]}')
+        raise OodguardError("invalid_input", "invalid_json", 'JSON body must be an object {"images": ["<base64>", ...]}')
     if len(images) > max_images:
-        raise ApiError(422, "too_many_images", f"{len(images)} images in one request; at most {max_images} allowed")
+        raise OodguardError("invalid_input", "too_many_images", f"{len(images)} images in one request; at most {max_images} allowed")
     blobs = []
     for i, item in enumerate(images):
         if not isinstance(item, str):
-            raise ApiError(422, "invalid_base64", f"image {i}: expected a base64 string, got {type(item).__name__}")
+            raise OodguardError("invalid_input", "invalid_base64", f"image {i}: expected a base64 string, got {type(item).__name__}")
         if item.startswith("data:"):
             _, sep, item = item.partition(",")
             if not sep:
-                raise ApiError(422, "invalid_base64", f"image {i}: malformed data: URL")
+                raise OodguardError("invalid_input", "invalid_base64", f"image {i}: malformed data: URL")
         try:
             blobs.append(base64.b64decode(item, validate=True))
         except (binascii.Error, ValueError) as exc:
-            raise ApiError(422, "invalid_base64", f"image {i}: invalid base64 ({exc})") from None
+            raise OodguardError("invalid_input", "invalid_base64", f"image {i}: invalid base64 ({exc})") from None
     return blobs

@@ -24,6 +24,8 @@ def _example(**example: Any) -> ConfigDict:
 class ErrorDetail(BaseModel):
     code: str = Field(description="Stable machine-readable error code, e.g. `invalid_image`, `queue_full`.")
     message: str = Field(description="What was wrong, for humans; names the offending image index if any.")
+    index: int | None = Field(None, description="Which image of the request (0-based), when the error is about one.")
+    check: str | None = Field(None, description="Admin API: which validation check refused the bundle.")
 
 
 class ErrorResponse(BaseModel):
@@ -94,6 +96,15 @@ class PredictResponse(BaseModel):
     model: ModelRef = Field(description="The bundle that answered (all images of a request use the same one).")
     request_id: str = Field(description="Also returned as the X-Request-ID header.")
     predictions: list[Prediction] = Field(description="One per input image, in input order.")
+
+
+class PredictQuery(BaseModel):
+    """The query parameters of POST /v1/predict (both ways in validate them with this model)."""
+
+    top_k: int = Field(3, ge=1, le=1000, description="How many most-probable classes to return (at most the number of classes).")
+    operating_point: str | None = Field(
+        None, max_length=64, description="Calibrated operating point (see GET /v1/models); default: the bundle's."
+    )
 
 
 class PredictJSONRequest(BaseModel):

@@ -2,7 +2,7 @@
 
 No token configured -> the admin API does not exist (404, as for any unknown path), so a service
 started without thinking about it can never be reconfigured over HTTP. With a token: no or
-malformed credentials -> 401 with `WWW-Authenticate: Bearer`; a wrong token -> 403. The token is
+malformed credentials -> 401 (kind `unauthorized`, with `WWW-Authenticate: Bearer`); a wrong token -> 403. The token is
 never logged; only the fact that a request was refused, and from where.
 """
 
@@ -15,20 +15,18 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import SecretStr
 
-from .errors import ApiError
+from .errors import OodguardError
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
 _bearer = HTTPBearer(auto_error=False, description="Admin token (OODGUARD_ADMIN_TOKEN) as `Authorization: Bearer <token>`.")
 
 
-def configured_token(settings) -> str | None:
-    token = getattr(settings, "admin_token", None)
-    if isinstance(token, SecretStr):
-        token = token.get_secret_value()
-    return token or None
+def configured_token(settings: Settings) -> str | None:
+    token = settings.admin_token
+    return token.get_secret_value() or None if token is not None else None
 
 
 def token_matches(presented: str, expected: str) -> bool:
@@ -53,15 +51,10 @@ async def require_admin(
         raise HTTPException(status.HTTP_404_NOT_FOUND)
     if credentials is None or not credentials.credentials:
         log.warning("admin %s %s from %s refused: no bearer token", request.method, request.url.path, _client(request))
-        raise ApiError(
-            status.HTTP_401_UNAUTHORIZED,
-            "unauthorized",
-            "admin API needs `Authorization: Bearer <token>`",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+        raise OodguardError("unauthorized", "unauthorized", "admin API needs `Authorization: Bearer <token>`")
     if not token_matches(credentials.credentials, expected):
         log.warning("admin %s %s from %s refused: wrong token", request.method, request.url.path, _client(request))
-        raise ApiError(status.HTTP_403_FORBIDDEN, "forbidden", "the admin token is not valid")
+        raise OodguardError("forbidden", "forbidden", "the admin token is not valid")
 
 
 AdminAuth = Depends(require_admin)

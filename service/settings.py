@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .store import TarLimits
+
 _MIB = 1 << 20
 _WEAK_TOKENS = {"change-me", "changeme", "change-me-to-a-long-random-string", "secret", "password", "token", "admin"}
 MIN_ADMIN_TOKEN_LENGTH = 16
@@ -79,9 +81,14 @@ class Settings(BaseSettings):
 
     # -- input limits ---------------------------------------------------------------------------
     max_body_bytes: int = Field(16 * _MIB, ge=1024, description="Largest request body (413 above).")
-    max_upload_bytes: int = Field(512 * _MIB, ge=1024, description="Largest body on /admin (bundle uploads).")
+    max_upload_bytes: int = Field(
+        512 * _MIB, ge=1024, description="Largest body on /admin (bundle uploads; 413 upload_too_large above)."
+    )
     max_bundle_bytes: int = Field(
-        2048 * _MIB, ge=1024, description="Largest unpacked size of an uploaded bundle archive (422 above)."
+        TarLimits.max_total_bytes, ge=1024, description="Largest unpacked size of an uploaded bundle archive (422 above)."
+    )
+    max_bundle_files: int = Field(
+        TarLimits.max_members, ge=1, description="Files and directories in an uploaded or registered bundle at most (422 above)."
     )
     max_images_per_request: int = Field(64, ge=1, le=4096, description="Images in one request at most (422 above).")
     max_pixels: int = Field(

@@ -13,7 +13,8 @@ either the old state or the new one, never a half-written file. A bundle directo
 `rename` of a fully written temp dir, so a half-extracted bundle never sits at its final path.
 For hand-made file deploys `ACTIVE` may also hold the single line ``name/version``.
 
-This module knows nothing about onnxruntime or HTTP: the registry validates, the routes speak HTTP.
+This module knows nothing about onnxruntime or HTTP: the registry validates, and its refusals are
+`OodguardError`s that say what kind of refusal they are (`errors.py` maps kinds to HTTP).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import Any, BinaryIO, Iterator
 
 from .atomic import atomic_write_text, fsync_dir
 from .bundle import BundleError, manifest_sha256
+from .errors import OodguardError
 from .manifest import MANIFEST_FILE, NAME_RE, BundleManifest, load_manifest
 
 log = logging.getLogger(__name__)
@@ -50,22 +52,12 @@ _STALE_STAGING_S = 3600.0  # staging dirs older than this were left by a killed 
 _MAX_CACHED_MANIFESTS = 256
 
 
-class StoreError(Exception):
-    """A store operation was refused. `status` is the HTTP status the admin API answers with."""
-
-    def __init__(self, code: str, message: str, status: int = 409):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.status = status
-
-
 @dataclass(frozen=True)
 class TarLimits:
     """Bounds for extracting an uploaded bundle archive (decompressed bytes, member count)."""
 
-    max_total_bytes: int = 1 << 30  # 1 GiB decompressed
-    max_members: int = 10_000
+    max_total_bytes: int = 2 << 30  # 2 GiB decompressed (the service's OODGUARD_MAX_BUNDLE_BYTES default)
+    max_members: int = 10_000  # (OODGUARD_MAX_BUNDLE_FILES)
     max_depth: int = 16  # path components of a member (bundles are flat: report/plots/x.png is 3)
     max_path_bytes: int = 1024  # UTF-8 bytes of a member's path (each component at most NAME_MAX, 255)
 
@@ -92,7 +84,7 @@ def ref(name: str, version: str) -> str:
 def split_ref(value: str) -> tuple[str, str]:
     name, sep, version = value.strip().partition("/")
     if not sep or not name or not version or "/" in version:
-        raise StoreError("bad_pointer", f"{value!r} is not of the form name/version", status=422)
+        raise OodguardError("invalid_input", "bad_pointer", f"{value!r} is not of the form name/version")
     return name, version
 
 
@@ -155,7 +147,7 @@ class ModelStore:
             known = {k: raw[k] for k in StoreState.__dataclass_fields__ if k in raw}
             state = StoreState(**known)
         except (json.JSONDecodeError, TypeError) as exc:
-            raise StoreError("bad_state", f"{self.state_path} is not a valid state file ({exc})", status=500) from None
+            raise OodguardError("internal", "bad_state", f"{self.state_path} is not a valid state file ({exc})") from None
         if state.active is not None:
             split_ref(state.active)
         return state
@@ -192,7 +184,7 @@ class ModelStore:
         """Persist `name/version` as active; the previous active goes onto the rollback history."""
         target = ref(name, version)
         if not self.version_dir(name, version).is_dir():
-            raise StoreError("not_found", f"version {target} is not in {self.root}", status=404)
+            raise OodguardError("not_found", "not_found", f"version {target} is not in {self.root}")
         with self._locked():
             state = self.read_state()
             previous = state.active
@@ -237,7 +229,7 @@ class ModelStore:
         # A manifest's name and version match NAME_RE (at most 64 characters): anything else (a
         # 300-character name, once ENAMETOOLONG -> 500) cannot be a stored version.
         if not all(NAME_RE.match(part) and ".." not in part for part in (name, version)):
-            raise StoreError("bad_name", f"{ref(name, version)[:200]!r} is not a valid name/version", status=422)
+            raise OodguardError("invalid_input", "bad_name", f"{ref(name, version)[:200]!r} is not a valid name/version")
         return self.root / name / version
 
     def list_versions(self) -> list[tuple[str, str, Path]]:
@@ -277,6 +269,11 @@ class ModelStore:
             self._manifests[path] = (signature, stored)
         return stored
 
+    def forget_manifests(self) -> None:
+        """Drop the parsed manifests: the next listing reads every manifest file again."""
+        with self._manifests_lock:
+            self._manifests.clear()
+
     def registered_at(self, name: str, version: str) -> str | None:
         return self.read_state().registered.get(ref(name, version))
 
@@ -304,7 +301,7 @@ class ModelStore:
             if dest.exists():
                 if manifest_sha256(dest) == manifest_sha256(staged_bundle):
                     return manifest.name, manifest.version, dest, False
-                raise StoreError("version_exists", f"{target} already exists with different contents; bump the version")
+                raise OodguardError("conflict", "version_exists", f"{target} already exists with different contents; bump the version")
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.rename(staged_bundle, dest)
             fsync_dir(dest.parent)
@@ -469,7 +466,7 @@ def check_tree(root: Path, limits: TarLimits = TarLimits()) -> None:
                 try:
                     _check_path_shape(rel.as_posix(), rel.parts, limits)
                 except BundleError as exc:
-                    raise BundleError("files", exc.message) from None
+                    raise BundleError("files", exc.reason) from None
                 if entry.is_dir(follow_symlinks=False):
                     pending.append(Path(entry.path))
 

@@ -32,7 +32,7 @@ import numpy as np
 import orjson
 from pydantic import ValidationError
 
-from .errors import ApiError, describe_validation_errors
+from .errors import OodguardError, invalid_request
 from .request_body import check_json_budget
 from .schemas import V2InferRequest
 
@@ -76,8 +76,8 @@ class InferRequest:
     parameters: dict[str, Any]  # request-level parameters (e.g. operating_point)
 
 
-def _invalid(message: str, code: str = "invalid_tensor") -> ApiError:
-    return ApiError(422, code, message)
+def _invalid(message: str, code: str = "invalid_tensor") -> OodguardError:
+    return OodguardError("invalid_input", code, message)
 
 
 def max_json_separators(spec: InputSpec) -> int:
@@ -90,8 +90,8 @@ def split_body(body: bytes, header_length: int | None) -> tuple[bytes, bytes]:
     if header_length is None:
         return body, b""
     if not 0 <= header_length <= len(body):
-        raise ApiError(
-            400,
+        raise OodguardError(
+            "bad_request",
             "invalid_inference_header",
             f"Inference-Header-Content-Length is {header_length} but the body has {len(body)} bytes",
         )
@@ -104,15 +104,14 @@ def parse_infer_request(body: bytes, header_length: int | None, spec: InputSpec)
     try:
         raw = orjson.loads(json_part)
     except orjson.JSONDecodeError as exc:  # also integers beyond 64 bits and nesting deeper than 1024
-        raise ApiError(400, "invalid_json", f"the inference request is not valid JSON: {exc}") from None
+        raise OodguardError("bad_request", "invalid_json", f"the inference request is not valid JSON: {exc}") from None
     outputs = raw.get("outputs") if isinstance(raw, dict) else None
     if isinstance(outputs, list) and len(outputs) > len(spec.outputs):  # before a model per entry is built
         raise _invalid(f"{len(outputs)} outputs requested; this model offers {len(spec.outputs)}", "too_many_outputs")
     try:
         request = V2InferRequest.model_validate(raw)
     except ValidationError as exc:
-        errors = [{**e, "loc": ("body", *e.get("loc", ()))} for e in exc.errors()]
-        raise ApiError(422, "validation_error", describe_validation_errors(errors)) from None
+        raise invalid_request(exc.errors(), "body") from None
     images = _input_tensor(request, spec, binary)
     parameters = dict(request.parameters or {})
     return InferRequest(request.id, images, _requested_outputs(request, spec, parameters), parameters)

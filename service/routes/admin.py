@@ -17,16 +17,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.requests import ClientDisconnect
 
-from ..bundle import BundleError
-from ..errors import error_body
+from ..errors import OodguardError, error_body
+from ..registry import ModelRegistry, Registration, SwapResult
 from ..schemas import ErrorResponse
-from ..registry import ModelRegistry, RegistryError
 from ..security import AdminAuth
-from ..store import StoreError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_UPLOAD_BYTES = 256 * 1024 * 1024
 _ARCHIVE_TYPES = {
     "application/gzip",
     "application/x-gzip",
@@ -34,12 +31,6 @@ _ARCHIVE_TYPES = {
     "application/x-compressed-tar",
     "application/octet-stream",
 }
-
-
-def _error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
-    body = error_body(code, message)
-    body["error"].update(extra)  # e.g. `check`: which validation step refused the bundle
-    return body
 
 
 def _documented(description: str, example: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -60,36 +51,9 @@ _ERRORS = {
     422: _documented(
         "Bundle failed validation; `error.check` names the failed check "
         "(archive, schema, files, hash, calibration, onnx, contract, golden, location, warm)",
-        _error_body("bundle_invalid", "hash: sha256 mismatch for model.onnx: …", check="hash"),
+        error_body("bundle_invalid", "hash: sha256 mismatch for model.onnx: …", details={"check": "hash"}),
     ),
 }
-
-
-class RegisterResult(BaseModel):
-    """What registering a bundle did. Registration validates but never activates."""
-
-    name: str
-    version: str
-    sha256: str = Field(description="sha256 of the bundle's manifest.json (pins every file).")
-    created: bool = Field(description="False when this exact bundle was already registered.")
-    checks: list[str] = Field(description="Checks passed, in order.")
-    golden_max_abs_diff: dict[str, float] = Field(description="Per output: max |onnxruntime - golden|.")
-    contract_compatible: bool = Field(description="Same classes / input / outputs / score as the active version.")
-    contract_changes: dict[str, dict[str, Any]] = Field(description="What differs from the active version: {old, new}.")
-    validate_s: float = Field(description="Seconds spent validating.")
-    path: str = Field(description="Where the bundle now lives in the models directory.")
-
-
-class SwapResponse(BaseModel):
-    """The outcome of an activation or rollback."""
-
-    action: str = Field(description="activate | rollback | watch")
-    result: str = Field(description="success | unchanged")
-    previous: dict[str, Any] | None = Field(None, description="Summary of the version served before.")
-    current: dict[str, Any] | None = Field(None, description="Summary of the version served now.")
-    timings_s: dict[str, float] = Field(default_factory=dict, description="validate and warm seconds.")
-    checks: list[str] = Field(default_factory=list, description="Checks passed before switching.")
-    message: str = ""
 
 
 class AdminModelsResponse(BaseModel):
@@ -107,46 +71,36 @@ class RegisterPath(BaseModel):
     path: str = Field(description="A bundle directory inside the models directory.", examples=["incoming/cifar-aloe-2"])
 
 
-class _UploadTooLarge(Exception):
-    pass
-
-
 def _registry(request: Request) -> ModelRegistry:
     return request.app.state.registry
 
 
-def _max_upload(request: Request) -> int:
-    return int(getattr(request.app.state.settings, "max_upload_bytes", DEFAULT_MAX_UPLOAD_BYTES))
+def _too_large(limit: int) -> OodguardError:
+    log.warning("admin upload refused: larger than %d bytes", limit)
+    return OodguardError("too_large", "upload_too_large", f"bundle upload is larger than {limit} bytes")
 
 
-def _failure(exc: Exception) -> JSONResponse:
-    """Map registry/store/bundle errors to JSON 4xx responses that say which check failed."""
-    if isinstance(exc, BundleError):
-        return JSONResponse(_error_body("bundle_invalid", str(exc), check=exc.check), status_code=422)
-    if isinstance(exc, (RegistryError, StoreError)):
-        return JSONResponse(_error_body(exc.code, exc.message), status_code=exc.status)
-    raise exc
+def _check_declared_length(request: Request, limit: int) -> None:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
 
 
 async def _spool_limited(request: Request, limit: int, sink) -> int:
     """Copy the raw request body into `sink`, refusing more than `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise _UploadTooLarge
+    _check_declared_length(request, limit)
     total = 0
     async for chunk in request.stream():
         total += len(chunk)
         if total > limit:
-            raise _UploadTooLarge
+            raise _too_large(limit)
         sink.write(chunk)
     return total
 
 
 async def _multipart_archive(request: Request, limit: int):
     """The `file` part of a multipart body, with the body size bounded while it is parsed."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise _UploadTooLarge
+    _check_declared_length(request, limit)
     seen = 0
     receive = request.receive
 
@@ -156,7 +110,7 @@ async def _multipart_archive(request: Request, limit: int):
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > limit:
-                raise _UploadTooLarge
+                raise _too_large(limit)
         return message
 
     limited = Request(request.scope, _limited_receive)
@@ -171,8 +125,8 @@ async def _multipart_archive(request: Request, limit: int):
     "/models",
     summary="Upload (.tar.gz) or register (path) a bundle; validates it, does not activate it",
     status_code=status.HTTP_201_CREATED,
-    response_model=RegisterResult,
-    responses={200: {"model": RegisterResult, "description": "This exact bundle was already registered."}},
+    response_model=Registration,
+    responses={200: {"model": Registration, "description": "This exact bundle was already registered."}},
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -192,55 +146,53 @@ async def _multipart_archive(request: Request, limit: int):
 )
 async def upload_model(request: Request) -> JSONResponse:
     registry = _registry(request)
-    try:
-        store = registry.require_store()  # before reading any of the body
-    except RegistryError as exc:
-        return _failure(exc)
+    store = registry.require_store()  # before reading any of the body
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    limit = _max_upload(request)
     try:
-        if content_type == "application/json":
-            try:
-                body = RegisterPath.model_validate_json(await request.body())
-            except ValueError as exc:
-                return JSONResponse(_error_body("bad_request", f"expected {{\"path\": ...}}: {exc}"), status_code=400)
-            path = Path(body.path)
-            if not path.is_absolute():
-                path = store.root / path
-            result = await asyncio.to_thread(registry.register_path, path)
-        elif content_type == "multipart/form-data":
-            upload = await _multipart_archive(request, limit)
-            if upload is None:
-                return JSONResponse(_error_body("bad_request", "multipart body needs a `file` part"), status_code=400)
-            try:
-                result = await asyncio.to_thread(registry.register_tar, upload.file)
-            finally:
-                await upload.close()
-        elif content_type in _ARCHIVE_TYPES:
-            with store.staging_dir() as stage:
-                archive = stage / "upload.tar.gz"
-                with open(archive, "wb") as sink:
-                    await _spool_limited(request, limit, sink)
-                result = await asyncio.to_thread(registry.register_tar, archive)
-        else:
-            return JSONResponse(
-                _error_body("unsupported_media_type", f"send multipart `file`, application/gzip or JSON {{\"path\"}}, not {content_type or 'nothing'}"),
-                status_code=415,
-            )
-    except _UploadTooLarge:
-        log.warning("admin upload refused: larger than %d bytes", limit)
-        return JSONResponse(_error_body("upload_too_large", f"bundle upload is larger than {limit} bytes"), status_code=413)
+        result = await _register(request, registry, store, content_type, request.app.state.settings.max_upload_bytes)
     except ClientDisconnect:
-        return JSONResponse(_error_body("client_disconnected", "upload interrupted"), status_code=400)
-    except (BundleError, RegistryError, StoreError) as exc:
+        raise OodguardError("bad_request", "client_disconnected", "upload interrupted") from None
+    except OodguardError as exc:
         log.warning("admin upload refused: %s", exc)
-        return _failure(exc)
-    return JSONResponse(result, status_code=201 if result["created"] else 200)
+        raise
+    return JSONResponse(result.to_dict(), status_code=201 if result.created else 200)
+
+
+async def _register(request: Request, registry: ModelRegistry, store, content_type: str, limit: int):
+    """Register the bundle the body holds, in whichever of the three forms it comes."""
+    if content_type == "application/json":
+        try:
+            body = RegisterPath.model_validate_json(await request.body())
+        except ValueError as exc:
+            raise OodguardError("bad_request", "bad_request", f"expected {{\"path\": ...}}: {exc}") from None
+        path = Path(body.path)
+        if not path.is_absolute():
+            path = store.root / path
+        return await asyncio.to_thread(registry.register_path, path)
+    if content_type == "multipart/form-data":
+        upload = await _multipart_archive(request, limit)
+        if upload is None:
+            raise OodguardError("bad_request", "bad_request", "multipart body needs a `file` part")
+        try:
+            return await asyncio.to_thread(registry.register_tar, upload.file)
+        finally:
+            await upload.close()
+    if content_type in _ARCHIVE_TYPES:
+        with store.staging_dir() as stage:
+            archive = stage / "upload.tar.gz"
+            with open(archive, "wb") as sink:
+                await _spool_limited(request, limit, sink)
+            return await asyncio.to_thread(registry.register_tar, archive)
+    raise OodguardError(
+        "unsupported_media",
+        "unsupported_media_type",
+        f"send multipart `file`, application/gzip or JSON {{\"path\"}}, not {content_type or 'nothing'}",
+    )
 
 
 @router.post(
     "/models/{name}/{version}/activate",
-    response_model=SwapResponse,
+    response_model=SwapResult,
     summary="Validate, warm and switch to a registered version",
 )
 async def activate_model(
@@ -249,21 +201,13 @@ async def activate_model(
     version: str,
     allow_contract_change: bool = Query(False, description="Accept a change of classes / input / outputs / score."),
 ) -> JSONResponse:
-    registry = _registry(request)
-    try:
-        result = await asyncio.to_thread(registry.activate, name, version, allow_contract_change)
-    except (BundleError, RegistryError, StoreError) as exc:
-        return _failure(exc)
+    result = await asyncio.to_thread(_registry(request).activate, name, version, allow_contract_change)
     return JSONResponse(result.to_dict())
 
 
-@router.post("/rollback", response_model=SwapResponse, summary="Switch back to the previously active version")
+@router.post("/rollback", response_model=SwapResult, summary="Switch back to the previously active version")
 async def rollback(request: Request) -> JSONResponse:
-    registry = _registry(request)
-    try:
-        result = await asyncio.to_thread(registry.rollback)
-    except (BundleError, RegistryError, StoreError) as exc:
-        return _failure(exc)
+    result = await asyncio.to_thread(_registry(request).rollback)
     return JSONResponse(result.to_dict())
 
 
@@ -278,7 +222,7 @@ async def list_models(request: Request) -> JSONResponse:
     body: dict[str, Any] = {
         "active": active.summary() if active else None,
         "models_dir": str(registry.store.root) if registry.store else None,
-        "versions": await asyncio.to_thread(registry.versions),
+        "versions": [v.to_dict() for v in await asyncio.to_thread(registry.versions)],
     }
     if registry.store is not None:
         state = registry.store.read_state()

@@ -8,26 +8,24 @@ names; it may also name the verdict outputs `ood_score`, `p_value`, `accept` (BO
 `service.v2_codec`; inference goes through the same batcher as /v1/predict and every answered
 request's p-values feed the metrics and the drift alarm like /v1's. Errors use the OIP shape
 `{"error": "<message>", "code": "<code>"}` (chosen in `errors.error_body` by path); a not-ready
-server answers 503.
+server answers 503. Like /v1/predict, an adapter over the inference layer (service/inference.py):
+readiness, the model lookup, inference with its deadline and the verdict are `InferenceService`'s.
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Header, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
-from ..batching import BatcherError
-from ..deps import ActiveModelDep, BatcherDep, SettingsDep
-from ..errors import ApiError, unavailable
-from ..postprocess import NonFiniteOutput, score_outputs
+from ..deps import InferenceDep
+from ..errors import OodguardError
+from ..inference import InferenceService, resolve_operating_point
 from ..schemas import V2ErrorResponse, V2InferRequest, V2InferResponse, V2ModelMetadata, V2ServerMetadata
 from ..v2_codec import VERDICT_OUTPUTS, InputSpec, encode_infer_response, parse_infer_request
-from .health import is_ready
-from .predict import resolve_operating_point
+from .health import server_version
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 
@@ -78,18 +76,9 @@ HeaderLength = Annotated[
 ]
 
 
-def _server_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("oodguard")
-    except PackageNotFoundError:
-        return "0"
-
-
 @router.get("", response_model=V2ServerMetadata, summary="Server metadata")
 async def server_metadata() -> dict:
-    return {"name": "oodguard", "version": _server_version(), "extensions": ["binary_tensor_data"]}
+    return {"name": "oodguard", "version": server_version(), "extensions": ["binary_tensor_data"]}
 
 
 @router.get("/health/live", summary="Server liveness (200 = live)")
@@ -98,19 +87,9 @@ async def live() -> dict:
 
 
 @router.get("/health/ready", summary="Server readiness (200 = ready, 503 = not ready)", responses={503: _ERRORS[503]})
-async def ready(request: Request) -> JSONResponse:
-    if not is_ready(request):
-        raise unavailable("not_ready", "no warmed model is serving yet", request.app.state.settings.retry_after_s)
-    return JSONResponse({"ready": True})
-
-
-def _check_model(model, name: str, version: str | None) -> None:
-    if name != model.name:
-        raise ApiError(404, "model_not_found", f"unknown model {name!r}; this server serves {model.name!r}")
-    if version is not None and version != model.version:
-        raise ApiError(
-            404, "model_not_found", f"model {name!r} version {version!r} is not being served (active: {model.version!r})"
-        )
+async def ready(inference: InferenceDep) -> dict:
+    inference.ready_model()
+    return {"ready": True}
 
 
 def _metadata(model) -> dict:
@@ -138,23 +117,20 @@ def _metadata(model) -> dict:
 
 
 @router.get("/models/{name}", response_model=V2ModelMetadata, responses=_ERRORS, summary="Model metadata")
-async def model_metadata(name: str, model: ActiveModelDep) -> dict:
-    _check_model(model, name, None)
-    return _metadata(model)
+async def model_metadata(name: str, inference: InferenceDep) -> dict:
+    return _metadata(inference.model_named(name))
 
 
 @router.get(
     "/models/{name}/versions/{version}", response_model=V2ModelMetadata, responses=_ERRORS, summary="Model version metadata"
 )
-async def model_version_metadata(name: str, version: str, model: ActiveModelDep) -> dict:
-    _check_model(model, name, version)
-    return _metadata(model)
+async def model_version_metadata(name: str, version: str, inference: InferenceDep) -> dict:
+    return _metadata(inference.model_named(name, version))
 
 
 @router.get("/models/{name}/ready", responses=_ERRORS, summary="Model readiness")
-async def model_ready(name: str, model: ActiveModelDep) -> dict:
-    _check_model(model, name, None)
-    return {"name": model.name, "ready": True}
+async def model_ready(name: str, inference: InferenceDep) -> dict:
+    return {"name": inference.model_named(name).name, "ready": True}
 
 
 @router.post(
@@ -164,10 +140,8 @@ async def model_ready(name: str, model: ActiveModelDep) -> dict:
     openapi_extra=_INFER_OPENAPI,
     summary="Run the model",
 )
-async def infer(
-    name: str, request: Request, model: ActiveModelDep, batcher: BatcherDep, settings: SettingsDep, header_length: HeaderLength = None
-) -> Response:
-    return await _infer(name, None, request, header_length, model, batcher, settings)
+async def infer(name: str, request: Request, inference: InferenceDep, header_length: HeaderLength = None) -> Response:
+    return await _infer(inference, name, None, request, header_length)
 
 
 @router.post(
@@ -181,12 +155,10 @@ async def infer_version(
     name: str,
     version: str,
     request: Request,
-    model: ActiveModelDep,
-    batcher: BatcherDep,
-    settings: SettingsDep,
+    inference: InferenceDep,
     header_length: HeaderLength = None,
 ) -> Response:
-    return await _infer(name, version, request, header_length, model, batcher, settings)
+    return await _infer(inference, name, version, request, header_length)
 
 
 def input_spec(model, max_images: int) -> InputSpec:
@@ -201,35 +173,30 @@ def input_spec(model, max_images: int) -> InputSpec:
     )
 
 
-async def _infer(name: str, version: str | None, request: Request, header_length: int | None, model, batcher, settings) -> Response:
-    _check_model(model, name, version)
+async def _infer(inference: InferenceService, name: str, version: str | None, request: Request, header_length: int | None) -> Response:
+    model = inference.model_named(name, version)
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
-        raise ApiError(415, "unsupported_media_type", f"Content-Encoding {encoding!r} is not supported; send the body uncompressed")
-    parsed = parse_infer_request(await request.body(), header_length, input_spec(model, settings.max_images_per_request))
+        raise OodguardError(
+            "unsupported_media", "unsupported_media_type", f"Content-Encoding {encoding!r} is not supported; send the body uncompressed"
+        )
+    parsed = parse_infer_request(await request.body(), header_length, input_spec(model, inference.settings.max_images_per_request))
     op_name = parsed.parameters.get("operating_point")
     if op_name is not None and not isinstance(op_name, str):
-        raise ApiError(422, "invalid_parameter", f"parameters.operating_point must be a string, got {op_name!r}")
+        raise OodguardError("invalid_input", "invalid_parameter", f"parameters.operating_point must be a string, got {op_name!r}")
     resolve_operating_point(model.manifest, op_name)  # fail fast, before inference
-    try:
-        async with asyncio.timeout(settings.request_timeout_s):
-            result = await batcher.infer(parsed.images)
-    except TimeoutError:
-        raise unavailable("timeout", f"inference took longer than {settings.request_timeout_s}s", settings.retry_after_s) from None
-    except BatcherError as exc:
-        raise unavailable(exc.code, exc.message, settings.retry_after_s) from None
+    result = await inference.infer(parsed.images)
 
     served = result.model  # the model that ran the batch (a hot-swap may have happened meanwhile)
-    metrics = request.app.state.metrics
     wants_verdict = any(n in VERDICT_OUTPUTS and n not in result.outputs for n, _ in parsed.outputs)
-    available = {**(_verdict(served, result.outputs, op_name, metrics, wants_verdict, settings.retry_after_s) or {}), **result.outputs}
+    available = {**(inference.verdict(result, op_name, required=wants_verdict) or {}), **result.outputs}
     tensors = []
     for out_name, as_binary in parsed.outputs:
         arr = available.get(out_name)
         if arr is None:  # the model that answered lacks an output the request's model had
-            raise unavailable("model_changed", f"the model changed and has no output {out_name!r}; retry", settings.retry_after_s)
+            raise OodguardError("unavailable", "model_changed", f"the model changed and has no output {out_name!r}; retry")
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            raise unavailable("inference_failed", f"output {out_name!r} is not finite", settings.retry_after_s)
+            raise OodguardError("unavailable", "inference_failed", f"output {out_name!r} is not finite")
         tensors.append((out_name, arr, as_binary))
     head = {"model_name": served.name, "model_version": served.version}
     if parsed.id is not None:
@@ -238,31 +205,3 @@ async def _infer(name: str, version: str | None, request: Request, header_length
     if json_length is None:
         return Response(body, media_type="application/json")
     return Response(body, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(json_length)})
-
-
-def _verdict(served, outputs: dict, op_name: str | None, metrics, required: bool, retry_after_s: int) -> dict[str, np.ndarray] | None:
-    """The verdict tensors, scored as /v1/predict scores; recorded in the metrics and the drift alarm.
-
-    When no verdict can be given (outputs not finite; after a swap, a model without the operating
-    point) a request that asked for it gets a 503, and one that asked only for graph outputs gets
-    them without a verdict (nothing recorded).
-    """
-    try:
-        op = resolve_operating_point(served.manifest, op_name, swapped=True)
-        scored = score_outputs(served, outputs, 1, op)
-    except NonFiniteOutput as exc:
-        if required:
-            metrics.inference_errors.inc()
-            raise unavailable("inference_failed", str(exc), retry_after_s) from None
-        return None
-    except ApiError:
-        if required:
-            raise
-        return None
-    metrics.observe_predictions(scored.scores, scored.p_values, scored.accepted, served.sha256)
-    return {
-        "ood_score": np.asarray(scored.scores, dtype=np.float32),
-        "p_value": np.asarray(scored.p_values, dtype=np.float64),
-        "accept": np.asarray(scored.accepted, dtype=np.bool_),
-        "label_index": np.asarray([p["class_index"] for p in scored.predictions], dtype=np.int64),
-    }

@@ -223,9 +223,9 @@ def test_listing_parses_each_manifest_once_per_change(admin_client, tmp_path, mo
     client = admin_client()
     assert upload(client, tar_gz(big)).status_code == 201
     parsed = []
-    real = store_mod._read_stored_manifest
-    monkeypatch.setattr(store_mod, "_read_stored_manifest", lambda d: parsed.append(d.name) or real(d))
-    client.app.state.registry.store._manifests.clear()  # registration already read them
+    real = store_mod.load_manifest
+    monkeypatch.setattr(store_mod, "load_manifest", lambda d: parsed.append(Path(d).name) or real(d))
+    client.app.state.registry.store.forget_manifests()  # registration already read them
     for _ in range(5):
         for path in ("/v1/models", "/admin/models"):
             resp = client.get(path, headers=AUTH)

@@ -13,7 +13,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from oodguard.service.app import create_app
-from oodguard.service.batching import BatcherError, DynamicBatcher, QueueFull, ShuttingDown
+from oodguard.service.batching import DynamicBatcher
+from oodguard.service.errors import OodguardError, not_ready
 from oodguard.service.manifest import InputSpec
 from oodguard.service.metrics import ServiceMetrics
 
@@ -81,7 +82,7 @@ def test_concurrent_requests_are_grouped_and_each_gets_its_rows():
         np.testing.assert_allclose(r.outputs["double"], 2 * v, atol=1e-6)
     assert max(model.batch_sizes) > 1 and max(model.batch_sizes) <= 8
     assert sum(model.batch_sizes) == sum(1 + i % 2 for i in range(20))
-    assert metrics.queue_depth._value.get() == 0
+    assert metrics.registry.get_sample_value("oodguard_queue_depth") == 0
 
 
 def test_batch_waits_for_announced_requests_at_most_max_wait():
@@ -159,11 +160,11 @@ def test_a_failing_request_fails_alone():
         return await asyncio.gather(*(b.infer(_images(v)) for v in (0.1, 0.9, 0.2, 0.3)), return_exceptions=True)
 
     results, metrics = asyncio.run(_with_batcher(model, go, max_batch=8, max_wait_ms=50))
-    assert isinstance(results[1], BatcherError) and results[1].code == "inference_failed"
+    assert isinstance(results[1], OodguardError) and results[1].code == "inference_failed" and results[1].kind == "unavailable"
     for i in (0, 2, 3):
         np.testing.assert_allclose(results[i].outputs["mean"], [0.1, 0.9, 0.2, 0.3][i], atol=1e-6)
     assert model.batch_sizes[0] == 4  # they really were one batch, which then failed and was split
-    assert metrics.inference_errors._value.get() == 1
+    assert metrics.registry.get_sample_value("oodguard_inference_errors_total") == 1
 
 
 def test_unbatched_mode_runs_each_request_alone():
@@ -184,8 +185,9 @@ def test_bounded_queue_refuses_with_queue_full(enabled):
     async def go(b):
         first = asyncio.ensure_future(b.infer(_images(0.1, n=3)))
         await asyncio.sleep(0.05)
-        with pytest.raises(QueueFull):
+        with pytest.raises(OodguardError) as err:
             await b.infer(_images(0.2, n=2))
+        assert (err.value.kind, err.value.code) == ("unavailable", "queue_full")
         return await first
 
     result, _ = asyncio.run(_with_batcher(model, go, enabled=enabled, max_batch=8, max_wait_ms=0, max_queue_images=4))
@@ -202,8 +204,9 @@ def test_stop_drains_queued_requests_then_refuses_new_ones():
         await asyncio.sleep(0)
         await b.stop(10.0)
         results = [await p for p in pending]
-        with pytest.raises(ShuttingDown):
+        with pytest.raises(OodguardError) as err:
             await b.infer(_images(0.6))
+        assert (err.value.kind, err.value.code) == ("unavailable", "shutting_down")
         return results
 
     results = asyncio.run(main())
@@ -229,12 +232,9 @@ def test_no_model_means_not_ready():
         raise RuntimeError("the pin itself failed")
         yield
 
-    class NotReady(Exception):
-        code, message = "not_ready", "no model is loaded yet"
-
     @contextlib.contextmanager
-    def acquire_not_ready():
-        raise NotReady()
+    def acquire_not_ready():  # what the registry's pin raises with no model loaded
+        raise not_ready()
         yield
 
     async def main(acq):
@@ -245,10 +245,10 @@ def test_no_model_means_not_ready():
         finally:
             await b.stop(1.0)
 
-    with pytest.raises(BatcherError) as err:
+    with pytest.raises(OodguardError) as err:
         asyncio.run(main(acquire_not_ready))
     assert err.value.code == "not_ready"
-    with pytest.raises(BatcherError) as err:
+    with pytest.raises(OodguardError) as err:
         asyncio.run(main(acquire))
     assert err.value.code == "inference_failed"
 

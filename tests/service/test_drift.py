@@ -116,7 +116,7 @@ def test_registry_swap_resets_the_drift_test(tmp_path):
     assert metrics.drift.model == first.sha256
     metrics.observe_predictions(np.zeros(5), np.full(5, 1e-4), np.zeros(5, bool), first.sha256)
     assert metrics.drift.state.alarm
-    reg.register_path(b2, _trusted=True)
+    reg.register_path(b2, trusted=True)
     assert reg.activate("tiny", "2").result == "success"
     assert metrics.drift.model == reg.active.sha256 != first.sha256
     assert not metrics.drift.state.alarm and metrics.registry.get_sample_value("oodguard_drift_alarm") == 0

@@ -139,7 +139,7 @@ def test_a_failing_request_with_batching_off(make_client, poison_bundle):
 _FAULT_WRAPPER = r"""
 import os, sys, time
 from pathlib import Path
-from oodguard.service import registry as registry_mod, store as store_mod
+from oodguard.service import loaded_model as loaded_model_mod, registry as registry_mod, store as store_mod
 
 point, marker = os.environ["FAULT_POINT"], Path(os.environ["FAULT_MARKER"])
 
@@ -155,12 +155,12 @@ if point == "validation":
         return real_verify(bundle_dir, *a, **k)
     registry_mod.verify_bundle = verify
 elif point == "warm-up":
-    real_warm = registry_mod.ModelRegistry._warm
-    def warm(self, model):
-        if model.version == "2":
+    real_warm = loaded_model_mod.LoadedModel.warm
+    def warm(self, batches):
+        if self.version == "2":
             reached()
-        return real_warm(self, model)
-    registry_mod.ModelRegistry._warm = warm
+        return real_warm(self, batches)
+    loaded_model_mod.LoadedModel.warm = warm
 elif point == "state-write":
     real_write = store_mod.atomic_write_text
     def write(path, text):
@@ -170,12 +170,13 @@ elif point == "state-write":
         return real_write(path, text)
     store_mod.atomic_write_text = write
 elif point == "after-persist":
-    real_switch = registry_mod.ModelRegistry._switch
-    def switch(self, new):
-        if new.version == "2":
+    real_set_active = store_mod.ModelStore.set_active
+    def set_active(self, name, version, *a, **k):
+        state = real_set_active(self, name, version, *a, **k)
+        if version == "2":
             reached()
-        return real_switch(self, new)
-    registry_mod.ModelRegistry._switch = switch
+        return state
+    store_mod.ModelStore.set_active = set_active
 else:
     raise SystemExit(f"unknown FAULT_POINT {point}")
 

@@ -2,7 +2,7 @@
 
 Properties (bounded examples, derandomized so CI sees the same cases every run):
 - `decode_image` on any bytes either returns the model's (H, W, 3) uint8 array or raises
-  `ImageError` with a 4xx status - never another exception;
+  `OodguardError` with a 4xx status - never another exception;
 - `POST /v1/predict` with random or mutated bytes answers 200 or a 4xx JSON error, never a 5xx;
 - every valid image Pillow can write (any size, mode and format the service accepts) is classified
   (200, one prediction);
@@ -28,7 +28,8 @@ from PIL import Image
 
 from oodguard.service.app import create_app
 from oodguard.service.manifest import InputSpec
-from oodguard.service.preprocess import ImageError, ImageLimits, configure_pillow, decode_image
+from oodguard.service.errors import OodguardError
+from oodguard.service.preprocess import ImageLimits, configure_pillow, decode_image
 from oodguard.service.settings import Settings
 
 with warnings.catch_warnings():
@@ -163,8 +164,8 @@ def _assert_2xx_or_4xx_json(resp) -> None:
 def _decode_property(data: bytes) -> None:
     try:
         out = decode_image(data, SPEC, LIMITS)
-    except ImageError as exc:
-        assert 400 <= exc.status < 500 and exc.code and exc.message
+    except OodguardError as exc:
+        assert 400 <= exc.http_status < 500 and exc.code and exc.message
         return
     assert out.shape == (8, 8, 3) and out.dtype == np.uint8
 
@@ -230,7 +231,7 @@ def test_http_one_broken_image_fails_its_request_naming_its_index(fuzz_client, g
     try:
         decode_image(bad, SPEC, LIMITS)
         assume(False)  # the mutation happened to stay decodable: not a broken image
-    except ImageError:
+    except OodguardError:
         pass
     FUZZ_COUNTS["http: multi-image with one broken"] += 1
     index = min(where, len(good))

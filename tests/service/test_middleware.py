@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from oodguard.service.errors import ApiError
+from oodguard.service.errors import OodguardError
 from oodguard.service.metrics import ServiceMetrics
 from oodguard.service.middleware import ServiceMiddleware
 
@@ -18,9 +18,9 @@ async def _reading_app(scope, receive, send):
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
-    except ApiError as exc:  # what FastAPI's handlers would turn into JSON
+    except OodguardError as exc:  # what the app's error handler would turn into JSON
         payload = json.dumps({"error": {"code": exc.code, "message": exc.message}}).encode()
-        await send({"type": "http.response.start", "status": exc.status_code, "headers": []})
+        await send({"type": "http.response.start", "status": exc.http_status, "headers": []})
         await send({"type": "http.response.body", "body": payload})
         return
     await send({"type": "http.response.start", "status": 200, "headers": []})

@@ -50,5 +50,5 @@ def test_readiness_turns_off_at_shutdown(make_settings):
     app = create_app(make_settings())
     with TestClient(app) as c:
         assert c.get("/readyz").status_code == 200
-    assert app.state.ready is False
-    assert app.state.batcher is not None and app.state.batcher.queued_images == 0
+    assert app.state.inference.ready is False
+    assert app.state.inference.batcher is not None and app.state.inference.batcher.queued_images == 0

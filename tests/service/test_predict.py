@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from oodguard.service import batching
+from oodguard.service.errors import OodguardError
 from oodguard.service.bundle import conformal_p_values
 from oodguard.service.manifest import load_manifest
 from oodguard.service.schemas import ErrorResponse, PredictResponse
@@ -251,9 +251,9 @@ def test_not_ready_before_startup(make_settings):
 
 def test_queue_full_answers_503(client, monkeypatch):
     async def full(images, ticket=None):
-        raise batching.QueueFull("inference queue is full (1024 images waiting); retry shortly")
+        raise OodguardError("unavailable", "queue_full", "inference queue is full (1024 images waiting); retry shortly")
 
-    monkeypatch.setattr(client.app.state.batcher, "infer", full)
+    monkeypatch.setattr(client.app.state.inference.batcher, "infer", full)
     r = client.post("/v1/predict", content=_png(), headers={"content-type": "image/png"})
     _assert_error(r, 503, "queue_full")
     assert r.headers["retry-after"] == "1"
@@ -286,12 +286,12 @@ def test_inference_failure_answers_503(make_client, poison_bundle):
 
 
 def test_unexpected_exception_is_a_json_500_not_a_traceback(client, monkeypatch):
-    from oodguard.service.routes import predict as predict_route
+    from oodguard.service import inference
 
     def boom(*args, **kwargs):
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(predict_route, "score_outputs", boom)
+    monkeypatch.setattr(inference, "score_outputs", boom)
     r = client.post("/v1/predict", content=_png(), headers={"content-type": "image/png"})
     body = _assert_error(r, 500, "internal_error", r.headers["x-request-id"])
     assert "secret" not in json.dumps(body) and "Traceback" not in r.text
@@ -394,8 +394,8 @@ class _CountingPool:
 )
 def test_small_images_decode_inline_large_ones_in_the_pool(make_client, size, max_bytes, max_pixels, in_pool):
     client = make_client(inline_decode_max_bytes=max_bytes, inline_decode_max_pixels=max_pixels)
-    state = client.app.state
-    state.decode_pool = counting = _CountingPool(state.decode_pool)
+    layer = client.app.state.inference
+    layer.decode_pool = counting = _CountingPool(layer.decode_pool)
     r = client.post("/v1/predict", content=_png(RED, size), headers={"content-type": "image/png"})
     assert r.status_code == 200 and _labels(r) == ["red"]
     assert counting.submitted == (1 if in_pool else 0)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from oodguard.service.errors import OodguardError
 from oodguard.service.manifest import InputSpec
 from oodguard.service.preprocess import (
-    ImageError,
     ImageLimits,
     decode_image,
     decode_images,
@@ -133,9 +133,9 @@ def test_wide_pixels_convert_block_by_block_exactly_as_whole(monkeypatch, mode):
             peak = 255.0 if a.size == 0 or a.max() <= 255 else 65535.0
         return np.clip(np.rint(np.nan_to_num(a) * (255.0 / peak)), 0, 255).astype(np.uint8)
 
-    monkeypatch.setattr(preprocess, "_CHUNK_PIXELS", 50)  # blocks of 2 rows: many blocks, a short last one
-    np.testing.assert_array_equal(preprocess._to_uint8(arr, mode), whole(arr, mode))
-    np.testing.assert_array_equal(preprocess._to_uint8(arr[:, :0], mode), whole(arr[:, :0], mode))
+    monkeypatch.setattr(preprocess, "CHUNK_PIXELS", 50)  # blocks of 2 rows: many blocks, a short last one
+    np.testing.assert_array_equal(preprocess.to_uint8(arr, mode), whole(arr, mode))
+    np.testing.assert_array_equal(preprocess.to_uint8(arr[:, :0], mode), whole(arr[:, :0], mode))
 
 
 def test_cmyk_jpeg_and_grayscale_become_rgb():
@@ -196,19 +196,19 @@ def _png_declaring(width: int, height: int) -> bytes:
 def test_bomb_is_refused_from_the_header_before_decoding():
     data = _png_declaring(60000, 60000)  # 3.6e9 pixels declared in a ~70-byte file
     t0 = time.perf_counter()
-    with pytest.raises(ImageError) as err:
+    with pytest.raises(OodguardError) as err:
         decode_image(data, SPEC, ImageLimits(max_pixels=16_777_216, max_image_side=100_000))
     assert time.perf_counter() - t0 < 10.0  # decoding 3.6e9 pixels would take minutes (and ~11 GB)
-    assert err.value.code == "too_many_pixels" and err.value.status == 413
+    assert err.value.code == "too_many_pixels" and err.value.http_status == 413
     assert "pixels" in err.value.message
 
 
 def test_side_and_pixel_limits():
     data = encode_image((1, 2, 3), size=(64, 2), fmt="PNG")
-    with pytest.raises(ImageError) as err:
+    with pytest.raises(OodguardError) as err:
         decode_image(data, SPEC, ImageLimits(max_pixels=10_000, max_image_side=32))
-    assert err.value.code == "image_too_large" and err.value.status == 413
-    with pytest.raises(ImageError) as err:
+    assert err.value.code == "image_too_large" and err.value.http_status == 413
+    with pytest.raises(OodguardError) as err:
         decode_image(data, SPEC, ImageLimits(max_pixels=100, max_image_side=1000))
     assert err.value.code == "too_many_pixels"
     assert decode_image(data, SPEC, ImageLimits(max_pixels=128, max_image_side=64)).shape == (8, 8, 3)
@@ -228,9 +228,9 @@ def test_side_and_pixel_limits():
     ids=["empty", "text", "svg", "html", "ico", "truncated-png", "truncated-jpeg"],
 )
 def test_bad_inputs_raise_typed_errors(data, code, status):
-    with pytest.raises(ImageError) as err:
+    with pytest.raises(OodguardError) as err:
         decode_image(data, SPEC)
-    assert (err.value.code, err.value.status) == (code, status)
+    assert (err.value.code, err.value.http_status) == (code, status)
     assert err.value.message
 
 
@@ -239,9 +239,9 @@ def test_decode_images_names_the_bad_index_and_stacks_nchw():
     x = decode_images([good, encode_image((0, 0, 255), fmt="PNG")], SPEC)
     assert x.shape == (2, 3, 8, 8) and x.flags.c_contiguous
     assert x[0, 1].min() == 1.0 and x[1, 2].min() == 1.0
-    with pytest.raises(ImageError) as err:
+    with pytest.raises(OodguardError) as err:
         decode_images([good, good, b"garbage"], SPEC)
-    assert err.value.index == 2 and err.value.message.startswith("image 2:")
+    assert err.value.details["index"] == 2 and err.value.message.startswith("image 2:")
 
 
 def test_to_tensor_is_exact_division_by_255():

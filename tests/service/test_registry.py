@@ -14,10 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry, Counter, Info
+from prometheus_client import CollectorRegistry
 
 from oodguard.service.bundle import BundleError, manifest_sha256
-from oodguard.service.registry import ModelRegistry, RegistryError
+from oodguard.service.errors import OodguardError
+from oodguard.service.metrics import ServiceMetrics
+from oodguard.service.registry import ModelRegistry, Registration
 from oodguard.service.settings import Settings
 from oodguard.service.store import STATE_FILE, ModelStore
 
@@ -26,13 +28,11 @@ from .bundle_factory import make_tiny_bundle
 REPO = Path(__file__).resolve().parents[2]
 
 
-class _Metrics:
-    """The two metrics the registry drives, in a private prometheus registry."""
+class _Metrics(ServiceMetrics):
+    """The service's metrics in a private prometheus registry, read back by name."""
 
     def __init__(self):
-        self.registry = CollectorRegistry()
-        self.model_swaps_total = Counter("oodguard_model_swaps", "swaps", ["result"], registry=self.registry)
-        self.model_info = Info("oodguard_model", "model", registry=self.registry)
+        super().__init__(registry=CollectorRegistry())
 
     def swaps(self, result: str) -> float:
         return self.registry.get_sample_value("oodguard_model_swaps_total", {"result": result}) or 0.0
@@ -62,9 +62,9 @@ def _registry(tmp_path, src, metrics=None, bundle="1", **kw) -> ModelRegistry:
     return reg
 
 
-def _add(reg: ModelRegistry, bundle: Path) -> dict:
+def _add(reg: ModelRegistry, bundle: Path) -> Registration:
     # Bundles built outside the models dir are registered the trusted way (as `serve --bundle` does).
-    return reg.register_path(bundle, _trusted=True)
+    return reg.register_path(bundle, trusted=True)
 
 
 def _tamper_byte(path: Path, offset: int = -20) -> None:
@@ -78,14 +78,14 @@ def _tamper_byte(path: Path, offset: int = -20) -> None:
 
 def test_bundle_mode_serves_and_refuses_registry_operations(tmp_path, src):
     reg = _registry(tmp_path, src, models=False)
-    assert reg.active.version == "1" and reg.ready
+    assert reg.active.version == "1" and reg.active is not None
     out = reg.active.run(np.zeros((2, 3, 8, 8), np.float32))
     assert set(out) == {"logits", "probs", "msp", "energy"} and out["probs"].shape == (2, 3)
-    assert [v["version"] for v in reg.versions()] == ["1"] and reg.versions()[0]["active"]
+    assert [v.version for v in reg.versions()] == ["1"] and reg.versions()[0].active
     for call in (lambda: reg.activate("tiny", "2"), reg.rollback, lambda: reg.register_path(src["2"])):
-        with pytest.raises(RegistryError) as err:
+        with pytest.raises(OodguardError) as err:
             call()
-        assert err.value.code == "no_models_dir" and err.value.status == 409
+        assert err.value.code == "no_models_dir" and err.value.http_status == 409
 
 
 def test_bundle_mode_refuses_an_invalid_bundle(tmp_path, src):
@@ -120,7 +120,7 @@ def test_empty_models_dir_is_seeded_from_bundle_and_active_wins_on_restart(tmp_p
 
 
 def test_models_dir_without_active_and_without_bundle_is_a_clear_error(tmp_path, src):
-    with pytest.raises(RegistryError, match="no ACTIVE version"):
+    with pytest.raises(OodguardError, match="no ACTIVE version"):
         _registry(tmp_path, src, bundle=None)
 
 
@@ -129,7 +129,7 @@ def test_activate_and_rollback_count_metrics_and_update_model_info(tmp_path, src
     reg = _registry(tmp_path, src, metrics=metrics)
     assert metrics.info()["version"] == "1"
     result = _add(reg, src["2"])
-    assert result["created"] and result["contract_compatible"] and "golden" in result["checks"]
+    assert result.created and result.contract_compatible and "golden" in result.checks
     swap = reg.activate("tiny", "2")
     assert swap.result == "success" and swap.previous["version"] == "1" and swap.current["version"] == "2"
     assert set(swap.timings_s) == {"validate", "warm"} and swap.timings_s["validate"] > 0
@@ -138,25 +138,25 @@ def test_activate_and_rollback_count_metrics_and_update_model_info(tmp_path, src
     back = reg.rollback()
     assert back.current["version"] == "1" and reg.active.version == "1"
     assert metrics.swaps("rollback") == 1 and metrics.info()["version"] == "1"
-    with pytest.raises(RegistryError, match="no previous version"):
+    with pytest.raises(OodguardError, match="no previous version"):
         reg.rollback()
-    versions = {v["version"]: v for v in reg.versions()}
+    versions = {v.version: v.to_dict() for v in reg.versions()}
     assert versions["1"]["active"] and not versions["2"]["active"]
     assert versions["2"]["metrics"] == {"clean": {"auroc": 0.99}, "attacked": {"auroc": 0.9}}
     assert versions["2"]["threshold"] is not None and versions["2"]["registered_at"]
 
 
 def test_unknown_version_is_404(tmp_path, src):
-    with pytest.raises(RegistryError) as err:
+    with pytest.raises(OodguardError) as err:
         _registry(tmp_path, src).activate("tiny", "42")
-    assert err.value.status == 404
+    assert err.value.http_status == 404
 
 
 @pytest.mark.parametrize("tamper", ["model_byte", "manifest_digest", "manifest_version", "golden", "missing_file"])
 def test_tampered_version_is_refused_and_changes_nothing(tmp_path, src, tamper):
     metrics = _Metrics()
     reg = _registry(tmp_path, src, metrics=metrics)
-    vdir = Path(_add(reg, src["2"])["path"])
+    vdir = Path(_add(reg, src["2"]).path)
     manifest_path = vdir / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     if tamper == "model_byte":
@@ -186,7 +186,7 @@ def test_tampered_version_is_refused_and_changes_nothing(tmp_path, src, tamper):
 def test_contract_change_needs_consent(tmp_path, src):
     reg = _registry(tmp_path, src)
     result = _add(reg, src["other-classes"])
-    assert not result["contract_compatible"] and "classes" in result["contract_changes"]
+    assert not result.contract_compatible and "classes" in result.contract_changes
     with pytest.raises(BundleError) as err:
         reg.activate("tiny", "cc")
     assert err.value.check == "contract" and "classes" in err.value.message
@@ -197,24 +197,24 @@ def test_contract_change_needs_consent(tmp_path, src):
 
 def test_register_path_must_be_inside_models_dir(tmp_path, src):
     reg = _registry(tmp_path, src)
-    with pytest.raises(RegistryError) as err:
+    with pytest.raises(OodguardError) as err:
         reg.register_path(src["2"])
-    assert err.value.code == "outside_models_dir" and err.value.status == 400
+    assert err.value.code == "outside_models_dir" and err.value.http_status == 400
     inside = tmp_path / "models" / "incoming"
     inside.mkdir()
     os.symlink(src["2"], inside / "link")
-    with pytest.raises(RegistryError):
+    with pytest.raises(OodguardError):
         reg.register_path(inside / "link")
     make_tiny_bundle(inside / "fresh", "tiny", "5")
     result = reg.register_path(inside / "fresh")
-    assert result["version"] == "5" and Path(result["path"]) == tmp_path / "models" / "tiny" / "5"
+    assert result.version == "5" and Path(result.path) == tmp_path / "models" / "tiny" / "5"
 
 
 def test_registering_prunes_old_versions_but_never_the_active(tmp_path, src):
     reg = _registry(tmp_path, src, keep_versions=2)
     for v in ("2", "3"):
         _add(reg, src[v])
-    assert [v["version"] for v in reg.versions()] == ["1", "3"]
+    assert [v.version for v in reg.versions()] == ["1", "3"]
 
 
 # -- pinning ----------------------------------------------------------------------------------------
@@ -238,10 +238,10 @@ def test_in_flight_requests_keep_the_old_session_until_they_drain(tmp_path, src)
 
 def test_acquire_before_load_is_503(tmp_path, src):
     reg = ModelRegistry(_settings(tmp_path, src["1"]))
-    with pytest.raises(RegistryError) as err:
+    with pytest.raises(OodguardError) as err:
         with reg.acquire():
             pass
-    assert err.value.status == 503
+    assert err.value.http_status == 503
 
 
 def test_concurrent_swaps_are_serialised(tmp_path, src):
@@ -274,7 +274,7 @@ def test_watch_picks_up_a_new_pointer(tmp_path, src):
     reg = _registry(tmp_path, src)
     _add(reg, src["2"])
     store = ModelStore(tmp_path / "models")
-    reg.start_watch(0.05)
+    reg.watcher.start(0.05)
     try:
         store.set_active("tiny", "2")  # what `oodguard deploy --models-dir` does from another process
         deadline = time.monotonic() + 10
@@ -287,23 +287,23 @@ def test_watch_picks_up_a_new_pointer(tmp_path, src):
             time.sleep(0.02)
         assert reg.active.version == "1"
     finally:
-        reg.stop_watch()
+        reg.watcher.stop()
 
 
 def test_watch_does_not_switch_to_a_broken_pointer_nor_retry_it(tmp_path, src, monkeypatch):
     metrics = _Metrics()
     reg = _registry(tmp_path, src, metrics=metrics)
-    vdir = Path(_add(reg, src["2"])["path"])
+    vdir = Path(_add(reg, src["2"]).path)
     _tamper_byte(vdir / "model.onnx")
     ModelStore(tmp_path / "models").set_active("tiny", "2")
-    assert reg.check_pointer() is None and reg.active.version == "1"
-    assert reg.check_pointer() is None
+    assert reg.watcher.check() is None and reg.active.version == "1"
+    assert reg.watcher.check() is None
     assert metrics.swaps("failure") == 1  # not retried while the pointer is unchanged
 
 
 def test_restart_with_broken_active_falls_back_to_history(tmp_path, src, caplog):
     reg = _registry(tmp_path, src)
-    vdir = Path(_add(reg, src["2"])["path"])
+    vdir = Path(_add(reg, src["2"]).path)
     reg.activate("tiny", "2")
     _tamper_byte(vdir / "model.onnx")
     restarted = _registry(tmp_path, src)
@@ -333,10 +333,13 @@ def test_crash_after_persisting_restarts_on_the_new_validated_version(tmp_path, 
     reg = _registry(tmp_path, src)
     _add(reg, src["2"])
 
-    def _die(new):
+    persist = reg.store.set_active
+
+    def _die(*a, **k):
+        persist(*a, **k)
         raise KeyboardInterrupt("process killed between persist and switch")
 
-    monkeypatch.setattr(reg, "_switch", _die)
+    monkeypatch.setattr(reg.store, "set_active", _die)
     with pytest.raises(KeyboardInterrupt):
         reg.activate("tiny", "2")
     assert _registry(tmp_path, src).active.version == "2"
@@ -401,14 +404,14 @@ def test_killed_process_leaves_a_consistent_state(tmp_path, src, mode):
 
 def test_watch_retries_a_failed_pointer_once_the_file_is_rewritten(tmp_path, src):
     reg = _registry(tmp_path, src)
-    vdir = Path(_add(reg, src["2"])["path"])
+    vdir = Path(_add(reg, src["2"]).path)
     good = (vdir / "model.onnx").read_bytes()
     _tamper_byte(vdir / "model.onnx")
     store = ModelStore(tmp_path / "models")
     store.set_active("tiny", "2")
-    assert reg.check_pointer() is None and reg.active.version == "1"
+    assert reg.watcher.check() is None and reg.active.version == "1"
     (vdir / "model.onnx").write_bytes(good)  # the operator fixes the bundle...
-    assert reg.check_pointer() is None  # ...nothing happens until the pointer is written again
+    assert reg.watcher.check() is None  # ...nothing happens until the pointer is written again
     time.sleep(0.01)
     store.set_active("tiny", "2")
-    assert reg.check_pointer().result == "success" and reg.active.version == "2"
+    assert reg.watcher.check().result == "success" and reg.active.version == "2"

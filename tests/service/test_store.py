@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from oodguard.service.bundle import BundleError, manifest_sha256
-from oodguard.service.store import STATE_FILE, ModelStore, StoreError, TarLimits, safe_extract_tar
+from oodguard.service.errors import OodguardError
+from oodguard.service.store import STATE_FILE, ModelStore, TarLimits, safe_extract_tar
 
 from .bundle_factory import make_tiny_bundle
 
@@ -90,9 +91,9 @@ def test_rollback_skips_versions_missing_on_disk(tmp_path, bundles):
 
 def test_set_active_unknown_version_is_404(tmp_path):
     store = ModelStore(tmp_path)
-    with pytest.raises(StoreError) as err:
+    with pytest.raises(OodguardError) as err:
         store.set_active("tiny", "9")
-    assert err.value.status == 404
+    assert err.value.http_status == 404
 
 
 def test_hand_written_pointer_is_accepted(tmp_path):
@@ -104,7 +105,7 @@ def test_hand_written_pointer_is_accepted(tmp_path):
 @pytest.mark.parametrize("content", ['{"active": ', "not a pointer", '{"active": "no-slash"}'])
 def test_unreadable_state_is_an_error_not_a_guess(tmp_path, content):
     (tmp_path / STATE_FILE).write_text(content)
-    with pytest.raises(StoreError):
+    with pytest.raises(OodguardError):
         ModelStore(tmp_path).read_state()
 
 
@@ -137,7 +138,7 @@ def test_install_is_idempotent_and_refuses_different_content(tmp_path, bundles):
     assert manifest_sha256(dest) == manifest_sha256(bundles["1"])
     assert _install(store, bundles["1"])[3] is False
     other = make_tiny_bundle(tmp_path.parent / "other-1", "tiny", "1", logit_scale=3.0)
-    with pytest.raises(StoreError) as err:
+    with pytest.raises(OodguardError) as err:
         _install(store, other)
     assert err.value.code == "version_exists"
     assert manifest_sha256(dest) == manifest_sha256(bundles["1"])
@@ -158,7 +159,7 @@ def test_prune_keeps_last_n_and_never_the_active(tmp_path, bundles):
 
 @pytest.mark.parametrize("bad", ["../x", "a/../b", ".hidden", "a/b"])
 def test_version_dir_refuses_unsafe_names(tmp_path, bad):
-    with pytest.raises(StoreError):
+    with pytest.raises(OodguardError):
         ModelStore(tmp_path).version_dir("tiny", bad)
 
 
