@@ -1,7 +1,9 @@
 """`oodguard serve`: run the inference service under uvicorn (one worker, programmatic).
 
-Every flag mirrors a `Settings` field; a flag left out falls back to its `OODGUARD_*` environment
-variable, then to the default. Bad values exit with status 2 and a message, never a traceback.
+Every flag is derived from a `Settings` field (`serve_options`: type, help text and default come
+from the field; the flag name is the field's, in kebab case, except three older names kept in
+`_FLAG_NAMES`); a flag left out falls back to its `OODGUARD_*` environment variable, then to the
+default. Bad values exit with status 2 and a message, never a traceback.
 """
 
 from __future__ import annotations
@@ -9,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import inspect
 import logging
 import signal
 import sys
 import threading
-from pathlib import Path
+import types
+import typing
 
 import typer
 from pydantic import ValidationError
@@ -154,82 +158,60 @@ def _signals_end_cleanly():
             log.info("stopped by %s", signal.Signals(received[0]).name)
 
 
-def register(app: typer.Typer) -> None:
-    """Add `serve` to the root `oodguard` app."""
+# Flags named before they were derived from the settings, kept as they were: field -> flag.
+_FLAG_NAMES = {"intra_op_threads": "--threads", "max_images_per_request": "--max-images", "limit_concurrency": "--max-connections"}
+_NOT_FLAGS = {"admin_token"}  # secrets do not belong on command lines: OODGUARD_ADMIN_TOKEN only
 
-    @app.command("serve")
-    def serve(
-        bundle: Path | None = typer.Option(None, "--bundle", help="Bundle directory to serve. Env: OODGUARD_BUNDLE."),
-        models_dir: Path | None = typer.Option(
-            None, "--models-dir", help="Versioned model store <dir>/<name>/<version>/ for hot-swap. Env: OODGUARD_MODELS_DIR."
-        ),
-        host: str | None = typer.Option(None, "--host", help="Interface to bind. Default: 127.0.0.1."),
-        port: int | None = typer.Option(None, "--port", help="TCP port. Default: 8000."),
-        max_batch: int | None = typer.Option(None, "--max-batch", help="Images per batch at most. Default: 32."),
-        max_wait_ms: float | None = typer.Option(None, "--max-wait-ms", help="Longest wait to fill a batch. Default: 5."),
-        batching: bool | None = typer.Option(None, "--batching/--no-batching", help="Dynamic batching. Default: on."),
-        threads: int | None = typer.Option(None, "--threads", help="onnxruntime intra-op threads. Default: 1."),
-        decode_threads: int | None = typer.Option(None, "--decode-threads", help="Image decoding threads. Default: 2."),
-        max_body_bytes: int | None = typer.Option(None, "--max-body-bytes", help="Largest request body. Default: 16 MiB."),
-        max_images: int | None = typer.Option(None, "--max-images", help="Images per request at most. Default: 64."),
-        max_pixels: int | None = typer.Option(None, "--max-pixels", help="Largest width*height. Default: 16777216."),
-        max_image_side: int | None = typer.Option(None, "--max-image-side", help="Largest width or height. Default: 8192."),
-        max_request_pixels: int | None = typer.Option(
-            None, "--max-request-pixels", help="Largest width*height summed over a request's images. Default: 67108864."
-        ),
-        request_timeout_s: float | None = typer.Option(None, "--request-timeout", help="Seconds to wait for inference. Default: 30."),
-        watch_interval_s: float | None = typer.Option(
-            None, "--watch-interval", help="Poll the models dir's ACTIVE pointer every N s (0 = off). Default: 0."
-        ),
-        client_timeout_s: float | None = typer.Option(
-            None, "--client-timeout", help="Seconds to wait for a request head or the next body chunk. Default: 15."
-        ),
-        max_connections: int | None = typer.Option(
-            None, "--max-connections", help="Open connections at most; more get 503 at once. Default: 1024."
-        ),
-        drift_alpha: float | None = typer.Option(
-            None, "--drift-alpha", help="Drift alarm level (alarm when the p-value martingale reaches 1/alpha). Default: 0.01."
-        ),
-        keep_versions: int | None = typer.Option(None, "--keep-versions", help="Versions kept for rollback. Default: 5."),
-        validate_timeout_s: float | None = typer.Option(
-            None, "--validate-timeout",
-            help="Seconds a bundle from the models dir or /admin may take to verify and warm up (child process). Default: 120.",
-        ),
-        http: str | None = typer.Option(None, "--http", help="uvicorn HTTP parser: auto, h11, httptools. Default: auto."),
-        access_log: bool | None = typer.Option(None, "--access-log/--no-access-log", help="Log every request. Default: off."),
-        log_level: str | None = typer.Option(None, "--log-level", help="Logging level. Default: INFO."),
-    ) -> None:
+
+def flag_name(field: str) -> str:
+    """The `oodguard serve` flag of a Settings field: its name in kebab case, without a seconds suffix."""
+    return _FLAG_NAMES.get(field) or "--" + field.removesuffix("_s").replace("_", "-")
+
+
+def _shown(value: object) -> str:
+    return "unset" if value is None else str(value)
+
+
+def serve_options(settings_cls) -> list[inspect.Parameter]:
+    """One typer option per Settings field (but the token): type, help and default from the field itself."""
+    params = []
+    for name, info in settings_cls.model_fields.items():
+        if name in _NOT_FLAGS:
+            continue
+        kind = info.annotation
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # `X | None`: the flag is X
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        flag = flag_name(name)
+        decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
+        option = typer.Option(
+            None, *decls,
+            help=f"{info.description} Env: OODGUARD_{name.upper()}.",
+            show_default=_shown(info.default),
+            case_sensitive=False,  # a Literal's choices: --log-level info
+        )
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind | None))
+    return params
+
+
+def register(app: typer.Typer) -> None:
+    """Add `serve` to the root `oodguard` app, its flags derived from `Settings`."""
+    try:
+        from .settings import Settings
+    except ModuleNotFoundError as missing:  # without the serve extra, running it names the extra (oodguard.cli.main)
+
+        @app.command("serve", help="Serve a bundle over HTTP (needs the 'serve' extra).")
+        def serve_unavailable() -> None:
+            raise missing
+
+        return
+
+    def serve(**flags) -> None:
         """Serve a bundle over HTTP: /v1/predict, /v1/models, /v2 (Open Inference Protocol), /metrics, /healthz, /readyz.
 
-        Every option can also be set by its OODGUARD_* environment variable; the admin token only by
-        OODGUARD_ADMIN_TOKEN (secrets do not belong on command lines).
+        Every option can also be set by its OODGUARD_* environment variable (a flag wins); the
+        admin token only by OODGUARD_ADMIN_TOKEN (secrets do not belong on command lines).
         """
-        settings = build_settings(
-            bundle=bundle,
-            models_dir=models_dir,
-            host=host,
-            port=port,
-            max_batch=max_batch,
-            max_wait_ms=max_wait_ms,
-            batching=batching,
-            intra_op_threads=threads,
-            decode_threads=decode_threads,
-            max_body_bytes=max_body_bytes,
-            max_images_per_request=max_images,
-            max_pixels=max_pixels,
-            max_image_side=max_image_side,
-            max_request_pixels=max_request_pixels,
-            request_timeout_s=request_timeout_s,
-            watch_interval_s=watch_interval_s,
-            client_timeout_s=client_timeout_s,
-            limit_concurrency=max_connections,
-            keep_versions=keep_versions,
-            validate_timeout_s=validate_timeout_s,
-            drift_alpha=drift_alpha,
-            http=http,
-            access_log=access_log,
-            log_level=log_level,
-        )
+        settings = build_settings(**flags)
         if settings.bundle is None and settings.models_dir is None:
             typer.echo("error: give --bundle PATH or --models-dir DIR (or OODGUARD_BUNDLE / OODGUARD_MODELS_DIR)", err=True)
             raise typer.Exit(2)
@@ -244,3 +226,6 @@ def register(app: typer.Typer) -> None:
         if code:
             raise typer.Exit(code)
         sys.stdout.flush()
+
+    serve.__signature__ = inspect.Signature(serve_options(Settings))
+    app.command("serve")(serve)
