@@ -22,20 +22,44 @@ responses. This subclass:
 
 The body is guarded in the ASGI middleware (size limit, per-read timeout). Used by `oodguard serve`
 via `guarded_httptools_protocol(...)`; with `--http h11` uvicorn's own h11 limit applies instead.
+
+This is a subclass of uvicorn's internal `HttpToolsProtocol`, not a supported extension point: it
+relies on the methods, callbacks and attributes listed in `UVICORN_HOOKS`, and re-implements
+`data_received` (whose upstream source hashes to `UVICORN_DATA_RECEIVED_SHA256`). pyproject.toml
+pins uvicorn and httptools to `TESTED_VERSIONS`, the versions these guards were tested with, and
+tests/service/test_uvicorn.py fails loudly when the pin, a hook or that source changes: upgrade by
+re-reading uvicorn's httptools_impl.py, re-running tests/service/test_slow_clients.py and
+test_hostile.py, then updating the three constants together.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from http import HTTPStatus
 
 import httptools
+import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .errors import OodguardError, render
 
 log = logging.getLogger(__name__)
 
-_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}
-_CODES = {408: "request_timeout", 431: "header_too_large", 503: "too_many_connections"}
+TESTED_VERSIONS = {"uvicorn": "0.54.0", "httptools": "0.9.0"}
+# What the subclass below uses of HttpToolsProtocol: methods it calls or overrides, instance attributes.
+UVICORN_HOOKS = {
+    "methods": (
+        "connection_made", "connection_lost", "data_received", "on_message_begin", "on_url", "on_header",
+        "on_headers_complete", "on_response_complete", "pause_writing", "resume_writing",
+        "_unset_keepalive_if_required", "send_400_response", "_should_upgrade", "handle_websocket_upgrade",
+        "_unsupported_upgrade_warning",
+    ),
+    "attributes": ("connections", "cycle", "pipeline", "flow", "parser", "transport", "loop", "client", "logger"),
+    "cycle_attributes": ("keep_alive", "response_complete"),  # of RequestResponseCycle
+}
+UVICORN_DATA_RECEIVED_SHA256 = "010a7ae59a5d3b1a5e7326ce246878568629d126a076d8af5ba10cab040fae43"
+
 
 
 class _StopParsing(Exception):
@@ -71,14 +95,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing() or self._stopped:
             return
         if self._over_limit:
-            self._refuse(503, f"more than {self.max_connections} open connections; retry shortly")
+            too_many = f"more than {self.max_connections} open connections; retry shortly"
+            self._refuse(OodguardError("unavailable", "too_many_connections", too_many))
             return
         if self._in_head:
             allowed = self.max_head_bytes - self._head_bytes
             # One read may hold the end of the head and the start of the body: the head is too
             # large only if its blank-line terminator is not within the allowance.
             if len(data) > allowed and b"\r\n\r\n" not in self._tail + data[: max(allowed, 0) + 4]:
-                self._refuse(431, f"request head larger than {self.max_head_bytes} bytes")
+                self._refuse(self._head_too_large())
                 return
             self._head_bytes += len(data)
             self._tail = data[-3:]
@@ -149,7 +174,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _count_head(self, n: int) -> None:
         self._parsed_head += n
         if self._parsed_head > self.max_head_bytes:
-            self._refuse(431, f"request head larger than {self.max_head_bytes} bytes")
+            self._refuse(self._head_too_large())
             raise _StopParsing
 
     def _cancel_write_timer(self) -> None:
@@ -178,18 +203,23 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _head_timed_out(self) -> None:
         self._head_timer = None
         if self._in_head and not self.transport.is_closing():
-            self._refuse(408, f"request head not received within {self.head_timeout_s:g} s")
+            late = f"request head not received within {self.head_timeout_s:g} s"
+            self._refuse(OodguardError("client_timeout", "request_timeout", late))
 
-    def _refuse(self, status: int, message: str) -> None:
+    def _head_too_large(self) -> OodguardError:
+        return OodguardError("head_too_large", "header_too_large", f"request head larger than {self.max_head_bytes} bytes")
+
+    def _refuse(self, error: OodguardError) -> None:
         self._stopped = True
-        log.warning("%s: %s; closing the connection", self._peer(), message)
+        log.warning("%s: %s; closing the connection", self._peer(), error.message)
         self._cancel_head_timer()
         if self.cycle is None or self.cycle.response_complete:  # never interleave with a response
-            body = ('{"error":{"code":"%s","message":"%s"}}' % (_CODES[status], message)).encode()
-            retry = b"retry-after: 1\r\n" if status == 503 else b""
+            status, headers, content = render(error)
+            body = orjson.dumps(content)
+            extra = b"".join(b"%s: %s\r\n" % (k.lower().encode(), v.encode()) for k, v in headers.items())
             self.transport.write(
                 b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%sconnection: close\r\n\r\n"
-                % (status, _REASONS[status], len(body), retry)
+                % (status, HTTPStatus(status).phrase.encode(), len(body), extra)
                 + body
             )
         self.transport.close()

@@ -152,3 +152,49 @@ def test_a_pinned_mmap_threshold_returns_large_freed_buffers_to_the_os(threshold
     if max_growth_mib is not None:
         assert int(growth) < max_growth_mib, growth  # glibc's dynamic threshold kept ~64 MiB resident
 
+
+
+# -- the uvicorn internals the connection guards rely on ---------------------------------------------------
+
+
+def test_uvicorn_and_httptools_are_pinned_to_the_versions_the_guards_were_tested_with():
+    import tomllib
+    from importlib.metadata import version
+    from pathlib import Path
+
+    from oodguard.service.http_protocol import TESTED_VERSIONS
+
+    root = Path(__file__).resolve().parents[2]
+    serve_extra = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["serve"]
+    lock = (root / "locks" / "serve.txt").read_text()
+    for package, tested in TESTED_VERSIONS.items():
+        assert version(package) == tested, (
+            f"{package} {version(package)} is installed, but service/http_protocol.py's guards were tested with {tested}"
+        )
+        assert any(req.split("==")[0].split("[")[0] == package and req.endswith(f"=={tested}") for req in serve_extra), serve_extra
+        assert f"\n{package}=={tested} " in lock
+
+
+def test_the_httptools_protocol_hooks_the_guards_rely_on_are_unchanged():
+    import hashlib
+    import inspect
+    import re
+
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+    from oodguard.service.http_protocol import UVICORN_DATA_RECEIVED_SHA256, UVICORN_HOOKS, GuardedHttpToolsProtocol
+
+    missing = [m for m in UVICORN_HOOKS["methods"] if not callable(getattr(HttpToolsProtocol, m, None))]
+    assert not missing, f"uvicorn's HttpToolsProtocol no longer has {missing}: the guards in service/http_protocol.py break"
+    protocol_source = inspect.getsource(HttpToolsProtocol)
+    for attribute in UVICORN_HOOKS["attributes"]:
+        assert re.search(rf"self\.{attribute}\b[^=\n]*=", protocol_source), f"HttpToolsProtocol no longer sets self.{attribute}"
+    cycle_source = inspect.getsource(RequestResponseCycle)
+    for attribute in UVICORN_HOOKS["cycle_attributes"]:
+        assert re.search(rf"self\.{attribute}\b[^=\n]*=", cycle_source), f"RequestResponseCycle no longer sets self.{attribute}"
+    # data_received is re-implemented, not extended: upstream's must still be the one it was copied from.
+    upstream = hashlib.sha256(inspect.getsource(HttpToolsProtocol.data_received).encode()).hexdigest()
+    assert upstream == UVICORN_DATA_RECEIVED_SHA256, "uvicorn changed HttpToolsProtocol.data_received: re-read it"
+    # Everything the subclass overrides is on the list the test checks.
+    overridden = {n for n in vars(GuardedHttpToolsProtocol) if hasattr(HttpToolsProtocol, n) and not n.startswith("__")}
+    assert overridden <= set(UVICORN_HOOKS["methods"]), overridden - set(UVICORN_HOOKS["methods"])
