@@ -1,8 +1,22 @@
-"""Server processes for the serving benchmark: start on a free loopback port, wait for a real 200, stop, CPU.
+"""Server processes on a free loopback port, for the benchmarks and the tests alike: start, wait until ready, stop.
 
-Each server runs in its own process group (TorchServe is a Java frontend plus Python workers), is
-ready when the benchmark's own upload gets a 200, and is stopped with SIGTERM to the group, then
-SIGKILL after a grace period. CPU time is read from /proc for the whole process tree.
+The one helper `bench/` and `tests/` share to run a real server:
+
+    from bench.serve_process import start_serve
+
+    server = start_serve(["--bundle", str(bundle)], tmp_path / "serve.log")  # ready once /readyz is 200
+    httpx.get(f"{server.base}/readyz")
+    server.vm_kb("VmHWM")          # peak resident memory of the server process, in KiB
+    code = server.stop()           # SIGTERM, wait, return the exit status
+
+The benchmarks start `oodguard serve` (`start_oodguard`) and the peer servers (`start`, any
+`ServerSpec`) in their own process group (TorchServe is a Java frontend plus Python workers), ready
+when the benchmark's own upload gets a 200, and stop the whole group (`stop`): SIGTERM, then SIGKILL
+after a grace period. CPU time is read from /proc for the whole process tree.
+
+A server's output goes to a log file (never an unread pipe that could fill up and block it). The
+environment is the caller's minus every `OODGUARD_*` variable, plus `env` - a developer's settings
+never leak into a test or a measurement.
 """
 
 from __future__ import annotations
@@ -15,6 +29,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,9 +68,27 @@ def multipart_request(host: str, image: bytes, path: str = "/v1/predict") -> byt
     return head + body
 
 
-def clean_env() -> dict[str, str]:
-    """This environment minus OODGUARD_* (a stray setting must not change what is measured)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("OODGUARD_")}
+def read_http_response(sock: socket.socket) -> bytes:
+    """One complete response (head + Content-Length body) from a raw socket that may stay open."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed before a complete response head: {data[:200]!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed in the middle of a response body")
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment minus OODGUARD_* (a stray setting must not change what is measured or tested), plus `extra`."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("OODGUARD_")}, **(extra or {})}
 
 
 def torch_env(base: dict[str, str] | None = None) -> dict[str, str]:
@@ -71,33 +104,126 @@ def torch_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _probe(port: int, request: bytes) -> int | None:
-    """Status of one real request (the benchmark's own upload), None when nothing answers."""
+# -- one server process --------------------------------------------------------------------------------
+
+
+@dataclass
+class ServeProcess:
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def vm_kb(self, field: str = "VmRSS") -> int:
+        """A memory field of /proc/<pid>/status (VmRSS: resident now, VmHWM: peak resident), in KiB."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise KeyError(field)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Send `sig` (SIGTERM: graceful) to the server alone and wait; SIGKILL if it does not end in `timeout`.
+        Returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        return self.proc.returncode
+
+    def wait_ready(self, is_ready: Callable[[], bool], timeout_s: float, poll_s: float, log_lines: int | None = 1) -> None:
+        """Poll `is_ready()` until it holds. RuntimeError if the server exits first or `timeout_s` passes, with
+        the log's last `log_lines` lines (None: all of it); the caller stops the server."""
+        deadline = time.monotonic() + timeout_s
+        while not is_ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"exited with status {self.proc.returncode} before answering: {self._tail(log_lines)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not ready within {timeout_s:g} s: {self._tail(log_lines)}")
+            time.sleep(poll_s)
+
+    def _tail(self, lines: int | None) -> str:
+        """The log's last lines (a traceback's last line names the error), and where the whole log is."""
+        try:
+            kept = [line.rstrip() for line in self.log().splitlines() if line.strip()]
+        except OSError:
+            kept = []
+        text = "\n".join(kept[-lines:] if lines else kept) or "(empty log)"
+        return f"{text[:300] if lines == 1 else text} (log: {_rel(self.log_path)})"
+
+    def __enter__(self) -> "ServeProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+def launch(argv: list[str], port: int, log_path: Path, env: dict[str, str] | None = None, own_group: bool = False) -> ServeProcess:
+    """Start `argv` with its output in `log_path` (`own_group`: in a new process group, for `stop`)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as out:  # the child holds its own descriptor
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env or clean_env(), cwd=REPO,
+                                start_new_session=own_group)
+    return ServeProcess(proc, port, log_path)
+
+
+def start_serve(
+    args: list[str],
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    ready_timeout: float = 60.0,
+    python_code: str | None = None,
+) -> ServeProcess:
+    """Start `oodguard serve ARGS --port <free>` and wait until /readyz answers 200 (tests; OMP_NUM_THREADS=1 unless set).
+
+    `python_code`: run `python -c CODE serve ARGS ...` instead of `python -m oodguard.cli` - a
+    test wrapper that patches something (a fault to inject) and then calls `oodguard.cli.main()`.
+    """
+    import httpx
+
+    port = free_port()
+    entry = ["-c", python_code] if python_code else ["-m", "oodguard.cli"]
+    server = launch([sys.executable, *entry, "serve", *args, "--port", str(port)], port, log_path,
+                    env=clean_env({"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}))
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"{server.base}/readyz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-            s.sendall(request)
-            head = s.recv(65536)
-        return int(head[9:12])
-    except (OSError, ValueError):
-        return None
+        server.wait_ready(ready, ready_timeout, poll_s=0.05, log_lines=None)
+    except RuntimeError:
+        server.__exit__()
+        raise
+    return server
 
 
 def start(spec: ServerSpec, port: int, image: bytes, log_path: Path) -> subprocess.Popen:
-    """Start a server in its own process group and wait until the benchmark request gets a 200."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as out:
-        proc = subprocess.Popen(spec.argv, stdout=out, stderr=subprocess.STDOUT, env=spec.env or clean_env(),
-                                cwd=REPO, start_new_session=True)
+    """Start a server in its own process group and wait until the benchmark request gets a 200 (benchmarks)."""
+    server = launch(spec.argv, port, log_path, env=spec.env, own_group=True)
     request = multipart_request(f"127.0.0.1:{port}", image, spec.path)
-    deadline = time.monotonic() + spec.ready_timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with status {proc.returncode} before answering: {_tail(log_path)}")
-        if _probe(port, request) == 200:
-            return proc
-        time.sleep(0.25)
-    stop(proc)
-    raise RuntimeError(f"no 200 answer within {spec.ready_timeout_s:.0f} s: {_tail(log_path)}")
+    try:
+        server.wait_ready(lambda: _probe(port, request) == 200, spec.ready_timeout_s, poll_s=0.25)
+    except RuntimeError:
+        stop(server.proc)
+        raise
+    return server.proc
 
 
 def start_oodguard(args: list[str], image: bytes, log_path: Path, env: dict[str, str] | None = None,
@@ -129,13 +255,18 @@ def stop(proc: subprocess.Popen, grace_s: float = 30.0) -> int:
     return proc.returncode
 
 
-def _tail(path: Path, n: int = 300) -> str:
-    """The log's last line (a traceback's last line names the error), and where the whole log is."""
+def _probe(port: int, request: bytes) -> int | None:
+    """Status of one real request (the benchmark's own upload), None when nothing answers."""
     try:
-        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        lines = []
-    return f"{(lines[-1] if lines else '(empty log)')[:n]} (log: {_rel(path)})"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(request)
+            head = s.recv(65536)
+        return int(head[9:12])
+    except (OSError, ValueError):
+        return None
+
+
+# -- CPU accounting ----------------------------------------------------------------------------------
 
 
 def tree_cpu_seconds(root: int) -> float:
@@ -162,7 +293,6 @@ def tree_cpu_seconds(root: int) -> float:
 def self_cpu_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-
 
 
 def _rel(path: Path) -> str:

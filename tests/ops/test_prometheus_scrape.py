@@ -14,8 +14,9 @@ import time
 import httpx
 import pytest
 
+from bench.serve_process import free_port, start_serve
+
 from ..service.bundle_factory import encode_image
-from ..service.serve_process import free_port, start_serve
 
 pytestmark = [
     pytest.mark.slow,

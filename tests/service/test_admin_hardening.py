@@ -19,8 +19,9 @@ import pytest
 
 from oodguard.service.settings import Settings
 
+from bench.serve_process import start_serve
+
 from .bundle_factory import encode_image, make_tiny_bundle
-from .serve_process import start_serve
 
 pytestmark = pytest.mark.slow
 

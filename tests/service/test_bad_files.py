@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.serve_process import start_serve
+
 from .bundle_factory import encode_image
-from .serve_process import start_serve
 
 # Pillow warns (and then refuses) on the corrupt TIFF headers of the corpus.
 pytestmark = pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")

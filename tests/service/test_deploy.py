@@ -17,8 +17,9 @@ from oodguard.service.bundle import manifest_sha256
 from oodguard.service.cli_deploy import flat_metrics
 from oodguard.service.store import ModelStore
 
+from bench.serve_process import start_serve
+
 from .bundle_factory import make_tiny_bundle
-from .serve_process import start_serve
 
 runner = CliRunner()
 
@@ -145,7 +146,7 @@ def test_flat_metrics_keeps_the_headline_numbers():
 TOKEN = "deploy-test-admin-token-0123456789"
 
 
-def _metric_line(text: str, prefix: str) -> str:
+def metric_line(text: str, prefix: str) -> str:
     return next((line for line in text.splitlines() if line.startswith(prefix)), "")
 
 
@@ -174,8 +175,8 @@ def test_deploy_and_rollback_over_http_to_a_running_server(live_server, src, tmp
     assert "tiny/1 -> tiny/2" in result.output and "validate" in result.output
     assert _active(base) == "2"
     metrics = httpx.get(f"{base}/metrics").text
-    assert 'version="2"' in _metric_line(metrics, "oodguard_model_info{")
-    assert _metric_line(metrics, 'oodguard_model_swaps_total{result="success"}').endswith(" 1.0")
+    assert 'version="2"' in metric_line(metrics, "oodguard_model_info{")
+    assert metric_line(metrics, 'oodguard_model_swaps_total{result="success"}').endswith(" 1.0")
 
     wrong = runner.invoke(app, ["deploy", str(src["1"]), "--url", base], env={"OODGUARD_ADMIN_TOKEN": "x" * 20})
     assert wrong.exit_code == 1 and "HTTP 403" in wrong.output
@@ -196,4 +197,4 @@ def test_file_based_deploy_is_picked_up_by_a_watching_server(live_server, src):
     while _active(base) != "2" and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _active(base) == "2"
-    assert 'version="2"' in _metric_line(httpx.get(f"{base}/metrics").text, "oodguard_model_info{")
+    assert 'version="2"' in metric_line(httpx.get(f"{base}/metrics").text, "oodguard_model_info{")

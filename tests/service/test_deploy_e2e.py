@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from .bundle_factory import encode_image
-from .test_deploy import TOKEN, _metric_line, live_server, src  # noqa: F401  (fixtures)
+from .test_deploy import TOKEN, metric_line, live_server, src  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow
 
@@ -51,9 +51,9 @@ def test_train_then_deploy_run_dir_to_a_running_server(live_server, tiny_data_di
     active = httpx.get(f"{base}/v1/models").json()["active"]
     assert (active["name"], active["version"]) == ("e2e", "2") and len(active["classes"]) == 10
     metrics = httpx.get(f"{base}/metrics").text
-    info = _metric_line(metrics, "oodguard_model_info{")
+    info = metric_line(metrics, "oodguard_model_info{")
     assert 'name="e2e"' in info and 'version="2"' in info
-    assert _metric_line(metrics, 'oodguard_model_swaps_total{result="success"}').endswith(" 1.0")
+    assert metric_line(metrics, 'oodguard_model_swaps_total{result="success"}').endswith(" 1.0")
     image = encode_image((200, 30, 30), size=(32, 32))
     resp = httpx.post(f"{base}/v1/predict", files={"file": ("x.png", image, "image/png")}, timeout=30)
     assert resp.status_code == 200 and resp.json()["model"]["version"] == "2"

@@ -30,8 +30,9 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.serve_process import start_serve
+
 from .bundle_factory import encode_image, make_tiny_bundle
-from .serve_process import start_serve
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .serve_process import ServeProcess, start_serve
+from bench.serve_process import ServeProcess, start_serve
 
 pytestmark = pytest.mark.slow
 

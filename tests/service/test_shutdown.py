@@ -17,8 +17,9 @@ import time
 import httpx
 import pytest
 
+from bench.serve_process import read_http_response, start_serve
+
 from .bundle_factory import encode_image
-from .serve_process import read_http_response, start_serve
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ import tritonclient.http as triton
 from oodguard.service.manifest import load_manifest
 from oodguard.service.preprocess import decode_images
 
-from .serve_process import start_serve
+from bench.serve_process import start_serve
 
 pytestmark = pytest.mark.slow
 

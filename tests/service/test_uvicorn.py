@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.serve_process import start_serve
+
 from .bundle_factory import encode_image
-from .serve_process import start_serve
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ def _request(images: np.ndarray, **extra) -> dict:
     return {"inputs": [{"name": "image", "shape": list(images.shape), "datatype": "FP32", "data": images.ravel().tolist()}], **extra}
 
 
-def _error(r, status: int, code: str, *parts: str) -> None:
+def assert_v2_error(r, status: int, code: str, *parts: str) -> None:
     assert r.status_code == status, r.text
     err = V2ErrorResponse.model_validate(r.json())  # the OIP shape: {"error": "<message>", "code"}
     assert set(r.json()) == {"error", "code"}, r.json()
@@ -36,8 +36,8 @@ def test_not_ready_is_503(make_settings):
 
     c = TestClient(create_app(make_settings()))  # lifespan not started
     assert c.get("/v2/health/live").status_code == 200
-    _error(c.get("/v2/health/ready"), 503, "not_ready")
-    _error(c.post("/v2/models/tiny/infer", json=_request(np.zeros((1, 3, 8, 8), np.float32))), 503, "not_ready")
+    assert_v2_error(c.get("/v2/health/ready"), 503, "not_ready")
+    assert_v2_error(c.post("/v2/models/tiny/infer", json=_request(np.zeros((1, 3, 8, 8), np.float32))), 503, "not_ready")
 
 
 def test_model_metadata(client):
@@ -52,9 +52,9 @@ def test_model_metadata(client):
 
 
 def test_unknown_model_or_version_is_404(client):
-    _error(client.get("/v2/models/other"), 404, "model_not_found", "other")
-    _error(client.get("/v2/models/tiny/versions/7"), 404, "model_not_found", "7")
-    _error(client.post("/v2/models/other/infer", json=_request(np.zeros((1, 3, 8, 8), np.float32))), 404, "model_not_found")
+    assert_v2_error(client.get("/v2/models/other"), 404, "model_not_found", "other")
+    assert_v2_error(client.get("/v2/models/tiny/versions/7"), 404, "model_not_found", "7")
+    assert_v2_error(client.post("/v2/models/other/infer", json=_request(np.zeros((1, 3, 8, 8), np.float32))), 404, "model_not_found")
 
 
 def test_infer_returns_every_output_equal_to_onnxruntime(client, tiny_bundle):
@@ -98,9 +98,9 @@ def test_infer_selected_outputs_and_versioned_route(client):
 def test_bad_tensors_are_422(client, mutate, code, part):
     body = _request(np.zeros((1, 3, 8, 8), np.float32))
     mutate(body)
-    _error(client.post("/v2/models/tiny/infer", json=body), 422, code, part)
+    assert_v2_error(client.post("/v2/models/tiny/infer", json=body), 422, code, part)
 
 
 def test_too_many_images_in_a_tensor(make_client):
     c = make_client(max_images_per_request=2)
-    _error(c.post("/v2/models/tiny/infer", json=_request(np.zeros((3, 3, 8, 8), np.float32))), 422, "invalid_tensor", "N <= 2")
+    assert_v2_error(c.post("/v2/models/tiny/infer", json=_request(np.zeros((3, 3, 8, 8), np.float32))), 422, "invalid_tensor", "N <= 2")

@@ -13,7 +13,7 @@ from oodguard.service.preprocess import decode_images
 from oodguard.service.v2_codec import InputSpec, encode_infer_response, parse_infer_request, split_body
 
 from .bundle_factory import encode_image
-from .test_v2 import _error  # one check of the OIP error shape for both v2 test files
+from .test_v2 import assert_v2_error  # one check of the OIP error shape for both v2 test files
 
 URL = "/v2/models/tiny/infer"
 
@@ -151,7 +151,7 @@ def test_v2_requests_feed_the_p_value_metrics(client):
 )
 def test_malformed_bodies_are_4xx(client, make, status, code, part):
     body, headers = make()
-    _error(client.post(URL, content=body, headers=headers), status, code, part)
+    assert_v2_error(client.post(URL, content=body, headers=headers), status, code, part)
 
 
 def _mutated_binary(mutate) -> tuple[bytes, dict]:
@@ -192,7 +192,7 @@ def _mutated_binary(mutate) -> tuple[bytes, dict]:
 )
 def test_malformed_binary_requests_are_422(client, mutate, code, part):
     body, headers = _mutated_binary(mutate)
-    _error(client.post(URL, content=body, headers=headers), 422, code, part)
+    assert_v2_error(client.post(URL, content=body, headers=headers), 422, code, part)
 
 
 def test_many_requested_outputs_are_refused_before_validation(client):
@@ -201,14 +201,14 @@ def test_many_requested_outputs_are_refused_before_validation(client):
     # the value budget is refused before parsing.
     n_outputs = len(client.get("/v2/models/tiny").json()["outputs"]) + 4  # + the verdict outputs
     body, headers = _mutated_binary(lambda h, raw: (h.update(outputs=[{"name": "msp"}] * (n_outputs + 1)), raw)[1])
-    _error(client.post(URL, content=body, headers=headers), 422, "too_many_outputs", str(n_outputs))
+    assert_v2_error(client.post(URL, content=body, headers=headers), 422, "too_many_outputs", str(n_outputs))
     body, headers = _mutated_binary(lambda h, raw: (h.update(outputs=[{"name": "msp"}] * 20_000), raw)[1])
-    _error(client.post(URL, content=body, headers=headers), 422, "too_many_values", "separators")
+    assert_v2_error(client.post(URL, content=body, headers=headers), 422, "too_many_values", "separators")
 
 
 def test_a_few_repeated_outputs_are_duplicates(client):
     body, headers = _mutated_binary(lambda h, raw: (h.update(outputs=[{"name": "msp"}] * 3), raw)[1])
-    _error(client.post(URL, content=body, headers=headers), 422, "duplicate_output", "msp")
+    assert_v2_error(client.post(URL, content=body, headers=headers), 422, "duplicate_output", "msp")
 
 
 def test_json_data_with_more_values_than_any_valid_tensor_is_refused_unparsed(client):
@@ -216,12 +216,12 @@ def test_json_data_with_more_values_than_any_valid_tensor_is_refused_unparsed(cl
     # values at most; one more than the budget is refused from its separators.
     values = 64 * 3 * 8 * 8 + 1024 + 1
     body = b'{"inputs": [{"name": "image", "shape": [1, 3, 8, 8], "datatype": "FP32", "data": [' + b"0," * values + b"0]}]}"
-    _error(client.post(URL, content=body), 422, "too_many_values", "separators")
+    assert_v2_error(client.post(URL, content=body), 422, "too_many_values", "separators")
 
 
 def test_compressed_body_is_415(client):
     body = gzip.compress(_json_body(_images(1)))
-    _error(client.post(URL, content=body, headers={"content-encoding": "gzip"}), 415, "unsupported_media_type", "gzip")
+    assert_v2_error(client.post(URL, content=body, headers={"content-encoding": "gzip"}), 415, "unsupported_media_type", "gzip")
 
 
 def test_codec_round_trip_is_pure():
