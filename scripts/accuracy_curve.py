@@ -25,10 +25,10 @@ def _epochs(run: Path) -> list[dict]:
 
 
 def main() -> None:
-    from oodguard.training.checkpoint import load_checkpoint
+    from oodguard.training.architectures import create_model
     from oodguard.training.data import load_in_distribution
     from oodguard.training.loop_parts import accuracy
-    from oodguard.training.architectures import create_model
+    from oodguard.training.run_dir import load_checkpoint
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path, help="Run directories in training order (pre-training first).")

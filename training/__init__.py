@@ -1,1 +1,2 @@
-"""Offline half of oodguard (torch): data, models, attacks, losses, trainer, evaluation, export, calibration."""
+"""Offline half of oodguard (torch): data, architectures, attacks, losses, trainer, run directory, evaluation,
+export, calibration."""

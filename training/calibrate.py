@@ -45,13 +45,12 @@ from oodguard.service.bundle import conformal_p_values, make_session, sha256_fil
 from oodguard.service.manifest import BundleManifest, CalibrationInfo, InputSpec, Lineage, OperatingPoint, ScoreSpec
 
 from . import data
-from .checkpoint import write_json_atomic
 from .evaluate import ATTACK_PROTOCOLS, CALIBRATION_FORMS, DEFAULT_SHIFTS, EVAL_DIR, git_commit, load_eval, set_key
 from .export import EXPORT_DIR, EXPORT_JSON, ONNX_FILE, read_export_info, run_onnx
 from .ood_sets import load_ood_set, subsample
 from .package import BuiltBundle, build_bundle
 from .per_class import add_per_class_points, predictor
-from .run_data import RunData, RunError
+from .run_dir import RunData, RunDirError, write_json_atomic
 from .shifts import check_forms, render_form, render_mixed
 
 log = logging.getLogger(__name__)
@@ -133,11 +132,11 @@ def calibrate_run(run_dir: str | Path, cfg: CalibrateConfig) -> BuiltBundle:
     run = RunData.open(run_dir, data_dir=cfg.data_dir)
     onnx_path = Path(cfg.onnx) if cfg.onnx else run.run_dir / EXPORT_DIR / ONNX_FILE
     if not onnx_path.is_file():
-        raise RunError(f"{onnx_path}: no exported model; run `oodguard export {run.run_dir}` first (or pass --onnx)")
+        raise RunDirError(f"{onnx_path}: no exported model; run `oodguard export {run.run_dir}` first (or pass --onnx)")
     ckpt_sha = run.checkpoint_sha256()
     export_info = read_export_info(onnx_path) or {}
     if export_info.get("checkpoint_sha256") not in (None, ckpt_sha):
-        raise RunError(f"{onnx_path} was exported from another checkpoint than the run's last.pt; "
+        raise RunDirError(f"{onnx_path} was exported from another checkpoint than the run's last.pt; "
                        f"run `oodguard export {run.run_dir}` again")
     session = make_session(onnx_path, intra_op_threads=0, providers=["CPUExecutionProvider"])
     outputs = [o.name for o in session.get_outputs()]

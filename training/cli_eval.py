@@ -48,11 +48,10 @@ def _input_errors():
     """Exception types that mean bad input (exit 2), imported lazily with torch."""
     from oodguard.service.bundle import BundleError
 
-    from .checkpoint import CheckpointError
     from .data import DataError
-    from .run_data import RunError
+    from .run_dir import RunDirError
 
-    return (RunError, CheckpointError, DataError, BundleError, FileNotFoundError, ValueError)
+    return (RunDirError, DataError, BundleError, FileNotFoundError, ValueError)
 
 
 def evaluate(
@@ -93,7 +92,8 @@ def evaluate(
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write ROC and histogram PNGs."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda or cuda:N."),
 ) -> None:
-    """Measure OOD detection clean and under PGD attack on each score; writes eval.json, eval.md and plots."""
+    """Measure OOD detection clean, under PGD attack and (--certify) certified, per score; writes eval.json,
+    eval.md and plots."""
     from .evaluate import EvalConfig, evaluate_run
 
     cfg = EvalConfig(max_samples=max_samples, batch_size=batch_size, maha_fit_samples=maha_fit_samples,

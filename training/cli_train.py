@@ -192,14 +192,13 @@ def train_command(
         os.environ["GOMP_SPINCOUNT"] = "10000"
 
     # torch from here on
-    from .checkpoint import CheckpointError
     from .data import DataError
-    from .runinfo import RunDirError
+    from .run_dir import RunDirError
     from .trainer import train
 
     try:
         result = train(cfg)
-    except (DataError, RunDirError, CheckpointError) as exc:
+    except (DataError, RunDirError) as exc:
         _fail(str(exc))
     except ValueError as exc:  # configuration problems found while building the run (sizes, devices, ...)
         _fail(str(exc))
@@ -211,13 +210,13 @@ def train_command(
 
 def _check_resume_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> None:
     """On --resume only operational flags may change; anything else would break bit-for-bit continuation."""
-    from .checkpoint import CheckpointError, last_checkpoint_path, load_checkpoint
+    from .run_dir import RunDirError, last_checkpoint_path, load_checkpoint
     from .trainer import OPERATIONAL_KEYS
 
     path = last_checkpoint_path(cfg.out)
     try:
         stored = load_checkpoint(path)["config"]
-    except CheckpointError as exc:
+    except RunDirError as exc:
         _fail(f"--resume: {exc}")
     canon = lambda v: json.dumps(v, sort_keys=True, default=str)  # noqa: E731  (tuples vs lists)
     changed = [f"--{k.replace('_', '-')} (run: {stored.get(k)!r}, given: {v!r})" for k, v in overrides.items()

@@ -40,12 +40,11 @@ from tqdm.auto import tqdm
 
 from . import data
 from .attacks import AttackConfig, pgd_with, pgd_worst_case
-from .checkpoint import write_json_atomic
 from .loop_parts import resolve_device
 from .ood_metrics import ood_metrics
 from .ood_sets import load_ood_set, subsample, subset_indices
-from .run_data import RunData
 from .report import write_report
+from .run_dir import RunData, write_json_atomic
 from .scores import (
     SCORES,
     WORST_CASE_OBJECTIVES,

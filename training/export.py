@@ -33,10 +33,9 @@ from torch import nn
 from oodguard.service.bundle import make_session, sha256_file
 
 from . import data
-from .checkpoint import write_json_atomic
 from .evaluate import EVAL_DIR, MAHALANOBIS_NPZ, fit_mahalanobis_for_run, git_commit, load_eval
 from .ood_sets import subsample
-from .run_data import RunData
+from .run_dir import RunData, write_json_atomic
 from .scores import SCORES, MahalanobisParams, ScoreContext, check_score_names, forward_with_features
 
 log = logging.getLogger(__name__)

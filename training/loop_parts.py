@@ -1,5 +1,6 @@
 """Pieces of the training loop that are not the loop: the learning-rate schedule, stop signals, device
-and precision, BN behaviour during the training attack, CPU contention, accuracy.
+and precision, BN behaviour during the training attack, CPU contention, the process's RNG state (for
+checkpoints), accuracy.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import contextlib
 import logging
 import math
 import os
+import random
 import signal
 import threading
 from collections.abc import Iterator
@@ -146,6 +148,36 @@ def attack_bn(model: nn.Module, mode: str) -> Iterator[None]:
                 m.running_mean.copy_(mean), m.running_var.copy_(var), m.num_batches_tracked.copy_(n)
 
 
+# -- RNG state as tensors / plain containers (weights_only-loadable) ----------------------------------
+
+
+def capture_rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_version, "internal": torch.tensor(py_internal, dtype=torch.int64), "gauss_next": py_gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+# -- evaluation -------------------------------------------------------------------------------------------
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray, device: torch.device,
              batch_size: int = 500, channels_last: bool = False) -> float:
@@ -162,5 +194,3 @@ def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray, device: t
     model.train(was_training)
     return correct / max(1, len(images))
 
-
-# -- setup helpers ------------------------------------------------------------------------------------

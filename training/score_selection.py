@@ -25,7 +25,7 @@ from . import data
 from .attacks import pgd_worst_case
 from .ood_metrics import ood_metrics
 from .ood_sets import subsample, subset_indices
-from .run_data import RunData
+from .run_dir import RunData
 from .scores import ScoreContext, scored_forward
 
 log = logging.getLogger(__name__)

@@ -32,24 +32,23 @@ from torch import nn
 
 from . import distributed as ddp
 from .attacks import pgd_linf
-from .checkpoint import (
-    CONFIG_FILE, LOG_FILE, SPLIT_FILE, capture_rng_state, last_checkpoint_path, load_checkpoint,
-    load_initial_weights, resolve_model_config, restore_rng_state, save_checkpoint, write_json_atomic,
-)
 from .config import ATTACKS_INLIERS, ATTACKS_OUTLIERS, USES_OUTLIERS, TrainConfig, config_from_dict
 from .augment import UploadAugment
 from .data import BatchStream, ImageSet, calibration_split, load_in_distribution, load_outliers, outlier_holdout
-from .loop_parts import (  # noqa: F401  (CosineSchedule, accuracy: re-exported)
-    CosineSchedule, StopSignals, accuracy, attack_bn, autocast, resolve_device, warn_if_cpu_is_contended,
+from .loop_parts import (
+    CosineSchedule, StopSignals, accuracy, attack_bn, autocast, capture_rng_state, resolve_device, restore_rng_state,
+    warn_if_cpu_is_contended,
 )
 from .losses import ce_per_sample, oe_loss, oe_loss_per_sample
 from .architectures import create_model
-from .runinfo import check_run_dir, code_version, environment_info, prepare_run_dir
+from .run_dir import (
+    CHECKPOINT_FORMAT, CONFIG_FILE, LOG_FILE, SPLIT_FILE, SUMMARY_FILE, check_run_dir, code_version, environment_info,
+    last_checkpoint_path, load_checkpoint, load_initial_weights, prepare_run_dir, resolve_model_config,
+    save_checkpoint, write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
-SUMMARY_FILE = "summary.json"
-CHECKPOINT_FORMAT = 1
 _WARMUP_STEPS = 5  # steps excluded from images/s (allocator and oneDNN warm-up)
 _PROBE_STEPS = 20  # timed steps before fitting the schedule to a time budget
 _REFIT_EVERY = 50  # then re-fit every this many steps: a shared machine's speed drifts

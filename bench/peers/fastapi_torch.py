@@ -1,7 +1,7 @@
 """What a user writes by hand to serve a PyTorch classifier: one FastAPI endpoint, one forward per request.
 
 Same endpoint as fastapi_onnx.py, but the model is the eager PyTorch module loaded from the training
-run's checkpoint (`oodguard.training.checkpoint.load_model_from_run`), run under
+run's checkpoint (`oodguard.training.run_dir.load_model_from_run`), run under
 `torch.inference_mode()`. Normalisation is the model's first layer, so the input is [0, 1] pixels as
 for the ONNX graph. Torch's default thread settings unless `--threads N` is given.
 
@@ -19,7 +19,7 @@ import torch
 from fastapi import FastAPI, UploadFile
 from PIL import Image
 
-from oodguard.training.checkpoint import load_model_from_run
+from oodguard.training.run_dir import load_model_from_run
 
 
 def create_app(run_dir: Path, size: tuple[int, int] = (32, 32)) -> FastAPI:

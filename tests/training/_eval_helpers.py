@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from oodguard.training.checkpoint import save_checkpoint
+from oodguard.training.run_dir import save_checkpoint
 from oodguard.training.data import calibration_split, load_in_distribution, to_tensor
 from oodguard.training.architectures import create_model
 

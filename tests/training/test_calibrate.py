@@ -16,7 +16,7 @@ from oodguard.training.calibrate import CalibrateConfig, calibrate_run, operatin
 from oodguard.training.data import to_tensor
 from oodguard.training.evaluate import CALIBRATION_FORMS, DEFAULT_SHIFTS, EvalConfig, evaluate_run
 from oodguard.training.export import export_run, run_onnx
-from oodguard.training.run_data import RunData
+from oodguard.training.run_dir import RunData
 from oodguard.training.shifts import render_mixed
 
 from ._eval_helpers import make_run

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from oodguard.cli import app
-from oodguard.training.checkpoint import load_model_from_run
+from oodguard.training.run_dir import load_model_from_run
 
 runner = CliRunner()
 TINY = ["--model-kwargs", '{"widths": [8, 16, 16], "stem": 8}', "--calibration-size", "40", "--batch-size", "32",

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from oodguard.training.checkpoint import load_checkpoint
+from oodguard.training.run_dir import load_checkpoint
 
 _WORKER = textwrap.dedent("""
     import os, sys, torch

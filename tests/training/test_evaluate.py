@@ -12,7 +12,7 @@ from oodguard.training.attacks import pgd_with
 from oodguard.training.evaluate import ATTACK_PROTOCOLS, EvalConfig, evaluate_run, load_eval, set_key
 from oodguard.training.ood_metrics import METRIC_KEYS
 from oodguard.training.ood_sets import SYNTHETIC_SETS, load_ood_set, synthetic_images
-from oodguard.training.run_data import RunData
+from oodguard.training.run_dir import RunData
 from oodguard.training.scores import SCORES, ScoreContext, attack_objective, fit_mahalanobis
 
 from ._eval_helpers import float_images, make_run, tiny_model

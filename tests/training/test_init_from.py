@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from oodguard.training.checkpoint import CheckpointError, load_checkpoint
+from oodguard.training.run_dir import RunDirError, load_checkpoint
 from oodguard.training.trainer import train
 
 
@@ -40,21 +40,21 @@ def test_fine_tuning_from_scratch_differs(tiny_config, tmp_path):
 
 def test_a_source_with_another_calibration_split_is_refused(tiny_config, tmp_path):
     train(tiny_config(method="msp", max_steps=2, eval_test=False, split_seed=5, out=str(tmp_path / "pre")))
-    with pytest.raises(CheckpointError, match="calibration split differs"):
+    with pytest.raises(RunDirError, match="calibration split differs"):
         train(tiny_config(method="oe", max_steps=2, eval_test=False, init_from=str(tmp_path / "pre"),
                           out=str(tmp_path / "ft")))
 
 
 def test_a_source_with_another_model_is_refused(tiny_config, tmp_path):
     train(tiny_config(method="msp", max_steps=2, eval_test=False, out=str(tmp_path / "pre")))
-    with pytest.raises(CheckpointError, match="is not this run's"):
+    with pytest.raises(RunDirError, match="is not this run's"):
         train(tiny_config(method="oe", max_steps=2, eval_test=False, init_from=str(tmp_path / "pre"),
                           model_kwargs={"widths": [8, 16, 32], "stem": 8}, out=str(tmp_path / "ft")))
 
 
 def test_a_source_that_trained_on_our_validation_outliers_is_refused(tiny_config, tmp_path):
     train(tiny_config(method="oe", max_steps=2, eval_test=False, outlier_holdout=0.3, out=str(tmp_path / "pre")))
-    with pytest.raises(CheckpointError, match="validation outliers"):
+    with pytest.raises(RunDirError, match="validation outliers"):
         train(tiny_config(method="oe", max_steps=2, eval_test=False, init_from=str(tmp_path / "pre"),
                           out=str(tmp_path / "ft")))  # default holdout 0.1: other held-out outliers
     # the same holdout is fine
@@ -65,7 +65,7 @@ def test_a_source_that_trained_on_our_validation_outliers_is_refused(tiny_config
 def test_outlier_holdout_keeps_validation_outliers_out_of_the_stream(tiny_config, tmp_path):
     """The outlier stream the loop draws from holds none of the held-out images (checked on the images fed)."""
     from oodguard.training import trainer as trainer_mod
-    from oodguard.training.checkpoint import load_split
+    from oodguard.training.run_dir import load_split
     from oodguard.training.data import held_out_outliers, load_outliers
 
     seen = []

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from oodguard.training.checkpoint import load_checkpoint
+from oodguard.training.run_dir import load_checkpoint
 from oodguard.training.trainer import train
 
 

@@ -14,7 +14,7 @@ from oodguard.service.preprocess import decode_images
 from oodguard.training.calibrate import CalibrateConfig, calibrate_run
 from oodguard.training.data import load_image_folder, to_tensor
 from oodguard.training.export import ScoringModule, export_run, load_or_fit_mahalanobis, run_onnx
-from oodguard.training.run_data import RunData
+from oodguard.training.run_dir import RunData
 from oodguard.training.scores import ScoreContext
 
 from ._eval_helpers import make_run

@@ -9,12 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from oodguard.training import trainer as trainer_mod
-from oodguard.training.checkpoint import load_checkpoint, load_model_from_run, load_split
 from oodguard.training.config import METHODS
 from oodguard.training.data import calibration_split
-from oodguard.training.runinfo import RunDirError
-from oodguard.training.trainer import CosineSchedule, train
+from oodguard.training.run_dir import RunDirError, load_checkpoint, load_model_from_run, load_split
+from oodguard.training.trainer import train
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -94,48 +92,6 @@ def test_time_budget_stops_cleanly_and_fits_the_schedule(tiny_config, tmp_path):
     assert last["lr"] < 0.02  # re-fitted to the budget, the cosine got (nearly) to its end
 
 
-def test_cosine_schedule():
-    s = CosineSchedule(lr=0.1, min_lr=1e-6, total_steps=100)
-    assert s.lr_at(0) == pytest.approx(0.1) and s.lr_at(50) == pytest.approx(0.05 + 5e-7)
-    assert s.lr_at(100) == pytest.approx(1e-6) and s.lr_at(1000) == pytest.approx(1e-6)
-    w = CosineSchedule(lr=0.1, min_lr=0.0, total_steps=110, warmup_steps=10)
-    assert w.lr_at(0) == pytest.approx(0.01) and w.lr_at(9) == pytest.approx(0.1) and w.lr_at(60) == pytest.approx(0.05)
-
-
-def test_schedule_refit_keeps_the_lr_continuous_and_ends_at_min_lr():
-    plain = CosineSchedule(lr=0.1, min_lr=0.0, total_steps=100)
-    same = CosineSchedule(lr=0.1, min_lr=0.0, total_steps=100)
-    same.refit(40, 100)  # a refit to the same end changes nothing
-    assert all(abs(same.lr_at(i) - plain.lr_at(i)) < 1e-12 for i in range(101))
-    longer = CosineSchedule(lr=0.1, min_lr=0.0, total_steps=100)
-    longer.refit(40, 200)  # the machine got faster: stretch the rest
-    assert longer.lr_at(40) == pytest.approx(plain.lr_at(40))
-    assert plain.lr_at(41) < longer.lr_at(41) < longer.lr_at(40)
-    assert longer.lr_at(200) == pytest.approx(0.0, abs=1e-12) and longer.lr_at(150) > 0
-    state = longer.state_dict()
-    restored = CosineSchedule(lr=0.1, min_lr=0.0, total_steps=100)
-    restored.load_state_dict(state)
-    assert [restored.lr_at(i) for i in range(40, 201)] == [longer.lr_at(i) for i in range(40, 201)]
-
-
-@pytest.mark.parametrize("mode", ["frozen", "eval"])
-def test_attack_bn_modes_do_not_touch_running_stats(mode):
-    from oodguard.training.attacks import pgd_linf
-    from oodguard.training.losses import oe_loss_per_sample
-    from oodguard.training.architectures import create_model
-
-    model = create_model("small_cnn", widths=(8, 16, 16), stem=8).train()
-    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
-    with trainer_mod.attack_bn(model, mode):
-        pgd_linf(lambda z: oe_loss_per_sample(model(z)), torch.rand(8, 3, 32, 32), eps=1 / 255, steps=2, step_size=1 / 255)
-    assert model.training
-    for k, v in before.items():
-        assert torch.equal(model.state_dict()[k], v), k
-    with trainer_mod.attack_bn(model, "train"):  # the reference behaviour: running stats move
-        model(torch.rand(8, 3, 32, 32))
-    assert not torch.equal(model.state_dict()["trunk.1.running_mean"], before["trunk.1.running_mean"])
-
-
 def test_keep_epoch_checkpoints(tiny_config, tmp_path):
     train(tiny_config(method="msp", max_steps=22, keep_epoch_checkpoints=True, eval_test=False))
     ck = tmp_path / "run" / "checkpoints"
@@ -143,35 +99,18 @@ def test_keep_epoch_checkpoints(tiny_config, tmp_path):
     assert load_checkpoint(ck / "epoch_002.pt")["step"] == 22 and load_checkpoint(ck / "last.pt")["step"] == 22
 
 
-def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    from oodguard.training import checkpoint
-
-    path = tmp_path / "last.pt"
-    checkpoint.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
-
-    def torn_save(obj, f):
-        f.write(b"half a checkpoint")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(checkpoint.torch, "save", torn_save)
-    with pytest.raises(OSError):
-        checkpoint.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
-    assert checkpoint.load_checkpoint(path)["step"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp files left behind
-
-
 def test_checkpoints_of_the_first_small_cnn_still_load(tiny_config, tmp_path):
     """small_cnn first concatenated max- and mean-pooled features; runs made then still load."""
-    from oodguard.training import checkpoint
+    from oodguard.training import run_dir
     from oodguard.training.architectures import create_model
 
     train(tiny_config(method="msp", max_steps=2, eval_test=False))
     path = tmp_path / "run" / "checkpoints" / "last.pt"
-    state = checkpoint.load_checkpoint(path)
+    state = run_dir.load_checkpoint(path)
     legacy = create_model("small_cnn", widths=(8, 16, 16), stem=8, pool="maxavg").eval()
     state["model"] = legacy.state_dict()
     state["model_config"] = {"name": "small_cnn", "num_classes": 10, "widths": [8, 16, 16], "stem": 8}  # no "pool"
-    checkpoint.save_checkpoint(path, state)
+    run_dir.save_checkpoint(path, state)
     model, _ = load_model_from_run(tmp_path / "run")
     assert model.pool == "maxavg"
     x = torch.rand(3, 3, 32, 32)
@@ -179,5 +118,5 @@ def test_checkpoints_of_the_first_small_cnn_still_load(tiny_config, tmp_path):
         torch.testing.assert_close(model(x), legacy(x))
     resumed = train(tiny_config(method="msp", max_steps=2, resume=True, stop_at_step=3))  # resume rebuilds it too
     assert resumed.model.pool == "maxavg"
-    with pytest.raises(checkpoint.CheckpointError, match="do not fit"):
-        checkpoint.resolve_model_config({"name": "small_cnn", "num_classes": 10}, legacy.state_dict())
+    with pytest.raises(run_dir.RunDirError, match="do not fit"):
+        run_dir.resolve_model_config({"name": "small_cnn", "num_classes": 10}, legacy.state_dict())
