@@ -1,6 +1,6 @@
-"""Pieces of the training loop that are not the loop: the learning-rate schedule, stop signals, device
-and precision, BN behaviour during the training attack, CPU contention, the process's RNG state (for
-checkpoints), accuracy.
+"""Pieces of the training loop that are not the loop: the learning-rate schedule and its fit to a time
+budget, the step meter (losses, images/s), the progress bar, stop signals, device and precision, BN
+behaviour during the training attack, CPU contention, the process's RNG state (for checkpoints), accuracy.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ import math
 import os
 import random
 import signal
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -63,6 +65,115 @@ class CosineSchedule:
         self.lr, self.min_lr, self.total_steps, self.warmup_steps = s["lr"], s["min_lr"], s["total_steps"], s["warmup_steps"]
         self.anchor_step = s.get("anchor_step", self.warmup_steps)
         self.anchor_progress = s.get("anchor_progress", 0.0)
+
+
+class StepMeter:
+    """A run's per-step losses (this invocation), the epoch's sums for its log line (kept on the device: no
+    host sync per step) and step times for images/s (the first `warmup_steps` excluded)."""
+
+    def __init__(self, max_steps: int, n_in: int, world_size: int, device: torch.device, warmup_steps: int = 0):
+        self.n_in, self.world_size, self.warmup_steps = n_in, world_size, warmup_steps
+        self.losses = torch.zeros(max(1, max_steps), dtype=torch.float32, device=device)
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, ce, oe, correct — this epoch
+        self.steps = 0  # this invocation
+        self.epoch_steps, self.epoch_seconds = 0, 0.0
+        self.timed_steps, self.timed_seconds = 0, 0.0
+
+    def record(self, loss: torch.Tensor, ce: torch.Tensor, oe: torch.Tensor, logits_in: torch.Tensor,
+               y: torch.Tensor, started: float) -> None:
+        correct = (logits_in.argmax(1) == y).sum()
+        self.sums += torch.stack([loss.detach().double(), ce.detach().double(), oe.detach().double(), correct.double()])
+        self.losses[self.steps] = loss.detach().float()
+        self.steps += 1
+        self.epoch_steps += 1
+        dt = time.perf_counter() - started
+        self.epoch_seconds += dt
+        if self.steps > self.warmup_steps:
+            self.timed_seconds += dt
+            self.timed_steps += 1
+
+    def mean_step_seconds(self) -> float:
+        return self.timed_seconds / max(1, self.timed_steps)
+
+    def epoch_images_per_s(self) -> float:
+        return self.n_in * self.world_size * self.epoch_steps / max(self.epoch_seconds, 1e-9)
+
+    def timed_images_per_s(self) -> float:
+        return self.n_in * self.world_size * self.timed_steps / self.timed_seconds if self.timed_steps else float("nan")
+
+    def new_epoch(self) -> None:
+        self.sums.zero_()
+        self.epoch_steps, self.epoch_seconds = 0, 0.0
+
+    def step_losses(self) -> list[float]:
+        return self.losses[: self.steps].tolist()
+
+
+class BudgetFit:
+    """--time-budget with --fit-schedule: once the step time is known (`probe_steps` timed steps, or 10% of
+    the budget), fit the cosine schedule to the time left, then re-fit every `refit_every` steps from the
+    recent step time, so the learning rate reaches ~min_lr when the budget ends."""
+
+    probe_steps = 20  # timed steps before the first fit
+    refit_every = 50  # then re-fit every this many steps: a shared machine's speed drifts
+
+    def __init__(self, time_budget: float, planned_total: int):
+        self.time_budget, self.planned_total = time_budget, planned_total
+        self.last_fit: tuple[int, float] | None = None  # (step, loop seconds) of the last fit
+
+    def refit(self, schedule: CosineSchedule, step: int, loop_seconds: float, meter: StepMeter, info: ddp.DistInfo,
+              device: torch.device, steps_per_epoch: int) -> bool:
+        """True when the schedule was (re-)fitted at this step."""
+        probed = meter.timed_steps >= self.probe_steps or (meter.timed_steps >= 3 and loop_seconds > 0.1 * self.time_budget)
+        if not probed or (self.last_fit is not None and step - self.last_fit[0] < self.refit_every):
+            return False
+        if self.last_fit is None:
+            per_step = meter.timed_seconds / meter.timed_steps
+        else:
+            per_step = (loop_seconds - self.last_fit[1]) / (step - self.last_fit[0])
+        remaining = self.time_budget - loop_seconds
+        fitted = min(self.planned_total, step + max(1, int(0.97 * remaining / per_step)))
+        fitted = ddp.broadcast_int(info, fitted, device)
+        if fitted != schedule.total_steps:
+            log.log(logging.INFO if self.last_fit is None else logging.DEBUG,
+                    "time budget %.0fs: %.3fs/step -> schedule fitted to %d steps (%.2f epochs)",
+                    self.time_budget, per_step, fitted, fitted / steps_per_epoch)
+        schedule.refit(step, fitted)
+        self.last_fit = (step, loop_seconds)
+        return True
+
+
+class ProgressBar:
+    """tqdm on stderr (when enabled), updated every `log_every` steps, at the end, and every 2 s when steps
+    are slow. Each update reads the epoch's sums from the device (a host sync)."""
+
+    def __init__(self, enabled: bool, total: int, initial: int, desc: str, log_every: int):
+        self.bar = None
+        self.log_every = log_every
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True,
+                            desc=desc, mininterval=1.0)
+        self.shown = time.perf_counter()
+
+    def set_total(self, total: int) -> None:
+        if self.bar is not None:
+            self.bar.total = total
+
+    def show(self, step: int, total: int, meter: StepMeter, lr: float) -> None:
+        if self.bar is None or not (step % self.log_every == 0 or step == total
+                                    or time.perf_counter() - self.shown > 2.0):
+            return
+        self.shown = time.perf_counter()
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(loss=f"{meter.sums[0].item() / meter.epoch_steps:.3f}",
+                             acc=f"{meter.sums[3].item() / (meter.epoch_steps * meter.n_in):.3f}",
+                             img_s=f"{meter.epoch_images_per_s():.0f}", lr=f"{lr:.4f}", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class StopSignals:
