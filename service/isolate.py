@@ -8,8 +8,10 @@ verified (`verify_bundle`: schema, hashes, ONNX scan, onnxruntime load, golden o
 with the batch sizes the service will use, in a child process that is killed when it takes longer
 than `validate_timeout_s`. Only a bundle that passed there is loaded by the service itself.
 
-Children come from a `forkserver` that imports numpy, onnxruntime and the bundle code once, so a
-check costs a fork (tens of milliseconds), not an interpreter start-up; the fork server stays for
+Children come from a `forkserver` that imports numpy, onnxruntime, the bundle code and the main
+module once (a child would otherwise execute `oodguard.cli` again, ~0.3 s of CPU), so a check
+costs a fork (tens of milliseconds), not an interpreter start-up, and runs at niceness 10: a busy
+admin pipeline takes idle CPU, not the predictions' share. The fork server stays for
 the life of the process (~70 MiB resident). As with any multiprocessing start method but `fork`,
 a script that calls this at import time needs the `if __name__ == "__main__":` guard (the
 children import the main module; `oodguard serve` has it). A child that dies (a crash
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import sys
 import threading
 from pathlib import Path
 
@@ -29,6 +33,9 @@ from .bundle import BundleError
 log = logging.getLogger(__name__)
 
 _PRELOAD = ["numpy", "onnxruntime", "oodguard.service.bundle"]
+# A validation competes for the cores that serve requests; below normal priority it runs on idle
+# CPU first, so a slow or hostile bundle delays its own verdict rather than every prediction.
+CHILD_NICENESS = 10
 _lock = threading.Lock()
 _children: set = set()
 _context = None
@@ -39,9 +46,19 @@ def _ctx():
     with _lock:
         if _context is None:
             ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(_PRELOAD)
+            ctx.set_forkserver_preload(forkserver_preload())
             _context = ctx
         return _context
+
+
+def forkserver_preload() -> list[str]:
+    """What the fork server imports once: the bundle code, and the main module, which every child
+    would otherwise execute again (`oodguard serve` started as a script or with `python -m`)."""
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = getattr(main_spec, "name", "__main__")
+    # a package's __main__ (`python -m pytest`) is not re-run by the children; importing it would run it
+    main_module = [] if name == "__main__" or name.endswith(".__main__") else [name]
+    return ["__main__", *_PRELOAD, *main_module]
 
 
 def verify_in_child(bundle_dir: str | Path, *, intra_op_threads: int, warm_batches: tuple[int, ...], timeout_s: float) -> None:
@@ -93,6 +110,7 @@ def _child(bundle_dir: str, intra_op_threads: int, warm_batches: tuple[int, ...]
     from .loaded_model import LoadedModel
 
     try:
+        os.nice(CHILD_NICENESS)
         report = verify_bundle(bundle_dir, intra_op_threads=intra_op_threads)
         LoadedModel(Path(bundle_dir), report.manifest, report.sha256, report.session, report.calibration).warm(warm_batches)
         sender.send(None)

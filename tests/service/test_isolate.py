@@ -1,0 +1,87 @@
+"""Bundle validation children (service/isolate.py) do not compete with predictions for the cores.
+
+A hostile admin can keep a validation spinning for `validate_timeout_s` after every upload; on a
+2-core host that child would take a core from the requests. It runs at niceness 10, and the fork
+server imports the main module once so that a child does not execute `oodguard.cli` again.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import tarfile
+import threading
+import time
+import types
+from pathlib import Path
+
+import httpx
+
+from bench.serve_process import start_serve
+from oodguard.service import isolate
+
+from .bundle_factory import make_endless_bundle
+
+TOKEN = "isolate-test-admin-token-0123456789"
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc (children of children included)."""
+    parent_of: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        parent_of[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [p for p, pp in parent_of.items() if pp == parent]
+        found += children
+        frontier += children
+    return found
+
+
+def _niceness(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+    except OSError:
+        return None
+
+
+def test_a_spinning_validation_runs_below_the_server_priority(tiny_bundle, tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(make_endless_bundle(tmp_path / "endless"), arcname="bundle")
+    args = ["--bundle", str(tiny_bundle), "--models-dir", str(tmp_path / "models"), "--decode-threads", "1",
+            "--validate-timeout", "600"]
+    with start_serve(args, tmp_path / "serve.log", env={"OODGUARD_ADMIN_TOKEN": TOKEN, "OODGUARD_GRACEFUL_SHUTDOWN_S": "2"}) as s:
+        before = {pid: _niceness(pid) for pid in _descendants(s.pid)}
+        uploader = threading.Thread(target=lambda: _upload(s.base, buf.getvalue()), daemon=True)
+        uploader.start()
+        deadline, niced = time.monotonic() + 60, []
+        while not niced and time.monotonic() < deadline:  # the child exists once the upload is staged
+            time.sleep(0.2)
+            niced = [pid for pid in _descendants(s.pid) if pid not in before and _niceness(pid) == 10]
+        assert niced, ("no validation child at niceness 10", {p: _niceness(p) for p in _descendants(s.pid)})
+        assert _niceness(s.pid) == 0 and all(n == 0 for n in before.values())  # only the child is lowered
+        assert s.stop(timeout=30) == 0
+
+
+def _upload(base: str, archive: bytes) -> None:
+    try:
+        httpx.post(base + "/admin/models", content=archive, timeout=120,
+                   headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/gzip"})
+    except httpx.HTTPError:  # the server is stopped while this upload still validates
+        pass
+
+
+def test_the_fork_server_preloads_the_main_module_but_never_a_package_main(monkeypatch):
+    monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace(__spec__=types.SimpleNamespace(name="oodguard.cli")))
+    assert isolate.forkserver_preload()[-1] == "oodguard.cli" and "oodguard.service.bundle" in isolate.forkserver_preload()
+    # `python -m pytest`: importing pytest.__main__ in the fork server would run pytest there
+    monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace(__spec__=types.SimpleNamespace(name="pytest.__main__")))
+    assert "pytest.__main__" not in isolate.forkserver_preload()
+    monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace(__spec__=None))  # a script: main_path
+    assert isolate.forkserver_preload()[0] == "__main__" and len(isolate.forkserver_preload()) == 4
