@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from oodguard.training.scores import (
+    ATTACK_SURROGATES,
     SCORES,
+    MahalanobisParams,
     ScoreContext,
     attack_objective,
     check_score_names,
@@ -21,6 +23,7 @@ from oodguard.training.scores import (
     msp,
     odin,
     odin_preprocess,
+    scored_forward,
 )
 
 from ._eval_helpers import float_images, tiny_model
@@ -155,3 +158,36 @@ def test_check_score_names():
         check_score_names(["odin"], exportable_only=True)
     with pytest.raises(ValueError, match="needs fitted"):
         compute_scores(tiny_model(), float_images(2), ["mahalanobis"], ScoreContext())
+
+
+def test_mahalanobis_params_round_trip_through_npz(tmp_path):
+    f, y, _, _ = _gaussian_features(200)
+    params = fit_mahalanobis(f, y, 3, shrinkage=0.25)
+    params.save_npz(tmp_path / "maha.npz")
+    back = MahalanobisParams.load_npz(tmp_path / "maha.npz")
+    assert torch.equal(back.means, params.means.float()) and torch.equal(back.precision, params.precision.float())
+    assert back.means.dtype == back.precision.dtype == torch.float32
+    assert (back.num_fit_samples, back.shrinkage) == (params.num_fit_samples, 0.25) and back.num_fit_samples == len(f)
+    assert isinstance(back.num_fit_samples, int) and isinstance(back.shrinkage, float)
+    moved = back.to("cpu")
+    assert torch.equal(moved.means, back.means) and torch.equal(moved.precision, back.precision)
+    assert (moved.num_fit_samples, moved.shrinkage) == (back.num_fit_samples, back.shrinkage)
+
+
+@pytest.mark.parametrize("name", list(SCORES))
+def test_scored_forward_gives_the_score_and_every_surrogate_of_one_pass(name):
+    """The worst-case attack's input: (score, {"score", log_msp, margin, ce_uniform}) on the same logits."""
+    model = tiny_model()
+    x = float_images(6)
+    ctx = ScoreContext(mahalanobis=fit_mahalanobis(torch.randn(200, model.feature_dim), torch.arange(200) % 10, 10))
+    score, parts = scored_forward(model, name, ctx)(x)
+    with torch.no_grad():
+        logits = model(x)
+        _, expected = compute_scores(model, x, [name], ctx)
+    assert torch.allclose(score.detach(), expected[name], atol=1e-5)
+    assert set(parts) == {"score", *ATTACK_SURROGATES} and parts["score"] is score
+    for key, f in ATTACK_SURROGATES.items():
+        assert torch.allclose(parts[key].detach(), f(logits), atol=1e-5), key
+    top = torch.topk(logits, 2, dim=1).values
+    assert torch.allclose(parts["margin"].detach(), top[:, 0] - top[:, 1], atol=1e-5)
+    assert torch.allclose(parts["ce_uniform"].detach(), torch.logsumexp(logits, 1) - logits.mean(1), atol=1e-5)

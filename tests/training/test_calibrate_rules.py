@@ -1,0 +1,108 @@
+"""Calibration's rules as small pure functions, checked by hand in milliseconds (no model, no run).
+
+What a bundle records per operating point - realised TPR on the test split, FPR per OOD set clean and
+attacked, TPR under attack, the rate on the calibration split - and per upload form, and which
+settings `CalibrateConfig` refuses. The end-to-end path (a real run through onnxruntime) is
+test_calibrate.py; these are what `make mutation` runs against training/calibrate.py.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from oodguard.training.calibrate import CalibrateConfig, _accept_rate, _operating_points, _per_form, operating_point_name
+from oodguard.training.shifts import render_form
+
+
+def test_accept_rate_counts_the_threshold_itself_as_accepted():
+    assert _accept_rate(np.array([1.0, 2.0, 3.0, 4.0]), 2.0) == 0.75
+    assert _accept_rate(np.array([1.0, 2.0]), 2.5) == 0.0
+    assert isinstance(_accept_rate(np.array([1.0]), 0.0), float)
+
+
+def test_operating_points_by_hand():
+    thresholds = {0.9: 2.0, 0.95: 1.0}
+    cal = np.array([0.0, 1.0, 2.0, 3.0], dtype=np.float32)
+    test = np.array([0.5, 1.0, 1.5, 2.0, 3.0])
+    ood = {"gaussian": np.array([0.0, 1.0, 2.5]), "tinyimagenet": np.array([3.0, 0.0])}
+    attacked = {
+        ("in", "paper"): np.array([0.9, 1.0, 2.0]),
+        ("tinyimagenet", "paper"): np.array([1.0, 3.0, 0.1, 0.2]),
+        ("tinyimagenet", "strong"): np.array([2.0, 0.1]),
+    }
+    points, validation = _operating_points(thresholds, cal, test, ood, attacked)
+
+    assert [p.name for p in points] == ["tpr90", "tpr95"]
+    tpr90, tpr95 = points
+    assert (tpr90.target_tpr, tpr90.threshold, tpr95.target_tpr, tpr95.threshold) == (0.9, 2.0, 0.95, 1.0)
+    assert tpr90.realised_tpr == 2 / 5 and tpr95.realised_tpr == 4 / 5  # a score equal to the threshold counts
+    assert tpr90.fpr == {"gaussian": 1 / 3, "tinyimagenet": 1 / 2, "tinyimagenet/paper": 1 / 4, "tinyimagenet/strong": 1 / 2}
+    assert tpr95.fpr == {"gaussian": 2 / 3, "tinyimagenet": 1 / 2, "tinyimagenet/paper": 2 / 4, "tinyimagenet/strong": 1 / 2}
+
+    assert set(validation) == {"tpr90", "tpr95"}
+    assert validation["tpr90"] == {
+        "threshold": 2.0, "target_tpr": 0.9, "calibration_tpr": 2 / 4, "realised_tpr": 2 / 5, "fpr": tpr90.fpr,
+        "realised_tpr_attacked": {"paper": 1 / 3},
+    }
+    assert validation["tpr95"]["calibration_tpr"] == 3 / 4
+    assert validation["tpr95"]["realised_tpr_attacked"] == {"paper": 2 / 3}
+
+
+def test_operating_points_without_attacks():
+    points, validation = _operating_points({0.5: 1.0}, np.array([0.0, 1.0]), np.array([1.0, 0.0]), {"g": np.array([2.0])}, {})
+    assert points[0].name == "tpr50" and points[0].fpr == {"g": 1.0} and points[0].realised_tpr == 0.5
+    assert validation["tpr50"]["realised_tpr_attacked"] == {}
+
+
+def test_rates_per_upload_form_are_the_forms_own():
+    rng = np.random.default_rng(0)
+    test = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    ood = {"tinyimagenet": type("Set", (), {"images": rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)})()}
+    calls = []
+
+    def served(images: np.ndarray) -> np.ndarray:  # brightness as the "score"
+        calls.append(images.shape)
+        return images.reshape(len(images), -1).mean(axis=1) / 255.0
+
+    thresholds = {0.9: 0.49, 0.95: 0.5}
+    out = _per_form(served, test, ood, thresholds, ["png", "jpeg_q30"])
+    assert list(out) == ["png", "jpeg_q30"]
+    for form in ("png", "jpeg_q30"):
+        s_in, s_out = served(render_form(test, form)), served(render_form(ood["tinyimagenet"].images, form))
+        assert out[form]["n_in"] == 6
+        for tpr, thr in thresholds.items():
+            entry = out[form][operating_point_name(tpr)]
+            assert entry == {"realised_tpr": float(np.mean(s_in >= thr)), "fpr": {"tinyimagenet": float(np.mean(s_out >= thr))}}
+    jpeg = served(render_form(test, "jpeg_q30"))
+    assert not np.array_equal(jpeg, served(test))  # the forms really differ: each was rendered, not reused
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"tprs": [0.9, 1.0]}, r"must be in \(0, 1\)"),
+        ({"tprs": [0.0, 0.9], "default_tpr": 0.9}, r"must be in \(0, 1\)"),
+        ({"tprs": []}, r"must be in \(0, 1\)"),
+        ({"tprs": [0.9], "default_tpr": 0.95}, "is not one of the --tpr values"),
+        ({"calibration_forms": []}, "at least one form"),
+        ({"calibration_forms": ["sepia"]}, "unknown upload form"),
+        ({"validation_forms": ["sepia"]}, "unknown upload form"),
+        ({"auto_samples": 0}, "--auto-samples must be >= 1"),
+    ],
+)
+def test_config_refuses(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CalibrateConfig(**kwargs).validate()
+
+
+def test_config_normalises():
+    cfg = CalibrateConfig(tprs=[0.99, 0.9, 0.95, 0.9], default_tpr=0.95, auto_samples=1)
+    cfg.validate()
+    assert cfg.tprs == [0.9, 0.95, 0.99]
+    assert re.fullmatch(r"\d{8}-\d{6}", cfg.version)  # a UTC timestamp when none is given
+    kept = CalibrateConfig(version="v7")
+    kept.validate()
+    assert kept.version == "v7"
