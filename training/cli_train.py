@@ -60,7 +60,8 @@ def _fail(message: str, code: int = 2) -> None:
 
 def train_command(
     method: Optional[str] = _opt("--method", key="method", help="Training method: " + " | ".join(METHODS) + "."),
-    model: Optional[str] = _opt("--model", key="model", help="Model name (small_cnn, resnet18, wrn40_2, densenet100)."),
+    model: Optional[str] = _opt("--model", key="model", help="Architecture (training/architectures.py): small_cnn, "
+                                "fast_cnn, resnet18, wrn40_2, densenet100."),
     model_kwargs: Optional[str] = _opt("--model-kwargs", key="model_kwargs",
                                        help='Extra model arguments as JSON, e.g. \'{"widths": [48, 96, 192]}\'.'),
     recipe: str = typer.Option("cpu", "--recipe", help="Defaults to start from: 'cpu' (small_cnn, fast on 2 cores, "

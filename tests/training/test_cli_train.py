@@ -49,6 +49,16 @@ def test_missing_data_paths_are_named(tmp_path):
     assert not (tmp_path / "run").exists()  # nothing written when the data is not there
 
 
+def test_model_help_names_every_registered_architecture():
+    import inspect
+
+    from oodguard.training.architectures import list_architectures
+    from oodguard.training.cli_train import train_command
+
+    help_text = inspect.signature(train_command).parameters["model"].default.help
+    assert all(name in help_text for name in list_architectures()), help_text
+
+
 def test_missing_outliers_are_named(tiny_data_dir, tmp_path):
     result = _train("--method", "aloe", "--data", str(tiny_data_dir), "--outliers", str(tmp_path / "nope.npz"),
                     "--out", str(tmp_path / "run"), *TINY)
