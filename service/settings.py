@@ -117,6 +117,12 @@ class Settings(BaseSettings):
         "return to the OS when freed (0 = glibc's dynamic threshold).",
     )
 
+    malloc_arenas: int = Field(
+        2, ge=0, le=1024,
+        description="oodguard serve caps glibc's malloc arenas here (MALLOC_ARENA_MAX), so memory freed by one "
+        "thread is not stranded in its own arena (0 = glibc's default, 8 per core).",
+    )
+
     log_level: LogLevel = Field("INFO", description="Python logging level.")
 
     @field_validator("log_level", mode="before")

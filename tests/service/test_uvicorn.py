@@ -199,3 +199,33 @@ def test_the_httptools_protocol_hooks_the_guards_rely_on_are_unchanged():
     # Everything the subclass overrides is on the list the test checks.
     overridden = {n for n in vars(GuardedHttpToolsProtocol) if hasattr(HttpToolsProtocol, n) and not n.startswith("__")}
     assert overridden <= set(UVICORN_HOOKS["methods"]), overridden - set(UVICORN_HOOKS["methods"])
+
+
+_ARENAS_CHILD = """
+import ctypes, sys, threading
+from oodguard.service.cli import limit_malloc_arenas
+limited = limit_malloc_arenas(int(sys.argv[1]))
+def work():
+    keep = [b"x" * (1024 + i % 3000) for i in range(20000)]  # > 512 B: glibc malloc, not pymalloc
+    del keep
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(limited, flush=True)
+ctypes.CDLL("libc.so.6").malloc_stats()  # "Arena N:" per arena, on stderr
+"""
+
+
+@pytest.mark.parametrize("arenas, limited", [(2, True), (0, False)])
+def test_malloc_arenas_are_capped_for_the_service_threads(arenas, limited):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _ARENAS_CHILD, str(arenas)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(limited)]
+    used = out.stderr.count("Arena ")
+    if limited:
+        assert 1 <= used <= 2, out.stderr
+    else:  # glibc's default: the 8 threads get arenas of their own (8 per core allowed)
+        assert used > 2, out.stderr
