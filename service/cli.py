@@ -113,13 +113,7 @@ def pin_mmap_threshold(threshold_bytes: int) -> bool:
     5%. `mallopt(M_MMAP_THRESHOLD)` pins it (it also turns the dynamic adjustment off). 0, or not
     glibc: left alone. Returns whether it was set.
     """
-    if threshold_bytes <= 0:
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
-    except (OSError, AttributeError):  # not glibc (musl, macOS)
-        return False
+    return _mallopt(_M_MMAP_THRESHOLD, threshold_bytes)
 
 
 def limit_malloc_arenas(arenas: int) -> bool:
@@ -132,11 +126,15 @@ def limit_malloc_arenas(arenas: int) -> bool:
     `mallopt(M_ARENA_MAX)` applies to arenas created afterwards, hence before the app starts threads.
     0, or not glibc: left alone. Returns whether it was set.
     """
-    if arenas <= 0:
+    return _mallopt(_M_ARENA_MAX, arenas)
+
+
+def _mallopt(param: int, value: int) -> bool:
+    """glibc's mallopt(param, value) when value > 0; False when not set (value 0, or not glibc)."""
+    if value <= 0:
         return False
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_ARENA_MAX, int(arenas)))
+        return bool(ctypes.CDLL("libc.so.6").mallopt(param, int(value)))
     except (OSError, AttributeError):  # not glibc (musl, macOS)
         return False
 
