@@ -172,11 +172,12 @@ class ServeProcess:
             self.proc.wait(timeout=10)
 
 
-def launch(argv: list[str], port: int, log_path: Path, env: dict[str, str] | None = None, own_group: bool = False) -> ServeProcess:
-    """Start `argv` with its output in `log_path` (`own_group`: in a new process group, for `stop`)."""
+def launch(argv: list[str], port: int, log_path: Path, env: dict[str, str] | None = None, own_group: bool = False,
+           cwd: Path | None = None) -> ServeProcess:
+    """Start `argv` in `cwd` (the repository) with its output in `log_path` (`own_group`: in a new process group, for `stop`)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as out:  # the child holds its own descriptor
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env or clean_env(), cwd=REPO,
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env or clean_env(), cwd=cwd or REPO,
                                 start_new_session=own_group)
     return ServeProcess(proc, port, log_path)
 
@@ -214,9 +215,9 @@ def start_serve(
     return server
 
 
-def start(spec: ServerSpec, port: int, image: bytes, log_path: Path) -> subprocess.Popen:
+def start(spec: ServerSpec, port: int, image: bytes, log_path: Path, cwd: Path | None = None) -> subprocess.Popen:
     """Start a server in its own process group and wait until the benchmark request gets a 200 (benchmarks)."""
-    server = launch(spec.argv, port, log_path, env=spec.env, own_group=True)
+    server = launch(spec.argv, port, log_path, env=spec.env, own_group=True, cwd=cwd)
     request = multipart_request(f"127.0.0.1:{port}", image, spec.path)
     try:
         server.wait_ready(lambda: _probe(port, request) == 200, spec.ready_timeout_s, poll_s=0.25)

@@ -274,3 +274,21 @@ def test_batching_headroom_is_the_model_batch_ratio():
     text = serve_report.batching_headroom(bundle)
     assert "**1.20×**" in text and "2 intra-op" in text
     assert serve_report.batching_headroom({"ceiling_images_per_s": 300.0}) is None  # older reports: no line
+
+
+def test_compare_revisions_serves_each_revision_from_its_own_worktree(tmp_path):
+    """Two revisions' servers side by side: each answers from its own checkout, the worktrees go away."""
+    import subprocess
+
+    from bench import compare_revisions
+
+    bundle = make_tiny_bundle(tmp_path / "tiny", name="tiny", version="1")
+    out = tmp_path / "ab.json"
+    assert compare_revisions.main(["HEAD", "HEAD", "--bundle", str(bundle), "--rounds", "1", "--duration", "1",
+                                   "--warmup", "2", "--concurrency", "2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["revisions"] == {"A": "HEAD", "B": "HEAD"}
+    for key in ("A", "B"):
+        assert result["rounds"][key][0]["errors"] == 0 and result["rounds"][key][0]["requests_per_s"] > 0
+    trees = subprocess.run(["git", "worktree", "list"], capture_output=True, text=True, check=True).stdout
+    assert "oodguard-compare-" not in trees
