@@ -90,3 +90,11 @@ def test_attack_config_validates():
     assert TRAIN_PAPER == AttackConfig(1 / 255, 2, 1 / 255, False)
     with pytest.raises(ValueError):
         AttackConfig(eps=-1.0, steps=1, step_size=0.1)
+
+
+def test_attack_config_bounds():
+    AttackConfig(eps=0.0, steps=0, step_size=0.0, restarts=1)  # zero everything is a valid (no-op) attack
+    for bad in ({"eps": -1e-9}, {"steps": -1}, {"step_size": -1e-9}, {"restarts": 0}):
+        kwargs = {"eps": 0.0, "steps": 0, "step_size": 0.0, "restarts": 1, **bad}
+        with pytest.raises(ValueError, match=r"^attack eps, steps and step_size must be >= 0 and restarts >= 1, got AttackConfig\("):
+            AttackConfig(**kwargs)

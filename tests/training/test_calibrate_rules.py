@@ -9,6 +9,8 @@ test_calibrate.py; these are what `make mutation` runs against training/calibrat
 from __future__ import annotations
 
 import re
+import time
+from datetime import datetime, timezone
 
 import numpy as np
 import pytest
@@ -87,10 +89,10 @@ def test_rates_per_upload_form_are_the_forms_own():
         ({"tprs": [0.0, 0.9], "default_tpr": 0.9}, r"must be in \(0, 1\)"),
         ({"tprs": []}, r"must be in \(0, 1\)"),
         ({"tprs": [0.9], "default_tpr": 0.95}, "is not one of the --tpr values"),
-        ({"calibration_forms": []}, "at least one form"),
+        ({"calibration_forms": []}, r"^--calibration-forms: give at least one form \(e.g. stored\)$"),
         ({"calibration_forms": ["sepia"]}, "unknown upload form"),
         ({"validation_forms": ["sepia"]}, "unknown upload form"),
-        ({"auto_samples": 0}, "--auto-samples must be >= 1"),
+        ({"auto_samples": 0}, r"^--auto-samples must be >= 1$"),
     ],
 )
 def test_config_refuses(kwargs, message):
@@ -98,11 +100,21 @@ def test_config_refuses(kwargs, message):
         CalibrateConfig(**kwargs).validate()
 
 
-def test_config_normalises():
-    cfg = CalibrateConfig(tprs=[0.99, 0.9, 0.95, 0.9], default_tpr=0.95, auto_samples=1)
-    cfg.validate()
+def test_config_normalises(monkeypatch):
+    monkeypatch.setenv("TZ", "Etc/GMT-9")  # local time 9 h ahead of UTC: the default version must still be UTC
+    time.tzset()
+    try:
+        cfg = CalibrateConfig(tprs=[0.99, 0.9, 0.95, 0.9], default_tpr=0.95, auto_samples=1)
+        before = datetime.now(timezone.utc)
+        cfg.validate()
+        after = datetime.now(timezone.utc)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
     assert cfg.tprs == [0.9, 0.95, 0.99]
     assert re.fullmatch(r"\d{8}-\d{6}", cfg.version)  # a UTC timestamp when none is given
+    stamp = datetime.strptime(cfg.version, "%Y%m%d-%H%M%S").replace(tzinfo=timezone.utc)
+    assert before.replace(microsecond=0) <= stamp <= after
     kept = CalibrateConfig(version="v7")
     kept.validate()
     assert kept.version == "v7"

@@ -122,3 +122,16 @@ def test_oodmetrics_accumulates_and_resets():
 
     m.update(torch.tensor([1.0, 0.0]), torch.tensor([1, 0]))
     assert m.compute()["auroc"] == 1.0
+
+
+def test_oodmetrics_refuses_nothing_and_mismatched_lengths_and_takes_tensors():
+    with pytest.raises(ValueError, match=r"got 0 and 0\)"):
+        OODMetrics().compute()  # nothing accumulated: the same refusal as ood_metrics on empty arrays
+    m = OODMetrics()
+    with pytest.raises(ValueError, match=r"^scores and is_in must have the same length, got \(3,\) and \(2,\)$"):
+        m.update([1.0, 2.0, 3.0], [True, False])
+    import torch
+
+    scores = torch.tensor([3.0, 2.0, 1.0, 0.0], requires_grad=True)  # np.asarray alone would refuse it
+    m.update(scores * 1.0, torch.tensor([True, True, False, False]))
+    assert m.compute()["auroc"] == 1.0

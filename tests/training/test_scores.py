@@ -152,7 +152,8 @@ def test_registry_matches_the_functions_and_compute_scores_shares_one_pass():
 
 def test_check_score_names():
     assert check_score_names(["msp", "energy", "msp"]) == ["msp", "energy"]
-    with pytest.raises(ValueError, match="unknown score 'bogus'"):
+    assert check_score_names(["odin", "msp"]) == ["odin", "msp"]  # evaluation may use a score export cannot
+    with pytest.raises(ValueError, match="unknown score 'bogus'; valid scores: msp, "):
         check_score_names(["bogus"])
     with pytest.raises(ValueError, match="not exportable"):
         check_score_names(["odin"], exportable_only=True)
@@ -169,9 +170,14 @@ def test_mahalanobis_params_round_trip_through_npz(tmp_path):
     assert back.means.dtype == back.precision.dtype == torch.float32
     assert (back.num_fit_samples, back.shrinkage) == (params.num_fit_samples, 0.25) and back.num_fit_samples == len(f)
     assert isinstance(back.num_fit_samples, int) and isinstance(back.shrinkage, float)
-    moved = back.to("cpu")
-    assert torch.equal(moved.means, back.means) and torch.equal(moved.precision, back.precision)
+    moved = back.to("meta")  # a device every build has: both tensors go there, the numbers stay
+    assert moved.means.device.type == moved.precision.device.type == "meta"
+    assert moved.means.shape == back.means.shape and moved.precision.shape == back.precision.shape
     assert (moved.num_fit_samples, moved.shrinkage) == (back.num_fit_samples, back.shrinkage)
+    # a file written before shrinkage was recorded loads with shrinkage 0
+    np.savez(tmp_path / "old.npz", means=back.means.numpy(), precision=back.precision.numpy(), num_fit_samples=np.array(7))
+    old = MahalanobisParams.load_npz(tmp_path / "old.npz")
+    assert (old.num_fit_samples, old.shrinkage) == (7, 0.0)
 
 
 @pytest.mark.parametrize("name", list(SCORES))
