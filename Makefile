@@ -16,7 +16,7 @@ SERVE_STAMP := $(SERVE_VENV)/.installed-$(shell cat pyproject.toml $(LOCK_SERVE)
 PIP_LOCKED := -m pip install -q --require-hashes --no-deps -r
 PIP_PROJECT := -m pip install -q --no-deps --no-build-isolation
 
-.PHONY: install test tools serve install-serve clean bench-serve bench-train train-default lock
+.PHONY: install test tools serve install-serve clean bench-serve bench-train train-default lock mutation
 
 $(STAMP): pyproject.toml $(LOCK_DEV)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -27,8 +27,17 @@ $(STAMP): pyproject.toml $(LOCK_DEV)
 
 install: $(STAMP) ## .venv with every extra (train, serve, dev) at the locked versions, editable
 
-test: $(STAMP) tools ## run the test suite (installs first if needed)
+# Tests run in random order (pytest-randomly, a new seed each run, printed in the header as
+# "Using --randomly-seed=N"): PYTEST_ARGS=--randomly-seed=N repeats that order, PYTEST_ARGS="-p no:randomly"
+# runs them in file order.
+test: $(STAMP) tools ## run the test suite in random order (installs first if needed)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+MUTATION_ARGS ?=
+# Mutation testing (mutmut) of the code that decides outcomes, with the fast tests that cover it: < 30 min
+# on 2 cores. Not part of `make test`. Works in build/mutation/; kill rate and survivors: docs/testing.md.
+mutation: $(STAMP) ## mutation testing of scores, metrics, attacks, losses, calibration, decision path, swap
+	$(VENV)/bin/python scripts/mutation.py $(MUTATION_ARGS)
 
 # promtool/prometheus (Debian package `prometheus`) for the config check and the real-Prometheus test.
 # Best effort: installed when missing and we may use apt; the tests say clearly when it is absent.
