@@ -440,8 +440,9 @@ class IntervalBounds:
         return None
 
     def propagate(self, box: Box, record: bool = False, stop_at_last_linear: bool = False) -> tuple[Any, dict[str, Box]]:
-        """Evaluate the graph on `box`. Returns (the output value: a Box, or the input Box of the last
-        linear layer with stop_at_last_linear, ..., {node name: Box} of every node when `record`)."""
+        """Evaluate the graph on `box`. Returns (the output's Box, or with `stop_at_last_linear` the Box of
+        the last linear layer's input; {node name: Box} of every node when `record`, else {}). Boxes are
+        freed after their last use unless recorded (the evaluation of fast_cnn peaked at 1.5 GB resident)."""
         last_use: dict[fx.Node, fx.Node] = {}
         for node in self.graph.nodes:
             for inp in node.all_input_nodes:
