@@ -204,7 +204,7 @@ def calibrate_run(run_dir: str | Path, cfg: CalibrateConfig) -> BuiltBundle:
     if score_selection is not None:
         metrics["score_selection"] = score_selection
     if eval_report:
-        keep = ("convention", "accuracy", "attacks", "attack_notes", "results")
+        keep = ("convention", "accuracy", "attacks", "attack_notes", "certified", "results")
         metrics["evaluation"] = {k: eval_report.get(k) for k in keep}
 
     # -- manifest and bundle ----------------------------------------------------------------------------

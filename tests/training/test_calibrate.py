@@ -85,7 +85,7 @@ def test_in_distribution_p_values_are_uniform_and_ood_ones_small():
 def bundle(tmp_path_factory, tiny_data_dir):
     run = make_run(tmp_path_factory.mktemp("cal") / "run", tiny_data_dir)
     evaluate_run(run, EvalConfig(ood=["tinyimagenet", "gaussian"], attacks=["paper"], scores=["msp", "energy"],
-                                 max_samples=32, batch_size=32, plots=True))
+                                 max_samples=32, batch_size=32, plots=True, certify=[1 / 255]))
     export_run(run, ["msp", "energy", "mahalanobis"])
     built = calibrate_run(run, CalibrateConfig(score="msp", max_samples=64))
     return run, built
@@ -121,6 +121,9 @@ def test_manifest_fields(bundle):
     assert set(op.fpr) == {"tinyimagenet", "gaussian", "tinyimagenet/paper", "gaussian/paper"}
     assert m.calibration.size == 100 and m.calibration.seed == 0
     assert m.metrics["evaluation"]["results"]["msp"]["gaussian"]["paper"]["auroc"] >= 0
+    # certified rows travel with their description (what the rows mean, which scores were bounded)
+    assert m.metrics["evaluation"]["results"]["msp"]["gaussian"]["certified_1_255"]["n_out"] == 32
+    assert m.metrics["evaluation"]["certified"]["rows"] == {"certified_1_255": 1 / 255}
     assert m.metrics["validation"]["operating_points"]["tpr95"]["realised_tpr_attacked"].keys() == {"paper"}
     assert m.training["method"] == "aloe" and m.training["model"] == "small_cnn"
     assert m.training["config"]["train"]["calibration_size"] == 100
