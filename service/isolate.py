@@ -15,15 +15,18 @@ admin pipeline takes idle CPU, not the predictions' share. The fork server stays
 the life of the process (~70 MiB resident). As with any multiprocessing start method but `fork`,
 a script that calls this at import time needs the `if __name__ == "__main__":` guard (the
 children import the main module; `oodguard serve` has it). A child that dies (a crash
-inside onnxruntime on a malformed graph) is a failed check too. `kill_children()` ends every
+inside onnxruntime on a malformed graph) is a failed check too. A child whose server was killed
+outright (SIGKILL: nothing left to stop it) ends itself CHILD_GRACE_S after its time limit. `kill_children()` ends every
 running check (at shutdown, so SIGTERM is never held up by a validation).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -36,6 +39,9 @@ _PRELOAD = ["numpy", "onnxruntime", "oodguard.service.bundle"]
 # A validation competes for the cores that serve requests; below normal priority it runs on idle
 # CPU first, so a slow or hostile bundle delays its own verdict rather than every prediction.
 CHILD_NICENESS = 10
+# A child outlives its time limit by at most this much even when nobody is left to kill it (the
+# server was SIGKILLed - OOM killer, an orchestrator's deadline - while a bundle spun in a Loop).
+CHILD_GRACE_S = 5
 _lock = threading.Lock()
 _children: set = set()
 _context = None
@@ -66,7 +72,7 @@ def verify_in_child(bundle_dir: str | Path, *, intra_op_threads: int, warm_batch
     ctx = _ctx()
     receiver, sender = ctx.Pipe(duplex=False)
     proc = ctx.Process(
-        target=_child, args=(str(bundle_dir), int(intra_op_threads), tuple(warm_batches), sender),
+        target=_child, args=(str(bundle_dir), int(intra_op_threads), tuple(warm_batches), float(timeout_s), sender),
         name="oodguard-validate", daemon=True,
     )
     with _lock:
@@ -105,11 +111,14 @@ def kill_children() -> int:
     return len(running)
 
 
-def _child(bundle_dir: str, intra_op_threads: int, warm_batches: tuple[int, ...], sender) -> None:
+def _child(bundle_dir: str, intra_op_threads: int, warm_batches: tuple[int, ...], timeout_s: float, sender) -> None:
     from .bundle import verify_bundle
     from .loaded_model import LoadedModel
 
     try:
+        # SIGALRM's default action ends the process, even inside onnxruntime's C++: the parent kills a
+        # late child itself, this only matters when the parent is gone
+        signal.alarm(math.ceil(timeout_s) + CHILD_GRACE_S)
         os.nice(CHILD_NICENESS)
         report = verify_bundle(bundle_dir, intra_op_threads=intra_op_threads)
         LoadedModel(Path(bundle_dir), report.manifest, report.sha256, report.session, report.calibration).warm(warm_batches)

@@ -69,6 +69,46 @@ def test_a_spinning_validation_runs_below_the_server_priority(tiny_bundle, tmp_p
         assert s.stop(timeout=30) == 0
 
 
+def test_a_spinning_validation_ends_itself_when_the_server_is_killed(tiny_bundle, tmp_path):
+    """SIGKILL (the OOM killer, an orchestrator's deadline) leaves nobody to stop the child: its alarm does."""
+    import os
+    import signal
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(make_endless_bundle(tmp_path / "endless"), arcname="bundle")
+    timeout_s = 2
+    args = ["--bundle", str(tiny_bundle), "--models-dir", str(tmp_path / "models"), "--decode-threads", "1",
+            "--validate-timeout", str(timeout_s)]
+    with start_serve(args, tmp_path / "serve.log", env={"OODGUARD_ADMIN_TOKEN": TOKEN}) as s:
+        helpers = set(_descendants(s.pid))  # the fork server, before any validation
+        threading.Thread(target=lambda: _upload(s.base, buf.getvalue()), daemon=True).start()
+        deadline, children = time.monotonic() + 60, []
+        while not children and time.monotonic() < deadline:
+            time.sleep(0.1)
+            children = [pid for pid in _descendants(s.pid) if pid not in helpers and _niceness(pid) == 10]
+        assert children, "no validation child started"
+        os.kill(s.pid, signal.SIGKILL)
+        s.proc.wait(timeout=10)
+    # the child was started at most ~0.1 s ago; its alarm fires timeout_s + CHILD_GRACE_S after its start
+    ends_by = time.monotonic() + timeout_s + isolate.CHILD_GRACE_S + 30  # + 30: a loaded machine
+    while time.monotonic() < ends_by and any(_alive(pid) for pid in children):
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in children), f"validation children {children} outlived the killed server"
+    for pid in helpers:  # the orphaned fork server holds no CPU, but is not left behind by the test either
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its parent to reap it counts as ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def _upload(base: str, archive: bytes) -> None:
     try:
         httpx.post(base + "/admin/models", content=archive, timeout=120,
