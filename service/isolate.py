@@ -16,8 +16,9 @@ the life of the process (~70 MiB resident). As with any multiprocessing start me
 a script that calls this at import time needs the `if __name__ == "__main__":` guard (the
 children import the main module; `oodguard serve` has it). A child that dies (a crash
 inside onnxruntime on a malformed graph) is a failed check too. A child whose server was killed
-outright (SIGKILL: nothing left to stop it) ends itself CHILD_GRACE_S after its time limit. `kill_children()` ends every
-running check (at shutdown, so SIGTERM is never held up by a validation).
+outright (SIGKILL: nothing left to stop it) ends itself CHILD_GRACE_S after its time limit.
+`kill_children()` ends every running check (at shutdown, so SIGTERM is never held up by a
+validation).
 """
 
 from __future__ import annotations
