@@ -86,6 +86,17 @@ def _isolated_decode_cache(tmp_path_factory):
         os.environ["OODGUARD_CACHE_DIR"] = old
 
 
+@pytest.fixture(autouse=True)
+def _pillow_pixel_limit_restored():
+    """An app sets Pillow's process-wide bomb limit (service.preprocess.configure_pillow); a test's app with a
+    small `max_pixels` must not make a later test's image decoding fail (found in random order)."""
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
+    yield
+    Image.MAX_IMAGE_PIXELS = saved
+
+
 @pytest.fixture
 def make_npz():
     return write_image_npz
