@@ -23,7 +23,8 @@ _WORKER = textwrap.dedent("""
                          model_kwargs={"widths": [8, 16, 16], "stem": 8}, seed=5)
     result = train(cfg)
     torch.save(result.model.state_dict(), os.path.join(out, f"rank{os.environ['RANK']}.pt"))
-    print("RANK", os.environ["RANK"], "threads", torch.get_num_threads(), "step", result.step)
+    # one write per line: both ranks share the pipe, and print() may interleave its pieces with the other's
+    os.write(1, f"RANK {os.environ['RANK']} threads {torch.get_num_threads()} step {result.step}\\n".encode())
 """)
 
 
