@@ -270,25 +270,40 @@ def _probe(port: int, request: bytes) -> int | None:
 # -- CPU accounting ----------------------------------------------------------------------------------
 
 
+def stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat after the command name (0 = state, 1 = parent pid, 11-12 = CPU ticks, 16 = nice);
+    None when the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def process_table() -> dict[int, list[str]]:
+    """`stat_fields` of every running process (Linux /proc)."""
+    table = {int(stat.parent.name): stat_fields(int(stat.parent.name)) for stat in Path("/proc").glob("[0-9]*/stat")}
+    return {pid: fields for pid, fields in table.items() if fields is not None}
+
+
+def descendants(root: int, table: dict[int, list[str]] | None = None) -> list[int]:
+    """Every process below `root` (children of children included)."""
+    table = process_table() if table is None else table
+    children: dict[int, list[int]] = defaultdict(list)
+    for pid, fields in table.items():
+        children[int(fields[1])].append(pid)
+    found, todo = [], [root]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
 def tree_cpu_seconds(root: int) -> float:
     """User + system CPU seconds of a process and all its descendants (Linux /proc)."""
-    children: dict[int, list[int]] = defaultdict(list)
-    stats: dict[int, list[str]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        pid = int(stat.parent.name)
-        stats[pid] = fields
-        children[int(fields[1])].append(pid)
-    total, todo = 0.0, [root]
-    while todo:
-        pid = todo.pop()
-        if pid in stats:
-            total += int(stats[pid][11]) + int(stats[pid][12])
-        todo.extend(children.get(pid, []))
-    return total / os.sysconf("SC_CLK_TCK")
+    table = process_table()
+    ticks = sum(int(table[pid][11]) + int(table[pid][12]) for pid in [root, *descendants(root, table)] if pid in table)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def self_cpu_seconds() -> float:

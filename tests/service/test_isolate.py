@@ -13,11 +13,10 @@ import tarfile
 import threading
 import time
 import types
-from pathlib import Path
 
 import httpx
 
-from bench.serve_process import start_serve
+from bench.serve_process import descendants, start_serve, stat_fields
 from oodguard.service import isolate
 
 from .bundle_factory import make_endless_bundle
@@ -25,29 +24,9 @@ from .bundle_factory import make_endless_bundle
 TOKEN = "isolate-test-admin-token-0123456789"
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid`, from /proc (children of children included)."""
-    parent_of: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the process ended while we looked
-            continue
-        parent_of[int(stat.parent.name)] = int(fields[1])
-    found, frontier = [], [pid]
-    while frontier:
-        parent = frontier.pop()
-        children = [p for p, pp in parent_of.items() if pp == parent]
-        found += children
-        frontier += children
-    return found
-
-
 def _niceness(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
-    except OSError:
-        return None
+    fields = stat_fields(pid)
+    return None if fields is None else int(fields[16])
 
 
 def test_a_spinning_validation_runs_below_the_server_priority(tiny_bundle, tmp_path):
@@ -57,14 +36,14 @@ def test_a_spinning_validation_runs_below_the_server_priority(tiny_bundle, tmp_p
     args = ["--bundle", str(tiny_bundle), "--models-dir", str(tmp_path / "models"), "--decode-threads", "1",
             "--validate-timeout", "600"]
     with start_serve(args, tmp_path / "serve.log", env={"OODGUARD_ADMIN_TOKEN": TOKEN, "OODGUARD_GRACEFUL_SHUTDOWN_S": "2"}) as s:
-        before = {pid: _niceness(pid) for pid in _descendants(s.pid)}
+        before = {pid: _niceness(pid) for pid in descendants(s.pid)}
         uploader = threading.Thread(target=lambda: _upload(s.base, buf.getvalue()), daemon=True)
         uploader.start()
         deadline, niced = time.monotonic() + 60, []
         while not niced and time.monotonic() < deadline:  # the child exists once the upload is staged
             time.sleep(0.2)
-            niced = [pid for pid in _descendants(s.pid) if pid not in before and _niceness(pid) == 10]
-        assert niced, ("no validation child at niceness 10", {p: _niceness(p) for p in _descendants(s.pid)})
+            niced = [pid for pid in descendants(s.pid) if pid not in before and _niceness(pid) == 10]
+        assert niced, ("no validation child at niceness 10", {p: _niceness(p) for p in descendants(s.pid)})
         assert _niceness(s.pid) == 0 and all(n == 0 for n in before.values())  # only the child is lowered
         assert s.stop(timeout=30) == 0
 
@@ -81,12 +60,12 @@ def test_a_spinning_validation_ends_itself_when_the_server_is_killed(tiny_bundle
     args = ["--bundle", str(tiny_bundle), "--models-dir", str(tmp_path / "models"), "--decode-threads", "1",
             "--validate-timeout", str(timeout_s)]
     with start_serve(args, tmp_path / "serve.log", env={"OODGUARD_ADMIN_TOKEN": TOKEN}) as s:
-        helpers = set(_descendants(s.pid))  # the fork server, before any validation
+        helpers = set(descendants(s.pid))  # the fork server, before any validation
         threading.Thread(target=lambda: _upload(s.base, buf.getvalue()), daemon=True).start()
         deadline, children = time.monotonic() + 60, []
         while not children and time.monotonic() < deadline:
             time.sleep(0.1)
-            children = [pid for pid in _descendants(s.pid) if pid not in helpers and _niceness(pid) == 10]
+            children = [pid for pid in descendants(s.pid) if pid not in helpers and _niceness(pid) == 10]
         assert children, "no validation child started"
         os.kill(s.pid, signal.SIGKILL)
         s.proc.wait(timeout=10)
@@ -102,11 +81,8 @@ def test_a_spinning_validation_ends_itself_when_the_server_is_killed(tiny_bundle
 
 def _alive(pid: int) -> bool:
     """Running (a zombie waiting for its parent to reap it counts as ended)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    fields = stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 def _upload(base: str, archive: bytes) -> None:
