@@ -181,6 +181,8 @@ class Phase:
     hostile_status: Counter = field(default_factory=Counter)  # "kind status" -> count
     errors: list[str] = field(default_factory=list)  # transport errors of valid requests, and 5xx bodies
     requests: int = 0
+    valid_spans: list[tuple[float, float]] = field(default_factory=list)  # (start, end) of valid 200s
+    hostile_spans: list[tuple[str, float, float]] = field(default_factory=list)  # (kind, start, end)
 
 
 def _record(phase: Phase, kind: str, status: int | str, body: str = "") -> None:
@@ -225,7 +227,9 @@ async def valid_traffic(client: httpx.AsyncClient, phase: Phase, rate: float, co
                 continue
             phase.valid_status[r.status_code] += 1
             if r.status_code == 200:
-                phase.latencies.append(time.monotonic() - start)
+                end = time.monotonic()
+                phase.latencies.append(end - start)
+                phase.valid_spans.append((start, end))
             else:
                 phase.errors.append(f"valid: {r.status_code} {r.text[:200]}")
 
@@ -264,7 +268,7 @@ def _first_status(data: bytes) -> int | str:
 
 
 async def attacker(client: httpx.AsyncClient, port: int, token: str, p: Payloads, phase: Phase, offset: int,
-                   stop_at: float) -> None:
+                   stop_at: float, kinds: list[str]) -> None:
     """Sends every hostile request in turn (starting at `offset`), one at a time, until `stop_at`."""
     admin = {"Authorization": f"Bearer {token}"}
     gz = {**admin, "Content-Type": "application/gzip"}
@@ -299,28 +303,72 @@ async def attacker(client: httpx.AsyncClient, port: int, token: str, p: Payloads
         _record(phase, "11-pipelined-120KB-head", f"served-{served}" if served <= 1 else "served-the-big-head-500")
 
     steps = [
-        lambda: post("01-v2-repeated-outputs", V2, content=p.v2_repeated_outputs[0], headers=p.v2_repeated_outputs[1]),
-        lambda: post("02-nested-tar", "/admin/models", content=p.nested_tar, headers=gz),
-        lambda: post("03-endless-loop-bundle", "/admin/models", content=p.endless_tar, headers=gz, timeout=120),
-        lambda: post("04-16MiB-json-v2", V2, content=p.json_numbers_v2),
-        lambda: post("04-16MiB-json-v1", "/v1/predict", content=p.json_numbers_v1, headers={"content-type": "application/json"}),
-        pipelined_never_read,
-        lambda: post("06-5000-digit-int", "/v1/predict", content=b'{"x": ' + b"9" * 5000 + b', "images": []}',
-                     headers={"content-type": "application/json"}),
-        disconnect_mid_body,
-        lambda: post("08-external-data-in-function", "/admin/models", content=p.external_tar, headers=gz),
-        lambda: post("09-nan-threshold", "/admin/models", content=p.nan_tar, headers=gz),
-        lambda: post("10-long-register-path", "/admin/models", json={"path": "a" * 300}, headers=admin),
-        lambda: post("10-long-activate-name", "/admin/models/" + "n" * 300 + "/1/activate", headers=admin),
-        pipelined_big_head,
-        lambda: post("12-wrong-admin-token", "/admin/rollback", headers={"Authorization": "Bearer " + "x" * 40}),
-        lambda: post("13-16-bit-4096-png", "/v1/predict", content=p.png16, headers={"content-type": "image/png"}),
+        ("01-v2-repeated-outputs", lambda: post("01-v2-repeated-outputs", V2, content=p.v2_repeated_outputs[0],
+                                                headers=p.v2_repeated_outputs[1])),
+        ("02-nested-tar", lambda: post("02-nested-tar", "/admin/models", content=p.nested_tar, headers=gz)),
+        ("03-endless-loop-bundle", lambda: post("03-endless-loop-bundle", "/admin/models", content=p.endless_tar,
+                                                headers=gz, timeout=120)),
+        ("04-16MiB-json-v2", lambda: post("04-16MiB-json-v2", V2, content=p.json_numbers_v2)),
+        ("04-16MiB-json-v1", lambda: post("04-16MiB-json-v1", "/v1/predict", content=p.json_numbers_v1,
+                                          headers={"content-type": "application/json"})),
+        ("05-pipelined-unread", pipelined_never_read),
+        ("06-5000-digit-int", lambda: post("06-5000-digit-int", "/v1/predict",
+                                           content=b'{"x": ' + b"9" * 5000 + b', "images": []}',
+                                           headers={"content-type": "application/json"})),
+        ("07-disconnect", disconnect_mid_body),
+        ("08-external-data-in-function", lambda: post("08-external-data-in-function", "/admin/models",
+                                                      content=p.external_tar, headers=gz)),
+        ("09-nan-threshold", lambda: post("09-nan-threshold", "/admin/models", content=p.nan_tar, headers=gz)),
+        ("10-long-register-path", lambda: post("10-long-register-path", "/admin/models", json={"path": "a" * 300},
+                                               headers=admin)),
+        ("10-long-activate-name", lambda: post("10-long-activate-name", "/admin/models/" + "n" * 300 + "/1/activate",
+                                               headers=admin)),
+        ("11-pipelined-120KB-head", pipelined_big_head),
+        ("12-wrong-admin-token", lambda: post("12-wrong-admin-token", "/admin/rollback",
+                                              headers={"Authorization": "Bearer " + "x" * 40})),
+        ("13-16-bit-4096-png", lambda: post("13-16-bit-4096-png", "/v1/predict", content=p.png16,
+                                            headers={"content-type": "image/png"})),
     ]
+    steps = [(kind, step) for kind, step in steps if not kinds or any(kind.startswith(k) for k in kinds)]
     i = offset
     while time.monotonic() < stop_at:
-        await steps[i % len(steps)]()
+        kind, step = steps[i % len(steps)]
+        start = time.monotonic()
+        await step()
+        phase.hostile_spans.append((kind, start, time.monotonic()))
         i += 1
         await asyncio.sleep(0.05)
+
+
+def tail_attribution(phase: Phase, quantile: float = 99.0) -> dict:
+    """Which hostile kinds overlap the slowest valid requests, against how often they overlap any valid request.
+
+    For each kind: the share of the tail (valid requests at or above the `quantile` latency) that
+    overlapped at least one request of that kind, the share of all valid requests that did, and their
+    ratio (lift). A kind whose lift is well above 1 is where the tail comes from; kinds that simply take
+    long overlap everything and have a lift near 1.
+    """
+    if not phase.valid_spans or not phase.hostile_spans:
+        return {}
+    cut = float(np.percentile([end - start for start, end in phase.valid_spans], quantile))
+    by_kind: dict[str, list[tuple[float, float]]] = {}
+    for kind, start, end in phase.hostile_spans:
+        by_kind.setdefault(kind, []).append((start, end))
+    tail = [(s, e) for s, e in phase.valid_spans if e - s >= cut]
+    out = {}
+    for kind, spans in sorted(by_kind.items()):
+        starts = np.array([s for s, _ in spans])
+        ends = np.array([e for _, e in spans])
+
+        def overlaps(s: float, e: float) -> bool:
+            return bool(np.any((starts < e) & (ends > s)))
+
+        in_tail = sum(overlaps(s, e) for s, e in tail) / len(tail)
+        in_all = sum(overlaps(s, e) for s, e in phase.valid_spans) / len(phase.valid_spans)
+        out[kind] = {"tail_share": round(in_tail, 3), "all_share": round(in_all, 3),
+                     "lift": round(in_tail / in_all, 2) if in_all else None,
+                     "median_s": round(float(np.median(ends - starts)), 3)}
+    return {"quantile": quantile, "cut_ms": round(cut * 1000, 2), "tail_n": len(tail), "kinds": out}
 
 
 async def run(args, base: str, port: int, pid: int, token: str, payloads: Payloads) -> dict:
@@ -346,7 +394,7 @@ async def run(args, base: str, port: int, pid: int, token: str, payloads: Payloa
 
         await asyncio.gather(
             valid_traffic(client, hostile, args.rate, args.concurrency, stop_at, args.max_requests),
-            *(attacker(client, port, token, payloads, hostile, k * 3, stop_at) for k in range(args.attackers)),
+            *(attacker(client, port, token, payloads, hostile, k * 3, stop_at, args.kinds) for k in range(args.attackers)),
             sample(),
         )
         rss_end = rss_mib(pid)
@@ -388,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--p99-factor", type=float, default=2.0, help="allowed hostile-phase p99 / clean p99")
     p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE", help="extra server environment")
     p.add_argument("--out", default=None, help="JSON output (default runs/soak/soak-hostile-<UTC time>.json)")
+    p.add_argument("--kinds", type=lambda v: [k for k in v.split(",") if k], default=[],
+                   help="only the hostile requests whose kind starts with one of these (e.g. 13,04); default all")
     args = p.parse_args(argv)
     if not (0 < args.minutes <= 24 * 60 and 0 < args.clean_minutes <= 24 * 60 and args.rate > 0
             and args.concurrency >= 1 and args.attackers >= 1):
@@ -443,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         "rss_growth": round(rss_growth, 4),
         "latency_ms": {"clean": {"p50": _pct(clean.latencies, 50), "p99": p99_clean, "n": len(clean.latencies)},
                        "hostile": {"p50": _pct(hostile.latencies, 50), "p99": p99_hostile, "n": len(hostile.latencies)}},
+        "tail_attribution": tail_attribution(hostile),
         "checks": checks,
         "server_exit_code": exit_code,
         "staging_leftovers": leftovers,
@@ -465,6 +516,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{rss['rss_peak_sampled']}  end {rss['rss_end']}  settled {rss['rss_settled']}  growth {rss_growth:+.1%}")
     print(f"valid latency ms: clean p50 {summary['latency_ms']['clean']['p50']} p99 {p99_clean}   "
           f"hostile p50 {summary['latency_ms']['hostile']['p50']} p99 {p99_hostile}")
+    attribution = summary["tail_attribution"]
+    if attribution:
+        print(f"slowest 1% of valid requests (>= {attribution['cut_ms']} ms, n={attribution['tail_n']}): "
+              "share overlapping each hostile kind vs share of all valid requests")
+        for kind, row in sorted(attribution["kinds"].items(), key=lambda kv: -(kv[1]["lift"] or 0)):
+            print(f"  {kind:<30} tail {row['tail_share']:.3f}  all {row['all_share']:.3f}  lift {row['lift']}  "
+                  f"(median {row['median_s']} s)")
     print("checks: " + ", ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in checks.items()))
     print(f"wrote {out} (server log {log_path})")
     return 0 if all(checks.values()) else 1

@@ -37,7 +37,7 @@ async def read_images(
     if media_type == "multipart/form-data":
         blobs = await read_multipart_images(content_type, stream(), max_images)
     elif media_type == "application/json" or media_type.endswith("+json"):
-        blobs = decode_json_images(await body(), max_images)
+        blobs = decode_json_images(await read_json_body(stream(), json_value_budget(max_images)), max_images)
     elif media_type.startswith("image/") or media_type == "application/octet-stream":
         blobs = [await body()]
     else:
@@ -137,6 +137,22 @@ async def read_multipart_images(content_type: str, chunks: AsyncIterator[bytes],
     return [bytes(image) for image in parts.images]
 
 
+def json_value_budget(max_images: int) -> int:
+    """Separators (`,` `:`) a `/v1/predict` JSON body can need.
+
+    {"images": ["data:image/png;base64,...", ...]}: per image a comma between items, and a data URL's
+    colon and comma; a few dozen for other keys.
+    """
+    return 4 * max_images + 64
+
+
+def _too_many_values(separators: int | None, max_separators: int) -> OodguardError:
+    counted = f"{separators}" if separators is not None else f"more than {max_separators}"
+    return OodguardError(
+        "invalid_input", "too_many_values", f"the JSON body has {counted} separators (',' ':'); a request needs at most {max_separators}"
+    )
+
+
 def check_json_budget(body: bytes, max_separators: int) -> None:
     """Refuse, before parsing, a JSON body with more values than the request can legitimately hold.
 
@@ -147,16 +163,34 @@ def check_json_budget(body: bytes, max_separators: int) -> None:
     """
     separators = body.count(b",") + body.count(b":")
     if separators > max_separators:
-        raise OodguardError(
-            "invalid_input", "too_many_values", f"the JSON body has {separators} separators (',' ':'); a request needs at most {max_separators}"
-        )
+        raise _too_many_values(separators, max_separators)
+
+
+async def read_json_body(chunks: AsyncIterator[bytes], max_separators: int, json_length: int | None = None) -> bytes:
+    """The whole body, refused (`too_many_values`) as soon as its JSON part holds more separators than allowed.
+
+    `check_json_budget` while the body arrives: a 16 MiB body of numbers is refused after its first
+    chunks instead of being read whole (the server drops the rest of a body once the response is
+    sent), so hostile bodies cost neither the memory of the whole nor the CPU of reading it, which
+    under such traffic set the tail latency of every valid request (bench/soak_hostile.py's tail
+    attribution). With the binary tensor extension only the first `json_length` bytes are JSON.
+    """
+    parts: list[bytes] = []
+    received = separators = 0
+    async for chunk in chunks:
+        json_part = chunk if json_length is None else chunk[: max(0, json_length - received)]
+        if json_part:
+            separators += json_part.count(b",") + json_part.count(b":")
+            if separators > max_separators:
+                raise _too_many_values(None, max_separators)
+        parts.append(chunk)
+        received += len(chunk)
+    return b"".join(parts)
 
 
 def parse_json(body: bytes, max_images: int):
     """`json.loads` within the value budget; every parse failure a 422 `invalid_json`."""
-    # {"images": ["data:image/png;base64,...", ...]}: per image a comma between items, and a data
-    # URL's colon and comma; a few dozen for other keys.
-    check_json_budget(body, 4 * max_images + 64)
+    check_json_budget(body, json_value_budget(max_images))
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as exc:

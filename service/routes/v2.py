@@ -23,8 +23,9 @@ from fastapi.responses import Response
 from ..deps import InferenceDep
 from ..errors import OodguardError
 from ..inference import InferenceService, resolve_operating_point
+from ..request_body import read_json_body
 from ..schemas import V2ErrorResponse, V2InferRequest, V2InferResponse, V2ModelMetadata, V2ServerMetadata
-from ..v2_codec import VERDICT_OUTPUTS, InputSpec, encode_infer_response, parse_infer_request
+from ..v2_codec import VERDICT_OUTPUTS, InputSpec, encode_infer_response, max_json_separators, parse_infer_request
 from .health import server_version
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
@@ -180,7 +181,9 @@ async def _infer(inference: InferenceService, name: str, version: str | None, re
         raise OodguardError(
             "unsupported_media", "unsupported_media_type", f"Content-Encoding {encoding!r} is not supported; send the body uncompressed"
         )
-    parsed = parse_infer_request(await request.body(), header_length, input_spec(model, inference.settings.max_images_per_request))
+    spec = input_spec(model, inference.settings.max_images_per_request)
+    body = await read_json_body(request.stream(), max_json_separators(spec), header_length)
+    parsed = parse_infer_request(body, header_length, spec)
     op_name = parsed.parameters.get("operating_point")
     if op_name is not None and not isinstance(op_name, str):
         raise OodguardError("invalid_input", "invalid_parameter", f"parameters.operating_point must be a string, got {op_name!r}")
