@@ -79,7 +79,8 @@ TARGETS = [
     Target(("training/scores.py",), ("tests/training/test_scores.py",)),
     Target(("training/ood_metrics.py", "training/metrics.py"), ("tests/training/test_ood_metrics.py", "tests/training/test_metrics.py")),
     # (test_attack_semantics, which trains, checks the trainer's use of these: too slow per mutant)
-    Target(("training/attacks.py",), ("tests/training/test_attacks.py", "tests/training/test_worst_case.py")),
+    Target(("training/attacks.py",), ("tests/training/test_attacks.py", "tests/training/test_worst_case.py",
+                                   "tests/training/test_attacks_worst_case.py")),
     Target(("training/losses.py",), ("tests/training/test_losses.py",)),
     Target(
         ("training/calibrate.py",),

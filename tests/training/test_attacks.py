@@ -98,3 +98,57 @@ def test_attack_config_bounds():
         kwargs = {"eps": 0.0, "steps": 0, "step_size": 0.0, "restarts": 1, **bad}
         with pytest.raises(ValueError, match=r"^attack eps, steps and step_size must be >= 0 and restarts >= 1, got AttackConfig\("):
             AttackConfig(**kwargs)
+
+
+# -- exact behaviour of the random start and the budget checks (mutation testing, issue 17) ------------------
+
+def _zero_gradient(z):
+    """A per-sample objective whose gradient is 0 everywhere: sign steps do not move the image."""
+    return z.flatten(1).sum(1) * 0
+
+
+def test_no_budget_never_calls_the_objective_and_ignores_the_random_start():
+    def objective(z):
+        raise AssertionError("the objective must not be evaluated without a budget")
+
+    x = torch.rand(2, 3, 4, 4, dtype=torch.float64)
+    for kw in ({"eps": 0.0, "steps": 3}, {"eps": 0.1, "steps": 0}):
+        out = pgd_linf(objective, x, step_size=0.1, random_start=True, generator=torch.Generator().manual_seed(0), **kw)
+        assert torch.equal(out, x)
+
+
+def test_random_start_is_a_uniform_draw_in_the_ball_in_the_input_precision():
+    """The start is x + (2u - 1) ε, u ~ U[0, 1) from the generator in x's dtype, clipped to [0, 1]; pixels with
+    a zero gradient stay there."""
+    x = _images(3).double()
+    eps = 6 / 255
+    out = pgd_linf(_zero_gradient, x, eps=eps, steps=2, step_size=1 / 255, random_start=True,
+                   generator=torch.Generator().manual_seed(11))
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    expected = torch.minimum(torch.maximum(x + (2 * u - 1) * eps, (x - eps).clamp(min=0)), (x + eps).clamp(max=1))
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    assert out.dtype == torch.float64
+
+
+def test_random_start_without_a_generator_uses_the_global_one():
+    x = _images(2)
+    torch.manual_seed(3)
+    a = pgd_linf(_zero_gradient, x, eps=4 / 255, steps=1, step_size=1 / 255, random_start=True)
+    torch.manual_seed(3)
+    b = pgd_linf(_zero_gradient, x, eps=4 / 255, steps=1, step_size=1 / 255, random_start=True)
+    assert torch.equal(a, b) and not torch.equal(a, x)
+    assert (a - x).abs().max() <= 4 / 255 + 1e-6
+
+
+def test_pgd_with_passes_random_start_and_the_generator():
+    x = _images(2).double()
+    config = AttackConfig(eps=5 / 255, steps=1, step_size=1 / 255, random_start=True)
+    got = pgd_with(config, _zero_gradient, x, generator=torch.Generator().manual_seed(4))
+    want = pgd_linf(_zero_gradient, x, eps=5 / 255, steps=1, step_size=1 / 255, random_start=True,
+                    generator=torch.Generator().manual_seed(4))
+    assert torch.equal(got, want) and not torch.equal(got, x)
+
+
+def test_objective_shape_error_names_the_batch_size():
+    with pytest.raises(ValueError, match=r"per-sample losses of shape \(2,\), got \(\)$"):
+        pgd_linf(lambda z: z.sum(), torch.rand(2, 3, 4, 4), eps=0.1, steps=1, step_size=0.1)
