@@ -10,7 +10,7 @@ than `validate_timeout_s`. Only a bundle that passed there is loaded by the serv
 
 Children come from a `forkserver` that imports numpy, onnxruntime, the bundle code and the main
 module once (a child would otherwise execute `oodguard.cli` again, ~0.3 s of CPU), so a check
-costs a fork (tens of milliseconds), not an interpreter start-up, and runs at niceness 10: a busy
+costs a fork (tens of milliseconds), not an interpreter start-up, and runs at niceness 19: a busy
 admin pipeline takes idle CPU, not the predictions' share. The fork server stays for
 the life of the process (~70 MiB resident). As with any multiprocessing start method but `fork`,
 a script that calls this at import time needs the `if __name__ == "__main__":` guard (the
@@ -37,9 +37,12 @@ from .bundle import BundleError
 log = logging.getLogger(__name__)
 
 _PRELOAD = ["numpy", "onnxruntime", "oodguard.service.bundle"]
-# A validation competes for the cores that serve requests; below normal priority it runs on idle
-# CPU first, so a slow or hostile bundle delays its own verdict rather than every prediction.
-CHILD_NICENESS = 10
+# A validation competes for the cores that serve requests; at the lowest normal priority it runs on
+# idle CPU first, so a slow or hostile bundle delays its own verdict rather than every prediction.
+# 19, not 10: against a busy server thread a niceness-10 child still gets ~10% of a shared core
+# (CFS weights 110 : 1024), a niceness-19 one ~1.5% (15 : 1024) - and, unlike SCHED_IDLE, it is
+# never starved outright, so a deploy during a traffic peak still finishes, only later.
+CHILD_NICENESS = 19
 # A child outlives its time limit by at most this much even when nobody is left to kill it (the
 # server was SIGKILLed - OOM killer, an orchestrator's deadline - while a bundle spun in a Loop).
 CHILD_GRACE_S = 5
