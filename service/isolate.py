@@ -30,13 +30,21 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 from .bundle import BundleError
 
 log = logging.getLogger(__name__)
 
-_PRELOAD = ["numpy", "onnxruntime", "oodguard.service.bundle"]
+# Under `python -m oodguard.cli` every child re-runs the main module as __mp_main__ (multiprocessing's
+# spawn preparation; its imports are the fork server's, so it costs milliseconds), and runpy warns
+# each time that `oodguard.cli` is already imported: one RuntimeWarning per validation in the server's
+# log, saying nothing an operator can act on. The fork server imports this module (_PRELOAD), so its
+# children inherit the filter; in the server itself it matches nothing else.
+warnings.filterwarnings("ignore", message=r"'oodguard\.cli' found in sys\.modules", category=RuntimeWarning)
+
+_PRELOAD = ["numpy", "onnxruntime", "oodguard.service.bundle", "oodguard.service.isolate"]
 # A validation competes for the cores that serve requests; at the lowest normal priority it runs on
 # idle CPU first, so a slow or hostile bundle delays its own verdict rather than every prediction.
 # 19, not 10: against a busy server thread a niceness-10 child still gets ~10% of a shared core

@@ -48,6 +48,7 @@ def test_a_spinning_validation_runs_below_the_server_priority(tiny_bundle, tmp_p
         ours = os.nice(0)  # the server inherits the test's niceness (0, or more under `nice`)
         assert _niceness(s.pid) == ours and all(n == ours for n in before.values())  # only the child is lowered
         assert s.stop(timeout=30) == 0
+    assert "RuntimeWarning" not in (tmp_path / "serve.log").read_text()  # the child's start-up warns nothing
 
 
 def test_a_spinning_validation_ends_itself_when_the_server_is_killed(tiny_bundle, tmp_path):
@@ -101,4 +102,4 @@ def test_the_fork_server_preloads_the_main_module_but_never_a_package_main(monke
     monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace(__spec__=types.SimpleNamespace(name="pytest.__main__")))
     assert "pytest.__main__" not in isolate.forkserver_preload()
     monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace(__spec__=None))  # a script: main_path
-    assert isolate.forkserver_preload()[0] == "__main__" and len(isolate.forkserver_preload()) == 4
+    assert isolate.forkserver_preload()[0] == "__main__" and len(isolate.forkserver_preload()) == 5
