@@ -6,7 +6,9 @@ API on, then runs two phases on the same server:
 1. clean: valid /v1/predict uploads (JPEG, multipart) and GET /v1/models at a steady --rate for
    --clean-minutes - the reference p99;
 2. hostile: the same valid traffic for --minutes while --attackers loops send, in turn, every
-   reproduction of issue 18's adversarial review (below).
+   reproduction of issue 18's adversarial review (below; --kinds picks some). The attackers run in
+   their own process with their own client, as they would be other machines: sharing the valid
+   client's event loop, their 16 MiB sends delayed the valid requests on the client side.
 
 Then it lets the server settle for --settle-s and samples its RSS again. Reported: the status
 counts of valid and hostile requests (5xx counted separately), RSS after warm-up, at the end of the
@@ -14,7 +16,9 @@ hostile phase and after settling, and the p50 / p99 of valid requests in each ph
 (exit status 1 when one fails): no 5xx at all - 503s included, valid traffic stays under the
 server's queue and timeout limits - and every valid request answered 200; RSS after settling within
 --rss-tolerance (10%) of its value after warm-up; hostile-phase p99 of valid requests at most
---p99-factor (2x) the clean p99. Everything is also written as JSON.
+--p99-factor (2x) the clean p99. Everything is also written as JSON, with the tail's attribution:
+for each hostile kind, the share of the slowest 1% of valid requests that overlapped one of its
+requests against the share of all valid requests that did (a lift far above 1 names the cause).
 
 Hostile requests (issue 18 finding numbers; each expects a 4xx, a closed connection, or nothing):
    1  /v2 infer [64,3,32,32] binary with "outputs" naming `logits` 20,000 times      -> 422
@@ -45,6 +49,7 @@ import argparse
 import asyncio
 import io
 import json
+import multiprocessing
 import os
 import platform
 import secrets
@@ -371,8 +376,31 @@ def tail_attribution(phase: Phase, quantile: float = 99.0) -> dict:
     return {"quantile": quantile, "cut_ms": round(cut * 1000, 2), "tail_n": len(tail), "kinds": out}
 
 
-async def run(args, base: str, port: int, pid: int, token: str, payloads: Payloads) -> dict:
-    limits = httpx.Limits(max_connections=args.concurrency + args.attackers + 4)
+async def attack(base: str, port: int, token: str, payloads: Payloads, attackers: int, kinds: list[str],
+                 stop_at: float) -> Phase:
+    """`attackers` hostile loops on their own client until `stop_at`; what they saw (statuses, spans, errors)."""
+    phase = Phase()
+    async with httpx.AsyncClient(base_url=base, timeout=60.0, limits=httpx.Limits(max_connections=attackers + 2)) as client:
+        await asyncio.gather(*(attacker(client, port, token, payloads, phase, k * 3, stop_at, kinds)
+                               for k in range(attackers)))
+    return phase
+
+
+def attackers_process(args, base: str, port: int, token: str, payloads: Payloads, start, conn) -> None:
+    """The attackers' own process (forked): waits for `start`, attacks for --minutes, sends back its Phase.
+
+    Apart from the valid traffic's client, as attackers are in reality: in one event loop, sending a
+    16 MiB body or waiting on a held-open connection delayed the valid requests' own sends and reads,
+    and that client-side delay was measured as the server's latency.
+    """
+    start.wait()
+    phase = asyncio.run(attack(base, port, token, payloads, args.attackers, args.kinds, time.monotonic() + args.minutes * 60))
+    conn.send((dict(phase.hostile_status), phase.hostile_spans, phase.errors))
+    conn.close()
+
+
+async def run(args, base: str, port: int, pid: int, start_attack, attack_results) -> dict:
+    limits = httpx.Limits(max_connections=args.concurrency + 4)
     async with httpx.AsyncClient(base_url=base, timeout=60.0, limits=limits) as client:
         warm = Phase()
         await valid_traffic(client, warm, args.rate, args.concurrency, time.monotonic() + args.warmup_s, args.max_requests)
@@ -384,6 +412,7 @@ async def run(args, base: str, port: int, pid: int, token: str, payloads: Payloa
         rss_after_clean = rss_mib(pid)
 
         hostile = Phase()
+        start_attack.set()
         stop_at = time.monotonic() + args.minutes * 60
         rss_samples: list[float] = []
 
@@ -392,11 +421,12 @@ async def run(args, base: str, port: int, pid: int, token: str, payloads: Payloa
                 rss_samples.append(rss_mib(pid))
                 await asyncio.sleep(1.0)
 
-        await asyncio.gather(
-            valid_traffic(client, hostile, args.rate, args.concurrency, stop_at, args.max_requests),
-            *(attacker(client, port, token, payloads, hostile, k * 3, stop_at, args.kinds) for k in range(args.attackers)),
-            sample(),
-        )
+        await asyncio.gather(valid_traffic(client, hostile, args.rate, args.concurrency, stop_at, args.max_requests), sample())
+        # the attackers' last requests may still be running (an endless bundle: up to --validate-timeout)
+        statuses, spans, errors = await asyncio.get_running_loop().run_in_executor(None, attack_results.recv)
+        hostile.hostile_status.update(statuses)
+        hostile.hostile_spans.extend(spans)
+        hostile.errors.extend(errors)
         rss_end = rss_mib(pid)
         await asyncio.sleep(args.settle_s)
         rss_settled = rss_mib(pid)
@@ -458,9 +488,18 @@ def main(argv: list[str] | None = None) -> int:
         proc, base = start_oodguard(serve_args, make_jpeg(seed=1), log_path, env=env)
         port = int(base.rsplit(":", 1)[1])
         load_before, t_start = os.getloadavg(), time.time()
+        fork = multiprocessing.get_context("fork")  # before any event loop or thread: the payloads are inherited
+        start_attack = fork.Event()
+        attack_results, attack_conn = fork.Pipe(duplex=False)
+        attackers = fork.Process(target=attackers_process, args=(args, base, port, token, payloads, start_attack, attack_conn),
+                                 name="soak-attackers", daemon=True)
+        attackers.start()
         try:
-            result = asyncio.run(run(args, base, port, proc.pid, token, payloads))
+            result = asyncio.run(run(args, base, port, proc.pid, start_attack, attack_results))
         finally:
+            if attackers.is_alive():
+                attackers.kill()
+            attackers.join(10)
             exit_code = stop_server(proc, grace_s=60)
         load_after = os.getloadavg()
         leftovers = sorted(p.name for p in (work / "models" / ".incoming").glob("*")) if (work / "models" / ".incoming").is_dir() else []
@@ -502,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
              "server_args": serve_args, "command": " ".join([sys.executable, *sys.argv])}
     machine = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in load_after],
-               "note": "client, attackers and server share the machine's cores"}
+               "note": "valid client, attackers (own process) and server share the machine's cores"}
     out.write_text(json.dumps({"setup": setup, "machine": machine, "summary": summary,
                                "errors": (clean.errors + hostile.errors)[:100]}, indent=2, default=str) + "\n")
 
