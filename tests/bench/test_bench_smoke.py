@@ -292,3 +292,19 @@ def test_compare_revisions_serves_each_revision_from_its_own_worktree(tmp_path):
         assert result["rounds"][key][0]["errors"] == 0 and result["rounds"][key][0]["requests_per_s"] > 0
     trees = subprocess.run(["git", "worktree", "list"], capture_output=True, text=True, check=True).stdout
     assert "oodguard-compare-" not in trees
+
+
+def test_soak_tail_attribution_names_the_kind_that_overlaps_the_slow_requests():
+    from bench.soak_hostile import Phase, tail_attribution
+
+    phase = Phase()
+    # 200 valid requests of 10 ms, one every 0.1 s; the two slow ones (0.5 s) start inside "slow-kind" spans
+    phase.valid_spans = [(t / 10, t / 10 + (0.5 if t in (50, 150) else 0.01)) for t in range(200)]
+    phase.hostile_spans = [("slow-kind", 4.95, 5.05), ("slow-kind", 14.95, 15.05),  # overlap 2 of 200 requests
+                           ("busy-kind", 0.0, 20.0)]  # overlaps everything: lift 1
+    out = tail_attribution(phase, quantile=99.0)
+    assert out["tail_n"] == 2 and out["cut_ms"] >= 10
+    slow, busy = out["kinds"]["slow-kind"], out["kinds"]["busy-kind"]
+    assert slow["tail_share"] == 1.0 and slow["all_share"] == 0.01 and slow["lift"] == 100.0
+    assert busy["tail_share"] == 1.0 and busy["all_share"] == 1.0 and busy["lift"] == 1.0
+    assert tail_attribution(Phase()) == {}
