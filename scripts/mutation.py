@@ -64,7 +64,8 @@ class Target:
         return next((p for p in self.paths if (ROOT / p).is_file()), None)
 
 
-DECISION_TESTS = ("tests/service/test_decision_semantics.py", "tests/service/test_hotswap_labels.py")
+DECISION_TESTS = ("tests/service/test_decision_semantics.py", "tests/service/test_verdict_rules.py",
+                  "tests/service/test_hotswap_labels.py")
 # Only fast tests: each mutant runs every selected test that called the mutated function, in a fresh
 # process (module fixtures included). calibrate.py: the rules, not `calibrate_run` / `_select_score`,
 # whose end-to-end tests need a 40 s fixture per mutant (see docs/testing.md).
@@ -89,7 +90,8 @@ TARGETS = [
          "_per_form"),
     ),
     # the decision path: scoring, p-values, operating points, which model labels the answer
-    Target(("service/postprocess.py",), ("tests/service/test_decision_semantics.py", "tests/service/test_predict.py")),
+    Target(("service/postprocess.py",), ("tests/service/test_decision_semantics.py", "tests/service/test_verdict_rules.py",
+                                       "tests/service/test_predict.py")),
     Target(("service/bundle.py",), DECISION_TESTS, ("conformal_p_values",)),
     Target(("service/manifest.py",), DECISION_TESTS, ("BundleManifest.operating_point",)),
     Target(("service/inference.py",), DECISION_TESTS,  # the inference layer (issue 15), when it exists
