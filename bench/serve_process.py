@@ -131,6 +131,14 @@ class ServeProcess:
                 return int(line.split()[1])
         raise KeyError(field)
 
+    def tree_pids(self) -> list[int]:
+        """The server and every process below it (heavy-decode workers, validation children, the fork server)."""
+        return [self.pid, *descendants(self.pid)]
+
+    def tree_vm_kb(self, field: str = "VmHWM") -> dict[int, int]:
+        """`field` of each process of the tree, in KiB (0 for one that ended while being read)."""
+        return {pid: proc_vm_kb(pid, field) for pid in self.tree_pids()}
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Send `sig` (SIGTERM: graceful) to the server alone and wait; SIGKILL if it does not end in `timeout`.
         Returns the exit status."""
@@ -283,6 +291,15 @@ def process_table() -> dict[int, list[str]]:
     """`stat_fields` of every running process (Linux /proc)."""
     table = {int(stat.parent.name): stat_fields(int(stat.parent.name)) for stat in Path("/proc").glob("[0-9]*/stat")}
     return {pid: fields for pid, fields in table.items() if fields is not None}
+
+
+def proc_vm_kb(pid: int, field: str) -> int:
+    """A memory field of /proc/<pid>/status in KiB; 0 when the process has ended."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) for line in lines if line.startswith(field + ":")), 0)
 
 
 def descendants(root: int, table: dict[int, list[str]] | None = None) -> list[int]:

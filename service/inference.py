@@ -22,11 +22,12 @@ import numpy as np
 
 from .batching import BatchResult, DynamicBatcher
 from .errors import OodguardError, not_ready
+from .heavy_decode import HeavyDecoder
 from .loaded_model import LoadedModel
 from .manifest import BundleManifest, InputSpec, OperatingPoint
 from .metrics import ServiceMetrics
 from .postprocess import NonFiniteOutput, Scored, score_outputs
-from .preprocess import ImageLimits, declared_pixels, decode_images, load_images, open_images
+from .preprocess import ImageLimits, declared_pixels, load_images, open_images
 from .registry import ModelRegistry
 from .request_body import read_images
 from .settings import Settings
@@ -44,6 +45,7 @@ class InferenceService:
         self.limits = limits
         self.batcher: DynamicBatcher | None = None
         self.decode_pool: ThreadPoolExecutor | None = None
+        self.heavy_decoder: HeavyDecoder | None = None
         self._serving = False
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -51,6 +53,8 @@ class InferenceService:
         """Load, validate and warm the model (in a thread: seconds), start the batcher and the watcher."""
         settings = self.settings
         self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="oodguard-decode")
+        if settings.heavy_decode_processes:
+            self.heavy_decoder = HeavyDecoder(settings.heavy_decode_processes, self.limits)
         try:
             model = await asyncio.to_thread(self.registry.load_initial)
         except Exception:
@@ -85,6 +89,8 @@ class InferenceService:
             await self.batcher.stop(self.settings.graceful_shutdown_s)
         if self.decode_pool is not None:
             self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        if self.heavy_decoder is not None:
+            self.heavy_decoder.close()
         log.info("stopped")
 
     # -- readiness ----------------------------------------------------------------------------------
@@ -138,23 +144,43 @@ class InferenceService:
     async def decode(self, blobs: list[bytes], spec: InputSpec) -> np.ndarray:
         """A request's encoded images -> float32 (N, 3, H, W); refusals are counted by code.
 
-        Small images on the event loop, the rest in the decode pool: handing a CIFAR-size JPEG to a
+        Where, by what the request costs: small images on the event loop, large ones in worker
+        processes (heavy_decode.py), the rest in the decode threads. Handing a CIFAR-size JPEG to a
         thread costs more than decoding it (a future, two wake-ups and a GIL hand-off each way;
         +10-15% throughput inline, bench/serve.py), so requests whose images are small in bytes
-        (bounded header parsing) *and* in declared pixels (bounded decoding: 65,536 pixels take about
-        a millisecond) are decoded inline. Anything larger cannot stall the loop: it goes to the pool.
+        (bounded header parsing) *and* in declared pixels (65,536 pixels take about a millisecond)
+        are decoded inline. Headers of larger bodies are read in a thread. A request declaring at
+        least heavy_decode_min_pixels goes to a worker process, whose decode cannot hold the server's
+        GIL; anything between is decoded in a thread. Nothing large runs on the loop.
         """
+        settings = self.settings
         try:
             loop = asyncio.get_running_loop()
-            if sum(map(len, blobs)) > self.settings.inline_decode_max_bytes:
-                return await loop.run_in_executor(self.decode_pool, decode_images, blobs, spec, self.limits)
+            if sum(map(len, blobs)) > settings.inline_decode_max_bytes:
+                images = await loop.run_in_executor(self.decode_pool, self._decode_unless_heavy, blobs, spec)
+                return images if images is not None else await self.heavy_decoder.decode(blobs, spec)
             opened = open_images(blobs, self.limits)
-            if declared_pixels(opened) <= self.settings.inline_decode_max_pixels:
+            if declared_pixels(opened) <= settings.inline_decode_max_pixels:
                 return load_images(opened, spec)
+            if self._is_heavy(opened):
+                return await self.heavy_decoder.decode(blobs, spec)
             return await loop.run_in_executor(self.decode_pool, load_images, opened, spec)
         except OodguardError as exc:
             self.metrics.image_rejects.labels(exc.code).inc()
             raise
+
+    def _is_heavy(self, opened: list) -> bool:
+        """Whether the opened images go to the worker processes (then they are closed here: only bytes travel)."""
+        if self.heavy_decoder is None or declared_pixels(opened) < self.settings.heavy_decode_min_pixels:
+            return False
+        for img in opened:
+            img.close()
+        return True
+
+    def _decode_unless_heavy(self, blobs: list[bytes], spec: InputSpec) -> np.ndarray | None:
+        """In a decode thread: the tensor, or None when the headers say the request is for the workers."""
+        opened = open_images(blobs, self.limits)
+        return None if self._is_heavy(opened) else load_images(opened, spec)
 
     # -- every protocol -----------------------------------------------------------------------------
     async def infer(self, images: np.ndarray, ticket=None) -> BatchResult:

@@ -59,7 +59,9 @@ _children: set = set()
 _context = None
 
 
-def _ctx():
+def process_context():
+    """The fork server's multiprocessing context (created once, with its preloads): validation children
+    and the heavy-decode workers (heavy_decode.py) both come from it."""
     global _context
     with _lock:
         if _context is None:
@@ -81,7 +83,7 @@ def forkserver_preload() -> list[str]:
 
 def verify_in_child(bundle_dir: str | Path, *, intra_op_threads: int, warm_batches: tuple[int, ...], timeout_s: float) -> None:
     """Raise BundleError unless the bundle verifies and runs its warm-up batches within `timeout_s`."""
-    ctx = _ctx()
+    ctx = process_context()
     receiver, sender = ctx.Pipe(duplex=False)
     proc = ctx.Process(
         target=_child, args=(str(bundle_dir), int(intra_op_threads), tuple(warm_batches), float(timeout_s), sender),

@@ -64,6 +64,16 @@ class Settings(BaseSettings):
     inline_decode_max_pixels: int = Field(
         65536, ge=0, le=1 << 20, description="Declared pixels (all images of a request) at most decoded on the event loop.",
     )
+    heavy_decode_processes: int = Field(
+        1, ge=0, le=64,
+        description="Worker processes decoding the requests whose images declare at least heavy_decode_min_pixels "
+        "(a long decode in a thread holds the server's GIL for milliseconds at a time; a crashing decoder ends a "
+        "worker, not the server); 0 = decode them in the decode threads.",
+    )
+    heavy_decode_min_pixels: int = Field(
+        4_194_304, ge=1, le=1 << 30,
+        description="Declared pixels (all images of a request) from which decoding goes to the worker processes.",
+    )
     request_timeout_s: float = Field(30.0, gt=0.0, le=600.0, description="Longest a request waits for inference.")
     retry_after_s: int = Field(1, ge=0, le=3600, description="Retry-After header value on 503 responses.")
 
