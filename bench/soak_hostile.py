@@ -10,7 +10,9 @@ API on, then runs two phases on the same server:
    their own process with their own client, as they would be other machines: sharing the valid
    client's event loop, their 16 MiB sends delayed the valid requests on the client side.
 
-Then it lets the server settle for --settle-s and samples its RSS again. Reported: the status
+Then it lets the server settle for --settle-s and samples its RSS again: the server's and every
+process's below it (heavy-decode worker, validation fork server), both started by one large PNG and
+one refused upload at the end of the warm-up. Reported: the status
 counts of valid and hostile requests (5xx counted separately), RSS after warm-up, at the end of the
 hostile phase and after settling, and the p50 / p99 of valid requests in each phase. Pass criteria
 (exit status 1 when one fails): no 5xx at all - 503s included, valid traffic stays under the
@@ -71,7 +73,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench.load import make_jpeg  # noqa: E402
-from bench.serve_process import clean_env, start_oodguard, stop as stop_server  # noqa: E402
+from bench.serve_process import clean_env, descendants, proc_vm_kb, start_oodguard, stop as stop_server  # noqa: E402
 
 MIB = 1 << 20
 V2 = "/v2/models/default/infer"
@@ -197,10 +199,9 @@ def _record(phase: Phase, kind: str, status: int | str, body: str = "") -> None:
 
 
 def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return float("nan")
+    """Resident memory of the server and every process below it (heavy-decode workers, the validation fork
+    server and children), in MiB: a sum of RSS, so pages shared after a fork count once per process."""
+    return round(sum(proc_vm_kb(p, "VmRSS") for p in [pid, *descendants(pid)]) / 1024, 1)
 
 
 # -- traffic --------------------------------------------------------------------------------------------
@@ -399,11 +400,17 @@ def attackers_process(args, base: str, port: int, token: str, payloads: Payloads
     conn.close()
 
 
-async def run(args, base: str, port: int, pid: int, start_attack, attack_results) -> dict:
+async def run(args, base: str, port: int, pid: int, token: str, warm_png: bytes, warm_tar: bytes, start_attack,
+              attack_results) -> dict:
     limits = httpx.Limits(max_connections=args.concurrency + 4)
     async with httpx.AsyncClient(base_url=base, timeout=60.0, limits=limits) as client:
         warm = Phase()
         await valid_traffic(client, warm, args.rate, args.concurrency, time.monotonic() + args.warmup_s, args.max_requests)
+        # the processes a server keeps once used (a heavy-decode worker, the validation fork server) are
+        # started before RSS is first sampled: what is compared is the steady state, not their start-up
+        await client.post("/v1/predict", content=warm_png, headers={"content-type": "image/png"})
+        await client.post("/admin/models", content=warm_tar, headers={"Authorization": f"Bearer {token}",
+                                                                       "Content-Type": "application/gzip"})
         rss_start = rss_mib(pid)
 
         clean = Phase()
@@ -495,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
                                  name="soak-attackers", daemon=True)
         attackers.start()
         try:
-            result = asyncio.run(run(args, base, port, proc.pid, start_attack, attack_results))
+            result = asyncio.run(run(args, base, port, proc.pid, token, payloads.png16, payloads.nan_tar, start_attack,
+                                     attack_results))
         finally:
             if attackers.is_alive():
                 attackers.kill()
