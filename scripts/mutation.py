@@ -101,7 +101,7 @@ TARGETS = [
     # the registry's swap
     Target(
         ("service/registry.py",),
-        ("tests/service/test_registry.py", "tests/service/test_hotswap_labels.py"),
+        ("tests/service/test_registry.py", "tests/service/test_swap_location.py", "tests/service/test_hotswap_labels.py"),
         ("ModelRegistry._switch", "ModelRegistry._swap_to"),  # activate / rollback: argument checks, then _swap_to
     ),
 ]

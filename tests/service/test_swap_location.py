@@ -1,0 +1,34 @@
+"""A stored version is activated only if its manifest names the place it is stored under (registry `_swap_to`).
+
+A valid bundle of tiny/3 copied by hand into models/tiny/2 passes every check of its own files, so only the
+location check (`_load(..., expect="tiny/2")`) stands between `activate("tiny", "2")` and serving tiny/3
+under the name tiny/2. The refused swap changes nothing.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from oodguard.service.bundle import BundleError
+from oodguard.service.registry import ModelRegistry
+from oodguard.service.settings import Settings
+
+from .bundle_factory import make_tiny_bundle
+
+
+def test_activate_refuses_a_bundle_stored_under_another_version(tmp_path):
+    one = make_tiny_bundle(tmp_path / "src-1", "tiny", "1", logit_scale=5.0)
+    three = make_tiny_bundle(tmp_path / "src-3", "tiny", "3", logit_scale=15.0)
+    reg = ModelRegistry(Settings(bundle=one, models_dir=tmp_path / "models", max_batch=4))
+    reg.load_initial()
+    try:
+        shutil.copytree(three, tmp_path / "models" / "tiny" / "2")
+        with pytest.raises(BundleError) as err:
+            reg.activate("tiny", "2")
+        assert err.value.check == "location"
+        assert "the manifest says tiny/3 but the bundle is stored as tiny/2" in str(err.value)
+        assert reg.active.version == "1" and not reg.active.released
+    finally:
+        reg.close()
