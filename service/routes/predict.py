@@ -65,7 +65,8 @@ PREDICT_ERRORS = {
         "image 0: not a supported image format (supported: JPEG, PNG, GIF, WEBP, BMP, TIFF)",
     ),
     422: _err(
-        "Undecodable or invalid image (`invalid_image`), no images (`no_images`), more than "
+        "Undecodable or invalid image (`invalid_image`; `decoder_crashed` when decoding a large image ended its worker "
+        "process), no images (`no_images`), more than "
         "`max_images_per_request` (`too_many_images`), invalid JSON (`invalid_json`), a JSON body with more values than images allow "
         "(`too_many_values`) or invalid base64 (`invalid_base64`), malformed multipart (`invalid_multipart`), unknown `operating_point` "
         "(`unknown_operating_point`), `top_k` out of range (`invalid_top_k` / `validation_error`).",
