@@ -1,4 +1,4 @@
-"""A stored version is activated only if its manifest names the place it is stored under (registry `_swap_to`).
+"""The registry swap's refusals (`_swap_to`): a version stored under another name, a contract change.
 
 A valid bundle of tiny/3 copied by hand into models/tiny/2 passes every check of its own files, so only the
 location check (`_load(..., expect="tiny/2")`) stands between `activate("tiny", "2")` and serving tiny/3
@@ -30,5 +30,26 @@ def test_activate_refuses_a_bundle_stored_under_another_version(tmp_path):
         assert err.value.check == "location"
         assert "the manifest says tiny/3 but the bundle is stored as tiny/2" in str(err.value)
         assert reg.active.version == "1" and not reg.active.released
+    finally:
+        reg.close()
+
+
+def test_activate_refuses_a_contract_change_and_names_every_change(tmp_path):
+    """Without allow_contract_change, a version with other classes and another score is refused; the error names
+    both changes and the way to accept them, and the old version keeps serving."""
+    one = make_tiny_bundle(tmp_path / "src-1", "tiny", "1")
+    two = make_tiny_bundle(tmp_path / "src-2", "tiny", "2", classes=("cyan", "magenta", "yellow"), score="energy")
+    reg = ModelRegistry(Settings(bundle=one, models_dir=tmp_path / "models", max_batch=4))
+    reg.load_initial()
+    try:
+        reg.register_path(two, trusted=True)
+        with pytest.raises(BundleError) as err:
+            reg.activate("tiny", "2")
+        assert err.value.check == "contract"
+        assert str(err.value).endswith(
+            "tiny/2 changes the client contract (classes, score); pass allow_contract_change to accept it")
+        assert reg.active.version == "1"
+        reg.activate("tiny", "2", allow_contract_change=True)
+        assert reg.active.version == "2"
     finally:
         reg.close()
