@@ -49,7 +49,32 @@ def test_activate_refuses_a_contract_change_and_names_every_change(tmp_path):
         assert str(err.value).endswith(
             "tiny/2 changes the client contract (classes, score); pass allow_contract_change to accept it")
         assert reg.active.version == "1"
-        reg.activate("tiny", "2", allow_contract_change=True)
+        # the refusal is in the models dir's event log, with where it went and why
+        failed = [e for e in reg.store.read_state().events if e["action"] == "activate_failed"]
+        assert [(e["to"], e["reason"]) for e in failed] == [("tiny/2", str(err.value))]
+        result = reg.activate("tiny", "2", allow_contract_change=True)
         assert reg.active.version == "2"
+        assert result.checks[-2:] == ["warm", "contract"]  # the checks it passed, the contract check last
+    finally:
+        reg.close()
+
+
+def test_a_refusal_that_cannot_be_logged_is_still_the_refusal(tmp_path):
+    """Recording the failed swap is best effort: a store that cannot write its event log does not replace the
+    refusal's own error."""
+    one = make_tiny_bundle(tmp_path / "src-1", "tiny", "1")
+    three = make_tiny_bundle(tmp_path / "src-3", "tiny", "3")
+    reg = ModelRegistry(Settings(bundle=one, models_dir=tmp_path / "models", max_batch=4))
+    reg.load_initial()
+    try:
+        shutil.copytree(three, tmp_path / "models" / "tiny" / "2")
+
+        def broken(*args, **kwargs):
+            raise OSError("no space left on device")
+
+        reg.store.record_event = broken
+        with pytest.raises(BundleError) as err:
+            reg.activate("tiny", "2")
+        assert err.value.check == "location" and reg.active.version == "1"
     finally:
         reg.close()
