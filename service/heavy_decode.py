@@ -7,6 +7,7 @@ hostile soak (bench/soak_hostile.py) such PNGs were among the requests overlappi
 valid ones. In a worker process the decode shares only the cores, and a decoder that crashes or is
 killed for memory ends a worker - the request gets a 422, the pool is replaced - never the server.
 
+Workers run at niceness 10: a large image is decoded on CPU the small requests leave over.
 What counts as expensive is known from the headers before anything is decoded (`open_images`):
 declared pixels at or above `heavy_decode_min_pixels`. Small images, the common case, keep the
 cheaper in-process path (inline or a decode thread): sending a CIFAR-size JPEG to a process would
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -36,7 +38,14 @@ from .preprocess import ImageLimits, configure_pillow, decode_images
 log = logging.getLogger(__name__)
 
 
+# Below the server, above bundle validation (isolate.CHILD_NICENESS, 19): on shared cores a request
+# that costs ~0.4 s of CPU yields to the ones that cost milliseconds, which it held up in the hostile
+# soak (the p99 of valid requests) at the server's own priority.
+WORKER_NICENESS = 10
+
+
 def _init_worker(limits: ImageLimits) -> None:
+    os.nice(WORKER_NICENESS)
     configure_pillow(limits)  # Pillow's bomb guard is per process
 
 

@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     )
     heavy_decode_processes: int = Field(
         1, ge=0, le=64,
-        description="Worker processes decoding the requests whose images declare at least heavy_decode_min_pixels "
+        description="Worker processes (at niceness 10) decoding the requests whose images declare at least heavy_decode_min_pixels "
         "(a long decode in a thread holds the server's GIL for milliseconds at a time; a crashing decoder ends a "
         "worker, not the server); 0 = decode them in the decode threads.",
     )

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from oodguard.service.errors import OodguardError
-from oodguard.service.heavy_decode import HeavyDecoder
+from oodguard.service.heavy_decode import WORKER_NICENESS, HeavyDecoder
 from oodguard.service.manifest import InputSpec
 from oodguard.service.preprocess import ImageLimits, decode_images
 
@@ -45,7 +45,10 @@ def test_a_worker_decodes_exactly_what_the_server_would(decoder):
     got = asyncio.run(decoder.decode(blobs, SPEC))
     assert got.dtype == np.float32 and got.shape == (3, 3, 8, 8)
     assert np.array_equal(got, decode_images(blobs, SPEC))
-    assert len(decoder.worker_pids()) == 1 and os.getpid() not in decoder.worker_pids()
+    (pid,) = decoder.worker_pids()
+    assert pid != os.getpid()
+    niceness = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[16])
+    assert niceness == min(19, os.nice(0) + WORKER_NICENESS)  # below the server: small requests first
 
 
 @pytest.mark.parametrize("bad", [b"not an image", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40])
