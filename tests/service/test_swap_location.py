@@ -78,3 +78,34 @@ def test_a_refusal_that_cannot_be_logged_is_still_the_refusal(tmp_path):
         assert err.value.check == "location" and reg.active.version == "1"
     finally:
         reg.close()
+
+
+def test_a_swap_reports_what_it_did_and_becomes_the_last_swap(tmp_path):
+    one = make_tiny_bundle(tmp_path / "src-1", "tiny", "1")
+    two = make_tiny_bundle(tmp_path / "src-2", "tiny", "2")
+    reg = ModelRegistry(Settings(bundle=one, models_dir=tmp_path / "models", max_batch=4))
+    reg.load_initial()
+    try:
+        reg.register_path(two, trusted=True)
+        result = reg.activate("tiny", "2")
+        assert (result.action, result.result) == ("activate", "success")
+        assert (result.previous["version"], result.current["version"]) == ("1", "2")
+        assert reg.last_swap is result  # what the admin API reports as the last swap
+        back = reg.rollback()
+        assert (back.action, back.result) == ("rollback", "success")
+        assert (back.previous["version"], back.current["version"]) == ("2", "1")
+        assert reg.last_swap is back
+    finally:
+        reg.close()
+
+
+def test_a_first_activation_has_no_previous_version(tmp_path):
+    """Activating on a registry that serves nothing yet (nothing loaded): `previous` is None, not a crash."""
+    one = make_tiny_bundle(tmp_path / "src-1", "tiny", "1")
+    reg = ModelRegistry(Settings(models_dir=tmp_path / "models", max_batch=4))
+    try:
+        reg.register_path(one, trusted=True)
+        result = reg.activate("tiny", "1")
+        assert result.previous is None and result.current["version"] == "1" and reg.active.version == "1"
+    finally:
+        reg.close()
