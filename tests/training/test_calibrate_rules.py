@@ -118,3 +118,22 @@ def test_config_normalises(monkeypatch):
     kept = CalibrateConfig(version="v7")
     kept.validate()
     assert kept.version == "v7"
+
+
+# -- threshold_for_tpr where (1 - tau)(n + 1) is near an integer or has a fractional part >= .5 (the
+# mutation run found the sizes used elsewhere, 19 / 200 / 400 / 2000, blind to the rounding of k)
+
+
+def test_threshold_for_tpr_k_at_its_boundaries():
+    from oodguard.training.calibrate import threshold_for_tpr
+
+    assert threshold_for_tpr(np.arange(15.0), 0.9) == 0.0  # (0.1)(16) = 1.6: k = 1, not the rounded 2
+    with pytest.raises(ValueError, match="too few"):
+        threshold_for_tpr(np.arange(18.0), 0.95)  # (0.05)(19) = 0.95: k = 0
+    assert threshold_for_tpr(np.arange(19.0), 0.95) == 0.0  # (0.05)(20) = 1 despite float error: k = 1
+    assert threshold_for_tpr(np.arange(9.0), 0.90000000001) == 0.0  # (1 - tau)(10) = 1 - 1e-10: 9 decimals say 1
+    with pytest.raises(ValueError, match=r"^19 calibration scores are too few for a TPR of 0.99: need at least 99$"):
+        threshold_for_tpr(np.arange(19.0), 0.99)
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match=rf"^target TPR must be in \(0, 1\), got {bad}$"):
+            threshold_for_tpr(np.arange(100.0), bad)

@@ -135,3 +135,15 @@ def test_oodmetrics_refuses_nothing_and_mismatched_lengths_and_takes_tensors():
     scores = torch.tensor([3.0, 2.0, 1.0, 0.0], requires_grad=True)  # np.asarray alone would refuse it
     m.update(scores * 1.0, torch.tensor([True, True, False, False]))
     assert m.compute()["auroc"] == 1.0
+
+
+def test_integer_and_unsigned_scores_are_scored_as_floats():
+    # unsigned scores negated in place would wrap around (aupr_out); the metrics cast to float64 first
+    want = ood_metrics(np.array([3.0, 4.0, 9.0]), np.array([1.0, 2.0, 5.0]))
+    assert ood_metrics(np.array([3, 4, 9], np.uint8), np.array([1, 2, 5], np.uint8)) == want
+    assert ood_metrics(np.array([3, 4, 9], np.int32), np.array([1, 2, 5], np.int32)) == want
+
+
+def test_non_finite_scores_are_named():
+    with pytest.raises(ValueError, match=r"^scores must be finite \(got NaN or inf\)$"):
+        ood_metrics(np.array([1.0, np.nan]), np.array([0.0]))

@@ -197,3 +197,98 @@ def test_scored_forward_gives_the_score_and_every_surrogate_of_one_pass(name):
     top = torch.topk(logits, 2, dim=1).values
     assert torch.allclose(parts["margin"].detach(), top[:, 0] - top[:, 1], atol=1e-5)
     assert torch.allclose(parts["ce_uniform"].detach(), torch.logsumexp(logits, 1) - logits.mean(1), atol=1e-5)
+
+
+# -- cases the mutation run found untested (docs/testing.md): ODIN away from T = 1000, where the
+# softmax is flat enough that a wrong temperature, eps or step direction stays within tolerance;
+# fit_mahalanobis' argument checks; the npz file's dtypes and its refusal of pickles.
+
+
+def _odin_by_hand(model, x: torch.Tensor, temperature: float, eps: float) -> torch.Tensor:
+    xg = x.clone().requires_grad_(True)
+    logp = torch.log_softmax(model(xg) / temperature, dim=1).amax(dim=1).sum()
+    (grad,) = torch.autograd.grad(logp, xg)
+    pre = (x + eps * grad.sign()).clamp(0.0, 1.0)
+    with torch.no_grad():
+        return torch.softmax(model(pre) / temperature, dim=1).amax(dim=1)
+
+
+def test_odin_at_a_low_temperature_and_a_large_step_matches_the_definition():
+    model, x = tiny_model().eval(), float_images(6)
+    want = _odin_by_hand(model, x, 1.0, 0.05)
+    assert torch.allclose(odin(model, x, 1.0, 0.05), want, atol=1e-6)
+    assert not torch.allclose(want, msp(model(x), 1.0).detach(), atol=1e-4)  # the step matters at T = 1
+    ctx = ScoreContext(odin_temperature=1.0, odin_eps=0.05)
+    assert torch.allclose(attack_objective(model, x, "odin", ctx).detach(), want, atol=1e-6)
+    assert torch.allclose(compute_scores(model, x, ["odin"], ctx)[1]["odin"], want, atol=1e-6)
+
+
+def test_odin_preprocess_leaves_pixels_the_score_ignores():
+    class FirstChannelOnly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_model()
+
+        def forward(self, x):
+            return self.inner(torch.cat([x[:, :1], torch.zeros_like(x[:, 1:])], dim=1))
+
+    model, x = FirstChannelOnly().eval(), float_images(3)
+    pre = odin_preprocess(model, x, 1.0, 0.05)
+    assert torch.equal(pre[:, 1:], x[:, 1:])  # zero gradient: no step (a division by the sign would saturate them)
+    assert not torch.equal(pre[:, :1], x[:, :1])
+
+
+def test_fit_mahalanobis_checks_its_arguments_with_value_errors():
+    f, y = torch.randn(10, 4), torch.arange(10) % 2
+    with pytest.raises(ValueError, match=r"^features must be \(N, D\) and labels \(N,\), got \(10, 4\) and \(9,\)$"):
+        fit_mahalanobis(f, y[:9], 2)
+    with pytest.raises(ValueError, match=r"^features must be \(N, D\)"):
+        fit_mahalanobis(f[:, 0], y, 2)
+    for bad in (1.5, -0.1):
+        with pytest.raises(ValueError, match=rf"^shrinkage must be in \[0, 1\], got {bad}$"):
+            fit_mahalanobis(f, y, 2, shrinkage=bad)
+    with pytest.raises(ValueError, match=r"^cannot fit Mahalanobis: the features have zero variance$"):
+        fit_mahalanobis(torch.ones(10, 4), y, 2)
+
+
+def test_fit_mahalanobis_full_shrinkage_and_label_dtypes():
+    g = torch.Generator().manual_seed(0)
+    f, y = torch.randn(40, 3, generator=g), torch.arange(40) % 2
+    full = fit_mahalanobis(f, y, 2, shrinkage=1.0)  # documented as valid: Sigma = (tr S / D) I
+    f64 = f.double()
+    centred = f64 - torch.stack([f64[y == c].mean(0) for c in range(2)])[y]
+    scale = torch.trace(centred.T @ centred / 40) / 3
+    assert torch.allclose(full.precision.double(), torch.eye(3, dtype=torch.float64) / scale, rtol=1e-6)
+    ref = fit_mahalanobis(f, y, 2, shrinkage=0.5)
+    for labels in (y.float(), y.to(torch.uint8), y.to(torch.int32)):  # any integral-valued labels, cast to long
+        other = fit_mahalanobis(f, labels, 2, shrinkage=0.5)
+        assert torch.equal(other.means, ref.means) and torch.equal(other.precision, ref.precision)
+
+
+def test_fit_mahalanobis_precision_is_the_float64_shrunk_inverse_bit_for_bit():
+    g = torch.Generator().manual_seed(1)
+    f, y = torch.randn(50, 5, generator=g), torch.arange(50) % 3
+    got = fit_mahalanobis(f, y, 3, shrinkage=0.5)
+    f64 = f.double()
+    means = torch.zeros(3, 5, dtype=torch.float64).index_add_(0, y, f64) / torch.bincount(y)[:, None]
+    centred = f64 - means[y]
+    cov = centred.T @ centred / 50
+    scale = torch.trace(cov) / 5
+    want = torch.linalg.pinv(0.5 * cov + 0.5 * scale * torch.eye(5, dtype=torch.float64), hermitian=True).float()
+    assert torch.equal(got.precision, want)
+
+
+def test_mahalanobis_npz_is_float32_and_refuses_pickles(tmp_path):
+    params = fit_mahalanobis(torch.randn(20, 4), torch.arange(20) % 2, 2)
+    params.save_npz(tmp_path / "m.npz")
+    with np.load(tmp_path / "m.npz") as d:
+        assert d["means"].dtype == np.float32 and d["precision"].dtype == np.float32
+    np.savez(tmp_path / "pickled.npz", means=np.array([1.0], dtype=object), precision=np.eye(1, dtype=np.float32),
+             num_fit_samples=np.array(1))
+    with pytest.raises(ValueError, match="pickle"):
+        MahalanobisParams.load_npz(tmp_path / "pickled.npz")
+
+
+def test_mahalanobis_without_params_names_what_it_needs():
+    with pytest.raises(ValueError, match=r"^the mahalanobis score needs fitted MahalanobisParams \(fit_mahalanobis on the train split\)$"):
+        compute_scores(tiny_model().eval(), float_images(2), ["mahalanobis"], ScoreContext())
