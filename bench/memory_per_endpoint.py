@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench.load import make_jpeg  # noqa: E402
-from bench.serve_process import clean_env, descendants, proc_vm_kb, start_oodguard, stop as stop_server  # noqa: E402
+from bench.serve_process import clean_env, descendants, proc_vm_kb, start_oodguard, stop as stop_server, tree_peak_mib  # noqa: E402
 
 MIB = 1 << 20
 V2 = "/v2/models/default/infer"
@@ -84,18 +84,6 @@ def cases() -> list[tuple[str, str, bytes, dict]]:
         ("/v1/predict: 16 MiB JSON of numbers (refused)", "/v1/predict",
          b'{"images": [], "x": [' + b"0," * ((16 * MIB - 2048) // 2) + b"0]}", {"content-type": "application/json"}),
     ]
-
-
-def tree_peak_mib(pid: int, send) -> tuple[float, object]:
-    """(peak resident memory of the server's process tree while `send()` ran, above its level before, in MiB;
-    send's result). Per process VmHWM after - VmRSS before, summed (the heavy-decode worker and the
-    validation fork server are processes of their own); a process started meanwhile counts whole."""
-    pids = [pid, *descendants(pid)]
-    for p in pids:
-        Path(f"/proc/{p}/clear_refs").write_text("5")
-    before = {p: proc_vm_kb(p, "VmRSS") for p in pids}
-    result = send()
-    return sum(proc_vm_kb(p, "VmHWM") - before.get(p, 0) for p in [pid, *descendants(pid)]) / 1024, result
 
 
 def main(argv: list[str] | None = None) -> int:

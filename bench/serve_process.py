@@ -293,6 +293,19 @@ def process_table() -> dict[int, list[str]]:
     return {pid: fields for pid, fields in table.items() if fields is not None}
 
 
+def tree_peak_mib(pid: int, action):
+    """(peak resident memory of `pid`'s process tree while `action()` ran, above its level before, in MiB;
+    action's result). Per process VmHWM after - VmRSS before (high-water marks reset through
+    /proc/<pid>/clear_refs), summed: an upper bound, the peaks need not coincide; a process started
+    meanwhile counts whole."""
+    pids = [pid, *descendants(pid)]
+    for p in pids:
+        Path(f"/proc/{p}/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = {p: proc_vm_kb(p, "VmRSS") for p in pids}
+    result = action()
+    return sum(proc_vm_kb(p, "VmHWM") - before.get(p, 0) for p in [pid, *descendants(pid)]) / 1024, result
+
+
 def proc_vm_kb(pid: int, field: str) -> int:
     """A memory field of /proc/<pid>/status in KiB; 0 when the process has ended."""
     try:

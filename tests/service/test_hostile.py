@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.serve_process import ServeProcess, start_serve
+from bench.serve_process import ServeProcess, start_serve, tree_peak_mib
 
 pytestmark = pytest.mark.slow
 
@@ -51,12 +51,8 @@ def peak_mb(server: ServeProcess, action: Callable[[], object]) -> tuple[float, 
     process's peak (VmHWM) minus its resident memory before, summed (an upper bound: the peaks need
     not coincide); a process started meanwhile counts whole.
     """
-    for pid in server.tree_pids():
-        Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
-    before = server.tree_vm_kb("VmRSS")
-    result = action()
-    peak = sum(hwm - before.get(pid, 0) for pid, hwm in server.tree_vm_kb("VmHWM").items()) / 1024
-    print(f"peak RSS +{peak:.0f} MiB above {sum(before.values()) / 1024:.0f} MiB")  # shown with pytest -s
+    peak, result = tree_peak_mib(server.pid, action)
+    print(f"peak RSS +{peak:.0f} MiB")  # shown with pytest -s
     return peak, result
 
 
