@@ -161,9 +161,13 @@ def check_json_budget(body: bytes, max_separators: int) -> None:
     C-speed scan over the bytes that allocates nothing; separators inside strings are counted too,
     which only makes the bound stricter for bodies no legitimate client sends.
     """
-    separators = body.count(b",") + body.count(b":")
+    separators = _separators(body)
     if separators > max_separators:
         raise _too_many_values(separators, max_separators)
+
+
+def _separators(data: bytes) -> int:
+    return data.count(b",") + data.count(b":")
 
 
 async def read_json_body(chunks: AsyncIterator[bytes], max_separators: int, json_length: int | None = None) -> bytes:
@@ -180,7 +184,7 @@ async def read_json_body(chunks: AsyncIterator[bytes], max_separators: int, json
     async for chunk in chunks:
         json_part = chunk if json_length is None else chunk[: max(0, json_length - received)]
         if json_part:
-            separators += json_part.count(b",") + json_part.count(b":")
+            separators += _separators(json_part)
             if separators > max_separators:
                 raise _too_many_values(None, max_separators)
         parts.append(chunk)
