@@ -47,6 +47,17 @@ from hypothesis import Phase as _Phase, settings as _settings  # noqa: E402
 
 _settings.register_profile("mutation", phases=[_Phase.explicit, _Phase.reuse, _Phase.generate], database=None)
 _settings.load_profile("mutation")
+
+# Every test process here has mutmut's launcher script as __main__. A multiprocessing child re-runs a
+# script __main__ (Python < 3.13.8: the fork server's "__main__" preload is a no-op, CPython gh-126631),
+# and this one imports mutmut's CLI: ~0.5 s in each registry validation child, most of the registry
+# target's time. Named as a package's __main__, it is not re-run (nothing in a test needs it).
+import importlib.machinery as _machinery  # noqa: E402
+import sys as _sys  # noqa: E402
+
+_main = _sys.modules.get("__main__")
+if getattr(_main, "__spec__", None) is None and getattr(_main, "__file__", "").endswith("mutmut"):
+    _main.__spec__ = _machinery.ModuleSpec("mutmut.__main__", None)
 """
 
 

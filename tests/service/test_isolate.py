@@ -101,5 +101,13 @@ def test_the_fork_server_preloads_the_main_module_but_never_a_package_main(monke
     # `python -m pytest`: importing pytest.__main__ in the fork server would run pytest there
     monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace(__spec__=types.SimpleNamespace(name="pytest.__main__")))
     assert "pytest.__main__" not in isolate.forkserver_preload()
-    monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace(__spec__=None))  # a script: main_path
+    # a script other than oodguard's: nothing of it is imported by the fork server
+    monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace(__spec__=None, __file__="/x/run.py", run=print))
     assert isolate.forkserver_preload()[0] == "__main__" and len(isolate.forkserver_preload()) == 5
+    # the `oodguard` console script (`from oodguard.cli import main`): children re-run it (the "__main__"
+    # entry is a no-op before Python 3.13.8, gh-126631), so its CLI import must already be in the fork server
+    from oodguard import cli
+
+    script = types.SimpleNamespace(__spec__=None, __file__="/venv/bin/oodguard", sys=sys, main=cli.main)
+    monkeypatch.setitem(sys.modules, "__main__", script)
+    assert isolate.forkserver_preload()[-1] == "oodguard.cli"
