@@ -137,6 +137,9 @@ def train_command(
     progress: Optional[bool] = _opt("--progress/--no-progress", key="progress", help="Progress bar on stderr."),
     save_every_epochs: Optional[int] = _opt("--save-every-epochs", key="save_every_epochs",
                                             help="Write checkpoints/last.pt every N epochs (and always at the end)."),
+    save_every_steps: Optional[int] = _opt("--save-every-steps", key="save_every_steps",
+                                           help="Also write checkpoints/last.pt every N steps (0: only at epoch ends); "
+                                           "kept on --resume unless given again.", default_text="off"),
     keep_epoch_checkpoints: Optional[bool] = _opt("--keep-epoch-checkpoints/--no-keep-epoch-checkpoints",
                                                   key="keep_epoch_checkpoints", help="Keep checkpoints/epoch_XXX.pt too."),
     eval_test: Optional[bool] = _opt("--eval-test/--no-eval-test", key="eval_test",
@@ -162,7 +165,7 @@ def train_command(
         nesterov=nesterov, weight_decay=weight_decay, lambda_oe=lambda_oe, eps=_pixels(eps, "--eps"),
         attack_steps=attack_steps, step_size=_pixels(step_size, "--step-size"), random_start=random_start,
         attack_bn=attack_bn, device=device, amp=amp, channels_last=channels_last, compile=compile, threads=threads,
-        log_every=log_every, progress=progress, save_every_epochs=save_every_epochs,
+        log_every=log_every, progress=progress, save_every_epochs=save_every_epochs, save_every_steps=save_every_steps,
         keep_epoch_checkpoints=keep_epoch_checkpoints, eval_test=eval_test,
     )
     if model_kwargs is not None:

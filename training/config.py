@@ -109,6 +109,9 @@ class TrainConfig:
     log_every: int = 20  # steps between progress-bar updates
     progress: bool = True  # tqdm bar on stderr (rank 0)
     save_every_epochs: int = 1  # last.pt every N epochs (always at the end / on stop)
+    # last.pt every N steps as well (None / 0: only at epochs): an ALOE epoch on 2 CPU cores is ~50 min, and a
+    # process killed outright (SIGKILL, a lost session) loses everything since the last save
+    save_every_steps: int | None = None
     keep_epoch_checkpoints: bool = False  # also keep checkpoints/epoch_XXX.pt
     eval_test: bool = True  # measure test accuracy at the end (logged, printed)
 
@@ -139,6 +142,8 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 problems.append(f"{name} must be >= 1 when given")
+        if self.save_every_steps is not None and self.save_every_steps < 0:
+            problems.append("save_every_steps must be >= 0 (0: only at epoch ends)")
         if self.time_budget is not None and self.time_budget <= 0:
             problems.append("time_budget must be > 0 seconds")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:

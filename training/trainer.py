@@ -14,7 +14,8 @@ One step, following the reference ALOE code (see ../shared/ALOE.md) without its 
 final checkpoint, test accuracy, summary. Its steps are the small functions below it, in that order.
 
 Stopping: the schedule ends, `--stop-at-step`, `--time-budget`, or Ctrl-C / SIGTERM — each saves
-`checkpoints/last.pt` first. `--resume` restores model, optimiser, schedule, data-stream positions and
+`checkpoints/last.pt` first; it is also written every `--save-every-epochs` epochs and, with
+`--save-every-steps N`, every N steps (what a SIGKILL can lose). `--resume` restores model, optimiser, schedule, data-stream positions and
 every RNG, so N/2 + N/2 steps give bit-identical weights to N steps.
 """
 
@@ -54,7 +55,8 @@ log = logging.getLogger(__name__)
 _WARMUP_STEPS = 5  # steps excluded from images/s (allocator and oneDNN warm-up)
 # Knobs that may change on --resume without breaking bit-for-bit continuation.
 OPERATIONAL_KEYS = ("out", "resume", "overwrite", "time_budget", "stop_at_step", "threads", "progress",
-                    "log_every", "eval_test", "device", "data_dir", "cache_dir", "keep_epoch_checkpoints")
+                    "log_every", "eval_test", "device", "data_dir", "cache_dir", "keep_epoch_checkpoints",
+                    "save_every_steps")
 
 
 @dataclass
@@ -188,6 +190,8 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
                 if end_of_epoch and (in_stream.epoch + 1) % cfg.save_every_epochs == 0:
                     _save(state, cfg, info, run_dir, step, seconds_before + loop_seconds, epoch=in_stream.epoch + 1)
                 meter.new_epoch()
+            elif cfg.save_every_steps and step % cfg.save_every_steps == 0:  # mid-epoch: --resume continues exactly
+                _save(state, cfg, info, run_dir, step, seconds_before + loop_seconds)
             if stopping:
                 stopped = reason or "interrupted"
                 break
@@ -223,7 +227,10 @@ def _resumed_config(cfg: TrainConfig) -> TrainConfig:
     stored = config_from_dict(state["config"])
     model_config = resolve_model_config(dict(state["model_config"]), state["model"])  # legacy architectures
     model_kwargs = {k: v for k, v in model_config.items() if k not in ("name", "num_classes")}
-    return replace(stored, model_kwargs=model_kwargs, **{k: getattr(cfg, k) for k in OPERATIONAL_KEYS})
+    operational = {k: getattr(cfg, k) for k in OPERATIONAL_KEYS}
+    if cfg.save_every_steps is None:  # not given again: the run keeps saving as often as it did
+        operational["save_every_steps"] = stored.save_every_steps
+    return replace(stored, model_kwargs=model_kwargs, **operational)
 
 
 def _load_training_data(cfg: TrainConfig) -> tuple[ImageSet, ImageSet | None, dict[str, Any]]:

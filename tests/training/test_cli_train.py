@@ -32,6 +32,7 @@ def _error_of(result) -> str:
     (["--model-kwargs", "{oops"], "not valid JSON"),
     (["--recipe", "gpu"], "unknown recipe 'gpu'"),
     (["--batch-size", "0"], "batch_size must be >= 1"),
+    (["--save-every-steps", "-5"], "save_every_steps must be >= 0"),
     (["--device", "tpu0"], "unknown device 'tpu0'; use auto, cpu, cuda or cuda:N"),
 ])
 def test_bad_arguments_fail_with_a_message(args, message, tmp_path):

@@ -43,6 +43,42 @@ def test_resume_uses_the_stored_config(tiny_config, tmp_path):
     assert result.config.method == "oe" and result.config.lr == 0.02 and result.step == 10
 
 
+class _Killed(Exception):
+    """Stands for SIGKILL: the process ends inside the loop, with no chance to save."""
+
+
+def test_a_run_killed_mid_epoch_resumes_from_its_last_periodic_checkpoint_exactly(tiny_config, tmp_path, monkeypatch):
+    from oodguard.training import trainer
+
+    common = dict(method="aloe", max_steps=16, eval_test=False, random_start=True, eps=4 / 255)  # 11 steps an epoch
+    full = train(tiny_config(out=str(tmp_path / "full"), **common))
+    real_stop_reason = trainer._stop_reason
+
+    def killed_after_step_8(cfg, step, *args):
+        if step == 8:
+            raise _Killed
+        return real_stop_reason(cfg, step, *args)
+
+    monkeypatch.setattr(trainer, "_stop_reason", killed_after_step_8)
+    with pytest.raises(_Killed):
+        train(tiny_config(out=str(tmp_path / "split"), save_every_steps=3, **common))
+    assert _weights(tmp_path / "split")["step"] == 6  # the last multiple of 3 before the kill, mid-epoch
+    monkeypatch.setattr(trainer, "_stop_reason", real_stop_reason)
+    resumed = train(tiny_config(out=str(tmp_path / "split"), resume=True, **common))
+    assert resumed.step == 16 and resumed.config.save_every_steps == 3  # kept: not given again
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "split")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert full.step_losses[6:] == resumed.step_losses
+
+
+def test_save_every_steps_can_be_changed_or_turned_off_on_resume(tiny_config, tmp_path):
+    common = dict(method="msp", max_steps=10, eval_test=False)
+    train(tiny_config(stop_at_step=2, save_every_steps=4, **common))
+    assert train(tiny_config(resume=True, stop_at_step=4, save_every_steps=0, **common)).config.save_every_steps == 0
+    assert train(tiny_config(resume=True, **common)).config.save_every_steps == 0
+
+
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tiny_data_dir, tmp_path):
     run = tmp_path / "run"
