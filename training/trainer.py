@@ -15,8 +15,8 @@ final checkpoint, test accuracy, summary. Its steps are the small functions belo
 
 Stopping: the schedule ends, `--stop-at-step`, `--time-budget`, or Ctrl-C / SIGTERM — each saves
 `checkpoints/last.pt` first; it is also written every `--save-every-epochs` epochs and, with
-`--save-every-steps N`, every N steps (what a SIGKILL can lose). `--resume` restores model, optimiser, schedule, data-stream positions and
-every RNG, so N/2 + N/2 steps give bit-identical weights to N steps.
+`--save-every-steps N`, every N steps (all a SIGKILL can lose). `--resume` restores model, optimiser,
+schedule, data-stream positions and every RNG, so N/2 + N/2 steps give bit-identical weights to N steps.
 """
 
 from __future__ import annotations
