@@ -78,7 +78,8 @@ def _train(run: Path, args: list[str], log: Path) -> float:
         print(f"{run}: completed, kept")
         return 0.0
     if (run / "checkpoints" / "last.pt").is_file():
-        return run_oodguard(["train", "--out", str(run), "--resume", "--no-progress",
+        # operational flags: --keep-epoch-checkpoints is not carried over by --resume, so it is given again
+        return run_oodguard(["train", "--out", str(run), "--resume", "--no-progress", "--keep-epoch-checkpoints",
                              "--save-every-steps", str(SAVE_EVERY_STEPS)], log)
     return run_oodguard(["train", *args, "--out", str(run), "--overwrite"], log)
 
