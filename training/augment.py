@@ -13,12 +13,16 @@ the same distribution, before the attack) is re-rendered as a random upload:
 3. decoded and resized back to 32x32 exactly as the service does (`pil_to_array`: bilinear).
 
 The draws come from the caller's torch.Generator, so a resumed run re-draws the same forms. Cost: about
-0.1 ms per image on one core (`bench/train.py` measures it in images/s), a few percent of a plain step.
+0.1 ms per image on one core (`bench/train.py` measures it in images/s), a few percent of a plain step on
+the CPU. On a GPU it bounds the step, so `apply(..., pool=...)` renders slices of the batch in worker
+processes (threads do not help: for 32x32 images the time is Python's, under the GIL). Every random
+number is drawn before the split, so the output is the same with or without a pool.
 """
 
 from __future__ import annotations
 
 import io
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,11 +51,20 @@ class UploadAugment:
         if not 1 <= self.quality[0] <= self.quality[1] <= 100:
             raise ValueError("JPEG quality range must lie in 1..100, low <= high")
 
-    def apply(self, images: np.ndarray, generator: torch.Generator) -> np.ndarray:
-        """uint8 (N, H, W, 3) -> uint8 (N, H, W, 3): each image re-rendered as a random upload."""
-        n, h, w, _ = images.shape
+    def apply(self, images: np.ndarray, generator: torch.Generator, pool: Executor | None = None,
+              workers: int = 1) -> np.ndarray:
+        """uint8 (N, H, W, 3) -> uint8 (N, H, W, 3): each image re-rendered as a random upload; with a process
+        `pool` of `workers`, in that many slices at once."""
         # every random number up front, from the torch generator (resumable), one row per image
-        u = torch.rand(n, 6, generator=generator).numpy()
+        u = torch.rand(len(images), 6, generator=generator).numpy()
+        if pool is None or workers <= 1 or len(images) < 2 * workers:
+            return self.render(images, u)
+        slices = np.array_split(np.arange(len(images)), workers)
+        return np.concatenate(list(pool.map(self.render, [images[s] for s in slices], [u[s] for s in slices])))
+
+    def render(self, images: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """The uploads for the random rows `u` (N, 6) in [0, 1), one per image: deterministic given u."""
+        n, h, w, _ = images.shape
         out = np.empty_like(images)
         for i in range(n):
             out[i] = self._one(images[i], u[i], (w, h))

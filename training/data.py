@@ -390,7 +390,7 @@ class BatchStream:
 
     def __init__(self, images: np.ndarray, labels: np.ndarray | None, batch_size: int, *, seed: int,
                  augment: bool = True, rank: int = 0, world_size: int = 1, channels_last: bool = False,
-                 crop_pad: int = 4, upload_augment=None):
+                 crop_pad: int = 4, upload_augment=None, augment_pool=None, augment_workers: int = 1):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW
@@ -400,6 +400,7 @@ class BatchStream:
         self.augment = augment
         self.crop_pad = crop_pad
         self.upload_augment = upload_augment  # an augment.UploadAugment (or None): applied before crop + flip
+        self.augment_pool, self.augment_workers = augment_pool, augment_workers  # processes rendering the uploads
         self.rank, self.world_size = rank, world_size
         self.channels_last = channels_last
         self.per_rank = len(self.images) // world_size
@@ -426,7 +427,8 @@ class BatchStream:
         self.position += 1
         x = self.images[idx]
         if self.augment and self.upload_augment is not None:
-            x = torch.from_numpy(self.upload_augment.apply(x.permute(0, 2, 3, 1).numpy(), self.generator)).permute(0, 3, 1, 2)
+            x = torch.from_numpy(self.upload_augment.apply(
+                x.permute(0, 2, 3, 1).numpy(), self.generator, self.augment_pool, self.augment_workers)).permute(0, 3, 1, 2)
         if self.augment:
             x = random_crop_flip(x, self.generator, pad=self.crop_pad)
         x = x.float().div_(255.0)

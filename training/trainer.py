@@ -22,8 +22,10 @@ schedule, data-stream positions and every RNG, so N/2 + N/2 steps give bit-ident
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -89,6 +91,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     try:
         return _train(cfg, info)
     finally:
+        _close_augment_pool()
         ddp.cleanup(info)
 
 
@@ -109,7 +112,7 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
         prepare_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite)
     ddp.barrier(info)
     num_classes = len(train_set.classes) or int(train_set.labels.max()) + 1
-    in_stream, out_stream = _batch_streams(cfg, info, train_set, outlier_set)
+    in_stream, out_stream = _batch_streams(cfg, info, train_set, outlier_set, device)
     steps_per_epoch = in_stream.batches_per_epoch
 
     # -- model, optimiser, schedule, attack generator, loss scaler ------------------------------------
@@ -258,17 +261,41 @@ def _load_training_data(cfg: TrainConfig) -> tuple[ImageSet, ImageSet | None, di
     return full.subset(train_idx), outliers, split
 
 
-def _batch_streams(cfg: TrainConfig, info: ddp.DistInfo, train_set: ImageSet,
-                   outlier_set: ImageSet | None) -> tuple[BatchStream, BatchStream | None]:
+def _batch_streams(cfg: TrainConfig, info: ddp.DistInfo, train_set: ImageSet, outlier_set: ImageSet | None,
+                   device: torch.device) -> tuple[BatchStream, BatchStream | None]:
     """Each rank's shard of every epoch; the same augmentation for inliers and outliers, so that no form
     (encoding, size) may tell one from the other."""
+    pool, workers = None, 1
+    if cfg.upload_augment and device.type == "cuda" and len(os.sched_getaffinity(0)) // info.local_world_size > 2:
+        # on a GPU, rendering the uploads on one core would bound the step; on the CPU it is a few percent
+        workers = max(1, min(8, len(os.sched_getaffinity(0)) // info.local_world_size - 1))
+        pool = _open_augment_pool(workers)
     augment = {"crop_pad": cfg.crop_pad, "upload_augment": UploadAugment() if cfg.upload_augment else None,
+               "augment_pool": pool, "augment_workers": workers,
                "rank": info.rank, "world_size": info.world_size, "channels_last": cfg.channels_last}
     in_stream = BatchStream(train_set.images, train_set.labels, cfg.batch_size, seed=cfg.seed, **augment)
     out_stream = None
     if outlier_set is not None:
         out_stream = BatchStream(outlier_set.images, None, cfg.outlier_batch_size, seed=cfg.seed + 7_919, **augment)
     return in_stream, out_stream
+
+
+_augment_pool: ProcessPoolExecutor | None = None
+
+
+def _open_augment_pool(workers: int) -> ProcessPoolExecutor:
+    """Worker processes for the upload augmentation, started clean ("spawn": no copy of CUDA state or threads)."""
+    global _augment_pool
+    _close_augment_pool()
+    _augment_pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    return _augment_pool
+
+
+def _close_augment_pool() -> None:
+    global _augment_pool
+    if _augment_pool is not None:
+        _augment_pool.shutdown(cancel_futures=True)
+        _augment_pool = None
 
 
 def _build_model(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn.Module:

@@ -37,6 +37,21 @@ def test_upload_augment_is_reproducible_and_changes_pixels():
     assert changed.mean() > 0.5  # most images are re-rendered; lossless + no resize leaves a few untouched
 
 
+def test_upload_augment_in_worker_processes_renders_exactly_what_one_process_does():
+    """The GPU trainer renders uploads in a process pool: slices of the batch, same random draws, same pixels."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    x = _images(40)
+    serial = UploadAugment().apply(x, torch.Generator().manual_seed(9))
+    with ProcessPoolExecutor(3, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pooled = UploadAugment().apply(x, torch.Generator().manual_seed(9), pool, workers=3)
+        stream = BatchStream(x, None, 16, seed=3, upload_augment=UploadAugment(), augment_pool=pool, augment_workers=3)
+        pooled_batch = stream.next()[0]
+    np.testing.assert_array_equal(pooled, serial)
+    assert torch.equal(pooled_batch, BatchStream(x, None, 16, seed=3, upload_augment=UploadAugment()).next()[0])
+
+
 def test_upload_augment_identity_when_lossless_and_unscaled():
     x = _images()
     y = UploadAugment(p_rescale=0.0, p_lossless=1.0).apply(x, torch.Generator().manual_seed(0))
