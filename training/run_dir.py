@@ -326,7 +326,11 @@ class RunData:
             spec = spec.get("spec") or spec.get("source")
         if not spec:
             raise RunDirError(f"{run_dir / CONFIG_FILE}: no in-distribution data spec ('data') recorded")
-        data_dir = data_dir or _lookup(config, "data_dir")
+        recorded_dir = _lookup(config, "data_dir")
+        if data_dir is None and recorded_dir and Path(str(recorded_dir)).expanduser().is_dir():
+            data_dir = str(recorded_dir)
+        # else a directory of the machine that trained it (a GPU host's /tmp, say): the default data directory
+        # is searched instead, and the data's sha256 recorded in split.json still decides whether it is the same
         if data_dir is None and Path(str(spec)).expanduser().is_dir():
             # trained with --data DIR: named sets ("tinyimagenet") resolve in the same directory
             data_dir = str(Path(str(spec)).expanduser())

@@ -9,6 +9,8 @@ import torch
 
 from oodguard.training import run_dir
 
+from ..conftest import CLASSES, synthetic_class_images, write_image_npz
+
 
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
@@ -67,3 +69,37 @@ def test_a_missing_run_is_one_error_naming_the_path(tmp_path):
     (tmp_path / "run").mkdir()
     with pytest.raises(run_dir.RunDirError, match="not a run directory"):
         run_dir.RunData.open(tmp_path / "run")
+
+
+def test_a_run_trained_on_another_machine_finds_its_data_here(tiny_config, tiny_data_dir, tmp_path, monkeypatch):
+    """A run trained on a GPU host records that host's --data-dir (/tmp/ds, say). Here that directory does not
+    exist: the default data directory is used instead, and split.json's sha256 still checks the images."""
+    from oodguard.training.trainer import train
+
+    train(tiny_config(method="msp", data="cifar10", data_dir=str(tiny_data_dir), max_steps=2, eval_test=False))
+    run = tmp_path / "run"
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["data_dir"] == str(tiny_data_dir)
+    config["train"]["data_dir"] = str(tmp_path / "gpu-host" / "ds")  # as if trained elsewhere
+    (run / "config.json").write_text(json.dumps(config))
+    n_cal = len(json.loads((run / "split.json").read_text())["cal_indices"])
+
+    monkeypatch.setenv("OODGUARD_DATA_DIR", str(tiny_data_dir))  # this machine's default data directory
+    opened = run_dir.RunData.open(run)
+    assert opened.data_dir is None  # not the other machine's directory: the default one
+    assert len(opened.calibration_set()) == n_cal
+    # a directory given explicitly, or a recorded one that exists, is used as before
+    assert run_dir.RunData.open(run, data_dir=str(tiny_data_dir)).data_dir == str(tiny_data_dir)
+    config["train"]["data_dir"] = str(tiny_data_dir)
+    (run / "config.json").write_text(json.dumps(config))
+    assert run_dir.RunData.open(run).data_dir == str(tiny_data_dir)
+    # and other images under the same name are refused, whatever directory they come from
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    x, y = synthetic_class_images(400, seed=7)
+    write_image_npz(elsewhere / "cifar10_train.npz", x, y, CLASSES)
+    config["train"]["data_dir"] = str(tmp_path / "gpu-host" / "ds")
+    (run / "config.json").write_text(json.dumps(config))
+    monkeypatch.setenv("OODGUARD_DATA_DIR", str(elsewhere))
+    with pytest.raises(run_dir.RunDirError, match="sha256 differs"):
+        run_dir.RunData.open(run).calibration_set()
