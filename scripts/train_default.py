@@ -175,7 +175,10 @@ def main() -> None:
     results = {"recipe": vars(args), "timings_s": timings, "runs": {}}
     for name in (*stages, *methods):
         run = out / name
-        results["runs"][name] = {"train_end": json.loads((run / "summary.json").read_text())}
+        # each stage's own config (epochs or time budget, device): a stage trained by scripts/train_gpu.sh
+        # says so here, whatever this invocation's flags were
+        results["runs"][name] = {"train_end": json.loads((run / "summary.json").read_text()),
+                                 "config": json.loads((run / "config.json").read_text())}
         if (run / "eval" / "eval.json").is_file():
             results["runs"][name]["eval"] = json.loads((run / "eval" / "eval.json").read_text())
     results["bundle_metrics"] = json.loads((bundle / "manifest.json").read_text())["metrics"]

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The default model's recipe on one GPU: the same two stages as `make train-default` (scripts/train_default.py),
+# each given a wall-clock budget instead of a number of epochs (--time-budget with the cosine schedule fitted
+# to it), so a lent GPU with minutes of time on it gives a complete schedule, not a truncated one.
+#
+#   1. pretrain SECONDS: fast_cnn, plain cross-entropy, `--recipe fast` (batches of 256, SGD nesterov lr 0.2,
+#      label smoothing 0.1, flip + 2-px translations, upload-form augmentation on every image).
+#   2. aloe SECONDS: ALOE fine-tune of the pre-trained weights: 128 inliers + 128 outliers per step (the outlier
+#      set minus its 10% held-out validation classes), both attacked by L-inf PGD at eps 1/255 (2 steps),
+#      lambda 0.5, lr 0.03 cosine to 0, the same augmentation on both sides.
+#
+# Export, calibration (--score auto) and evaluation need no GPU: run them on the CPU afterwards
+# (scripts/train_default.py with --out pointing at the same directory picks the finished stages up).
+#
+# Usage: scripts/train_gpu.sh pretrain|aloe SECONDS     (env: RUNS, default runs/gpu; DATA_DIR, default
+#        ../shared/datasets; EPOCHS_CAP, the most epochs the fitted schedule may plan, default 200;
+#        DEVICE, default cuda: cpu runs the same commands for a smoke test)
+set -euo pipefail
+
+stage=${1:?usage: scripts/train_gpu.sh pretrain|aloe SECONDS}
+seconds=${2:?usage: scripts/train_gpu.sh pretrain|aloe SECONDS}
+runs=${RUNS:-runs/gpu}
+data_dir=${DATA_DIR:-../shared/datasets}
+epochs_cap=${EPOCHS_CAP:-200}
+python=${PYTHON:-python3}
+device=${DEVICE:-cuda}
+
+common=(--model fast_cnn --data cifar10 --outliers tinyimagenet --data-dir "$data_dir" --seed 1
+        --device "$device" --no-compile --no-progress --time-budget "$seconds" --fit-schedule
+        --epochs "$epochs_cap" --save-every-steps 200)
+
+case "$stage" in
+  pretrain)
+    exec "$python" -m oodguard.cli train --recipe fast --method msp "${common[@]}" --no-eval-test \
+      --out "$runs/pretrain" --overwrite ;;
+  aloe)
+    exec "$python" -m oodguard.cli train --method aloe "${common[@]}" --init-from "$runs/pretrain" \
+      --lr 0.03 --min-lr 0 --warmup-steps 50 --batch-size 128 --outlier-batch-size 128 --crop-pad 2 \
+      --out "$runs/aloe" --overwrite ;;
+  *)
+    echo "unknown stage '$stage' (pretrain | aloe)" >&2; exit 2 ;;
+esac
