@@ -266,9 +266,10 @@ def _batch_streams(cfg: TrainConfig, info: ddp.DistInfo, train_set: ImageSet, ou
     """Each rank's shard of every epoch; the same augmentation for inliers and outliers, so that no form
     (encoding, size) may tell one from the other."""
     pool, workers = None, 1
-    if cfg.upload_augment and device.type == "cuda" and len(os.sched_getaffinity(0)) // info.local_world_size > 2:
+    cores = len(os.sched_getaffinity(0)) // info.local_world_size
+    if cfg.upload_augment and device.type == "cuda" and cores > 2:
         # on a GPU, rendering the uploads on one core would bound the step; on the CPU it is a few percent
-        workers = max(1, min(8, len(os.sched_getaffinity(0)) // info.local_world_size - 1))
+        workers = min(8, cores - 1)
         pool = _open_augment_pool(workers)
     augment = {"crop_pad": cfg.crop_pad, "upload_augment": UploadAugment() if cfg.upload_augment else None,
                "augment_pool": pool, "augment_workers": workers,
