@@ -16,7 +16,7 @@ SERVE_STAMP := $(SERVE_VENV)/.installed-$(shell cat pyproject.toml $(LOCK_SERVE)
 PIP_LOCKED := -m pip install -q --require-hashes --no-deps -r
 PIP_PROJECT := -m pip install -q --no-deps --no-build-isolation
 
-.PHONY: install test tools serve install-serve clean bench-serve bench-train train-default lock mutation
+.PHONY: install test tools serve install-serve clean bench-serve bench-train train-default train-default-gpu lock mutation
 
 $(STAMP): pyproject.toml $(LOCK_DEV)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -82,5 +82,11 @@ bench-serve: $(STAMP) ## serving benchmark -> docs/bench/serve.{json,png}, docs/
 bench-train: $(STAMP) ## training benchmark -> docs/bench/train.json, docs/benchmarks-train.md
 	$(VENV)/bin/python bench/train.py --out docs/bench/train.json --markdown docs/benchmarks-train.md $(BENCH_ARGS)
 
-train-default: $(STAMP) ## train + evaluate + export + calibrate the shipped bundle into models/default (~1 h on 2 cores)
+train-default: $(STAMP) ## the CPU recipe: train + evaluate + export + calibrate into models/default (~4 h on 2 cores, resumable)
 	$(VENV)/bin/python scripts/train_default.py $(TRAIN_DEFAULT_ARGS)
+
+GPU_RUNS ?= $(HOME)/oodguard-runs/default-gpu
+train-default-gpu: $(STAMP) ## the shipped bundle: 4 + 6 min of training on one CUDA GPU (scripts/train_gpu.sh), then evaluate + calibrate (~1 h on 2 cores)
+	RUNS=$(GPU_RUNS) PYTHON=$(VENV)/bin/python scripts/train_gpu.sh pretrain 240
+	RUNS=$(GPU_RUNS) PYTHON=$(VENV)/bin/python scripts/train_gpu.sh aloe 360
+	$(VENV)/bin/python scripts/train_default.py --out $(GPU_RUNS) $(TRAIN_DEFAULT_ARGS)
