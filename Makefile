@@ -82,11 +82,11 @@ bench-serve: $(STAMP) ## serving benchmark -> docs/bench/serve.{json,png}, docs/
 bench-train: $(STAMP) ## training benchmark -> docs/bench/train.json, docs/benchmarks-train.md
 	$(VENV)/bin/python bench/train.py --out docs/bench/train.json --markdown docs/benchmarks-train.md $(BENCH_ARGS)
 
-train-default: $(STAMP) ## the CPU recipe: train + evaluate + export + calibrate into models/default (~4 h on 2 cores, resumable)
+train-default: $(STAMP) ## the CPU recipe: train (~2.3 h on 2 quiet cores, resumable) + evaluate + export + calibrate into models/default
 	$(VENV)/bin/python scripts/train_default.py $(TRAIN_DEFAULT_ARGS)
 
 GPU_RUNS ?= $(HOME)/oodguard-runs/default-gpu
-train-default-gpu: $(STAMP) ## the shipped bundle: 4 + 6 min of training on one CUDA GPU (scripts/train_gpu.sh), then evaluate + calibrate (~1 h on 2 cores)
+train-default-gpu: $(STAMP) ## the shipped bundle: 4 + 6 min of training on one CUDA GPU (scripts/train_gpu.sh), then evaluate + calibrate (48 min on 2 cores)
 	RUNS=$(GPU_RUNS) PYTHON=$(VENV)/bin/python scripts/train_gpu.sh pretrain 240
 	RUNS=$(GPU_RUNS) PYTHON=$(VENV)/bin/python scripts/train_gpu.sh aloe 360
-	$(VENV)/bin/python scripts/train_default.py --out $(GPU_RUNS) $(TRAIN_DEFAULT_ARGS)
+	$(VENV)/bin/python scripts/train_default.py --out $(GPU_RUNS) --restart-epochs 0 $(TRAIN_DEFAULT_ARGS)

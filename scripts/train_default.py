@@ -22,10 +22,12 @@ The CPU recipe (2 cores; every stage resumable — run the script again and it c
 5. Write docs/results-default.json (every number, timings).
 
 Runs live in --out (default ~/oodguard-runs/default: outside the work tree, so a fresh checkout resumes).
-The GPU recipe is one flag away: `oodguard train --recipe paper --method aloe --out runs/paper`.
+The shipped bundle's training ran on one GPU instead (`make train-default-gpu`: scripts/train_gpu.sh trains
+`pretrain` and `aloe` with wall-clock budgets, then this script, given the same --out and --restart-epochs 0,
+finds both completed and does steps 3-5).
 
-Usage: python scripts/train_default.py [--out DIR] [--pretrain-epochs 16] [--restart-epochs 0] [--finetune-epochs 1]
-(the defaults reproduce the shipped bundle; the run in progress adds --restart-epochs 10 --finetune-epochs 2)
+Usage: python scripts/train_default.py [--out DIR] [--pretrain-epochs 16] [--restart-epochs 10] [--finetune-epochs 2]
+(the defaults are the CPU recipe of docs/results.md: ~2.3 h of training on 2 quiet cores, 87.5% test accuracy)
 """
 
 from __future__ import annotations
@@ -122,10 +124,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(Path.home() / "oodguard-runs" / "default"), help="Directory for the runs.")
     ap.add_argument("--pretrain-epochs", type=int, default=16)
-    ap.add_argument("--restart-epochs", type=int, default=0,
-                    help="Warm-restart epochs after pre-training (0: none, as shipped; the next model tries 10).")
+    ap.add_argument("--restart-epochs", type=int, default=10,
+                    help="Warm-restart epochs after pre-training (0: none).")
     ap.add_argument("--restart-lr", type=float, default=0.1)
-    ap.add_argument("--finetune-epochs", type=int, default=1)  # the shipped default:20261130
+    ap.add_argument("--finetune-epochs", type=int, default=2)
     ap.add_argument("--finetune-lr", type=float, default=0.03)
     ap.add_argument("--methods", default="aloe", help="Fine-tuning methods; the first is shipped.")
     ap.add_argument("--eval-samples", type=int, default=2000, help="Images per set, clean and shifted.")
