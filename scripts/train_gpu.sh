@@ -14,7 +14,8 @@
 #
 # Usage: scripts/train_gpu.sh pretrain|aloe SECONDS     (env: RUNS, default runs/gpu; DATA_DIR, default
 #        ../shared/datasets; EPOCHS_CAP, the most epochs the fitted schedule may plan, default 200;
-#        DEVICE, default cuda: cpu runs the same commands for a smoke test)
+#        DEVICE, default cuda: cpu runs the same commands for a smoke test; EXTRA_ARGS, more `oodguard train`
+#        flags for both stages, e.g. the smoke test's --calibration-size for a small data directory)
 set -euo pipefail
 
 stage=${1:?usage: scripts/train_gpu.sh pretrain|aloe SECONDS}
@@ -27,7 +28,7 @@ device=${DEVICE:-cuda}
 
 common=(--model fast_cnn --data cifar10 --outliers tinyimagenet --data-dir "$data_dir" --seed 1
         --device "$device" --no-compile --no-progress --time-budget "$seconds" --fit-schedule
-        --epochs "$epochs_cap" --save-every-steps 200)
+        --epochs "$epochs_cap" --save-every-steps 200 ${EXTRA_ARGS:-})
 
 case "$stage" in
   pretrain)

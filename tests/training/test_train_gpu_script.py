@@ -1,0 +1,43 @@
+"""scripts/train_gpu.sh (the shipped model's GPU recipe): its commands are valid `oodguard train` invocations
+and its second stage fine-tunes the first. Run here on the CPU (DEVICE=cpu), on tiny data, with seconds of
+budget: what it checks is the script's flags and stage wiring, not the GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_both_stages_complete_and_aloe_starts_from_the_pretrained_weights(tiny_data_dir, tmp_path):
+    env = {**os.environ, "RUNS": str(tmp_path), "DATA_DIR": str(tiny_data_dir), "DEVICE": "cpu",
+           "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "EXTRA_ARGS": "--calibration-size 40 --threads 1"}
+    for stage in ("pretrain", "aloe"):
+        proc = subprocess.run(["bash", str(ROOT / "scripts" / "train_gpu.sh"), stage, "3"], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        summary = json.loads((tmp_path / stage / "summary.json").read_text())
+        # seconds of budget on a CPU: the fitted schedule may end by the budget before it completes
+        assert summary["stopped"] in ("completed", "time_budget") and summary["step"] >= 1
+        assert summary["device"] == "cpu" and summary["model"] == "fast_cnn"
+        assert (tmp_path / stage / "checkpoints" / "last.pt").is_file()
+    train = json.loads((tmp_path / "aloe" / "config.json").read_text())["train"]
+    assert train["method"] == "aloe" and Path(train["init_from"]) == tmp_path / "pretrain"
+    assert train["eps"] in ("1/255", 1 / 255) and train["lambda_oe"] == 0.5
+    assert (train["batch_size"], train["outlier_batch_size"]) == (128, 128)
+    pretrain = json.loads((tmp_path / "pretrain" / "config.json").read_text())["train"]
+    assert pretrain["method"] == "msp" and pretrain["label_smoothing"] == 0.1 and pretrain["time_budget"] == 3
+
+
+def test_an_unknown_stage_is_a_usage_error():
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "train_gpu.sh"), "finetune", "10"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "unknown stage 'finetune'" in proc.stderr
