@@ -15,7 +15,8 @@
 # Usage: scripts/train_gpu.sh pretrain|aloe SECONDS     (env: RUNS, default runs/gpu; DATA_DIR, default
 #        ../shared/datasets; EPOCHS_CAP, the most epochs the fitted schedule may plan, default 200;
 #        DEVICE, default cuda: cpu runs the same commands for a smoke test; EXTRA_ARGS, more `oodguard train`
-#        flags for both stages, e.g. the smoke test's --calibration-size for a small data directory)
+#        flags for both stages, e.g. the smoke test's --calibration-size for a small data directory; FORCE=1,
+#        train a stage again although it finished)
 set -euo pipefail
 
 stage=${1:?usage: scripts/train_gpu.sh pretrain|aloe SECONDS}
@@ -29,6 +30,16 @@ device=${DEVICE:-cuda}
 common=(--model fast_cnn --data cifar10 --outliers tinyimagenet --data-dir "$data_dir" --seed 1
         --device "$device" --no-compile --no-progress --time-budget "$seconds" --fit-schedule
         --epochs "$epochs_cap" --save-every-steps 200 ${EXTRA_ARGS:-})
+
+# a stage that finished (its schedule completed, or it stopped cleanly at its budget) is kept: re-running the
+# recipe after a failed ALOE stage does not redo the pre-training. FORCE=1 trains it again; a stage that
+# was interrupted is trained again from its start (its budget is minutes, not hours).
+summary="$runs/$stage/summary.json"
+if [[ "${FORCE:-0}" != 1 && -f "$summary" ]] && "$python" -c 'import json, sys
+sys.exit(json.load(open(sys.argv[1])).get("stopped") not in ("completed", "time_budget"))' "$summary"; then
+  echo "$runs/$stage: finished, kept (FORCE=1 trains it again)"
+  exit 0
+fi
 
 case "$stage" in
   pretrain)

@@ -36,6 +36,16 @@ def test_both_stages_complete_and_aloe_starts_from_the_pretrained_weights(tiny_d
     pretrain = json.loads((tmp_path / "pretrain" / "config.json").read_text())["train"]
     assert pretrain["method"] == "msp" and pretrain["label_smoothing"] == 0.1 and pretrain["time_budget"] == 3
 
+    # run again: the finished stage is kept, its checkpoint untouched; FORCE=1 trains it again
+    checkpoint = tmp_path / "pretrain" / "checkpoints" / "last.pt"
+    before = checkpoint.read_bytes()
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "train_gpu.sh"), "pretrain", "3"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "finished, kept" in proc.stdout and checkpoint.read_bytes() == before
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "train_gpu.sh"), "pretrain", "3"], env={**env, "FORCE": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "finished, kept" not in proc.stdout
+
 
 def test_an_unknown_stage_is_a_usage_error():
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "train_gpu.sh"), "finetune", "10"],
