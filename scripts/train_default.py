@@ -49,13 +49,15 @@ MODEL = "fast_cnn"
 # last.pt every 25 steps too (~2 min of pre-training or ALOE at ~4.4 s a step on the 2 cores, a 16 MB write):
 # a process killed outright at the end of a working session loses at most that, not the epoch (~26 min of ALOE)
 SAVE_EVERY_STEPS = 25
+# Operational flags (not part of a run's recipe): `--resume` does not carry them over, so a resumed stage is
+# given them again from this one list (--keep-epoch-checkpoints: for the accuracy curve)
+OPERATIONAL_FLAGS = ["--no-progress", "--keep-epoch-checkpoints", "--save-every-steps", str(SAVE_EVERY_STEPS)]
 
 
 def common_train_args(threads: int) -> list[str]:
     """The recipe's shared `oodguard train` flags; every method is fine-tuned with these."""
     return ["--model", MODEL, "--data", "cifar10", "--outliers", "tinyimagenet", "--seed", "1",
-            "--threads", str(threads), "--no-progress", "--keep-epoch-checkpoints",  # for the accuracy curve
-            "--save-every-steps", str(SAVE_EVERY_STEPS)]
+            "--threads", str(threads), *OPERATIONAL_FLAGS]
 
 
 def run_oodguard(args: list[str], log: Path) -> float:
@@ -80,9 +82,7 @@ def _train(run: Path, args: list[str], log: Path) -> float:
         print(f"{run}: completed, kept")
         return 0.0
     if (run / "checkpoints" / "last.pt").is_file():
-        # operational flags: --keep-epoch-checkpoints is not carried over by --resume, so it is given again
-        return run_oodguard(["train", "--out", str(run), "--resume", "--no-progress", "--keep-epoch-checkpoints",
-                             "--save-every-steps", str(SAVE_EVERY_STEPS)], log)
+        return run_oodguard(["train", "--out", str(run), "--resume", *OPERATIONAL_FLAGS], log)
     return run_oodguard(["train", *args, "--out", str(run), "--overwrite"], log)
 
 
