@@ -1,10 +1,11 @@
 """The robustness comparison behind docs/results.md: msp / oe / adv / aoe / aloe, same recipe and budget.
 
-Reuses `scripts/train_default.py`'s recipe (same pretrained small_cnn, same seed, data order, epochs and
-lr; only the fine-tuning loss differs) and adds what the shipped bundle does not need:
+Reuses `scripts/train_default.py`'s fine-tuning recipe (same pretrained fast_cnn, same seed, data order, epochs
+and lr; only the fine-tuning loss differs) and adds what the shipped bundle does not need:
 
-1. fine-tune every method in --methods from RUN_DIR/pretrain (runs that already have
-   checkpoints/last.pt are kept, so `make train-default` followed by this script trains each model once);
+1. fine-tune every method in --methods from RUN_DIR/pretrain (a run that completed is kept and one that was
+   interrupted resumes, so `make train-default` followed by this script trains each model once, and the
+   script can be re-run after it was stopped);
 2. `oodguard evaluate` each run clean + `paper` attack (ε = 1/255) on --eval-samples images per set
    (skipped where RUN/eval/eval.json exists), and clean + `strong` attack (ε = 8/255, 100 steps, random
    start) on --strong-samples images per set into RUN/eval_strong (100 PGD steps per image and score
@@ -15,6 +16,9 @@ lr; only the fine-tuning loss differs) and adds what the shipped bundle does not
 Then: python scripts/render_results.py docs/results-robustness.json
 
 Usage: python scripts/robustness_report.py [--out runs/default] [--methods msp,oe,adv,aoe,aloe]
+
+Training and evaluation use CUDA when it is available (`--device auto`); docs/results.md's report ran on one
+GPU with --out pointing at the GPU pre-training run, --finetune-epochs 3 --finetune-lr 0.03 --eval-samples 1000.
 """
 
 from __future__ import annotations
@@ -48,8 +52,10 @@ def main() -> None:
     timings: dict[str, float] = {}
     for method in methods:
         run = out / method
-        if not (run / "checkpoints" / "last.pt").exists():
-            timings[f"finetune_{method}"] = finetune_run(method, pre, run, args, log)
+        # finetune_run keeps a completed run and resumes an interrupted one (a checkpoint alone is not a finished run)
+        seconds = finetune_run(method, pre, run, args, log)
+        if seconds:
+            timings[f"finetune_{method}"] = seconds
         if not (run / "eval" / "eval.json").exists():
             timings[f"evaluate_{method}"] = evaluate_run(run, run / "eval", "none,paper", args.eval_samples, log)
         if not (run / "eval_strong" / "eval.json").exists():

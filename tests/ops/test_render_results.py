@@ -67,3 +67,19 @@ def test_default_model_table_has_one_row_per_set_and_protocol_with_sample_sizes(
     assert md.index("tinyimagenet | clean") < md.index("gaussian (synthetic)")  # real sets first, noise apart
     assert "| png | 95.0 | 5.0 |" in md and "| energy (chosen) |" in md
     assert "mean" not in md.lower()  # no average over sets anywhere
+
+
+def test_ood_side_only_rows_follow_their_attack_and_never_enter_the_accuracy_columns():
+    """The ALOE / ATOM papers attack the OOD side only: those rows are shown next to the both-sides ones, labelled."""
+    r = _module()
+    ev = _eval("paper", 0.9, 1000)
+    for per_set in ev["results"]["msp"].values():
+        per_set["paper_ood_only"] = _metrics(0.85, 0.3, 1000)
+    data = {"runs": {"aloe": {"eval": ev}}}
+    full = r.render_full(data)
+    rows = [line for line in full.splitlines() if line.startswith("| tinyimagenet |")]
+    assert rows[:3] == ["| tinyimagenet | clean | 90.0 / 10.0 |", "| tinyimagenet | paper | 70.0 / 50.0 |",
+                        "| tinyimagenet | paper (OOD only) | 85.0 / 30.0 |"]
+    assert "| aloe | 80.0 | 70.0 / 60.0 |" in full  # accuracy: clean and the both-sides attack only
+    assert "ood_only" not in full and "acc. under `paper_ood_only`" not in full
+    assert "| aloe | tinyimagenet | 80.0 | 90.0 | 70.0 | 85.0 | 10.0 | 50.0 | 30.0 | 1000 | 1000 | 1000 |" in r.render_summary(data)
