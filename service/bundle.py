@@ -93,16 +93,24 @@ def conformal_p_values(calibration_sorted: np.ndarray, scores: np.ndarray) -> np
 
 
 def load_calibration(bundle_dir: str | Path, manifest: BundleManifest) -> np.ndarray:
-    path = Path(bundle_dir) / manifest.calibration.file
+    return _load_scores(Path(bundle_dir) / manifest.calibration.file, manifest.calibration.size)
+
+
+def load_form_calibration(bundle_dir: str | Path, manifest: BundleManifest) -> dict[str, np.ndarray] | None:
+    """Each upload-form group's sorted calibration scores (form-conditional bundles), else None."""
+    forms = manifest.calibration.forms
+    if forms is None:
+        return None
+    return {group: _load_scores(Path(bundle_dir) / f.file, f.size) for group, f in forms.items()}
+
+
+def _load_scores(path: Path, size: int) -> np.ndarray:
     try:
         cal = np.load(path, allow_pickle=False)
     except Exception as exc:
         raise BundleError("calibration", f"{path.name} is not a readable .npy array ({exc})") from None
-    if cal.ndim != 1 or cal.size != manifest.calibration.size or not np.all(np.isfinite(cal)):
-        raise BundleError(
-            "calibration",
-            f"{path.name} must be a finite 1-D array of {manifest.calibration.size} scores, got shape {cal.shape}",
-        )
+    if cal.ndim != 1 or cal.size != size or not np.all(np.isfinite(cal)):
+        raise BundleError("calibration", f"{path.name} must be a finite 1-D array of {size} scores, got shape {cal.shape}")
     if np.any(np.diff(cal) < 0):
         raise BundleError("calibration", f"{path.name} is not sorted ascending")
     return cal.astype(np.float32, copy=False)
@@ -160,6 +168,7 @@ class VerifyReport:
     # serves exactly what was verified without loading it again.
     session: Any = field(default=None, repr=False)
     calibration: np.ndarray | None = field(default=None, repr=False)
+    form_calibration: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
 
 def verify_bundle(bundle_dir: str | Path, intra_op_threads: int = 1, session=None) -> VerifyReport:
@@ -178,7 +187,8 @@ def verify_bundle(bundle_dir: str | Path, intra_op_threads: int = 1, session=Non
     report = VerifyReport(bundle=root, manifest=manifest, sha256=manifest_sha256(root))
     report.checks.append("schema")
 
-    for required in (MODEL_FILE, manifest.calibration.file, GOLDEN_FILE):
+    form_files = [f.file for f in (manifest.calibration.forms or {}).values()]
+    for required in (MODEL_FILE, manifest.calibration.file, GOLDEN_FILE, *form_files):
         if required not in manifest.files:
             raise BundleError("files", f"manifest does not list required file {required}")
     actual = bundle_files(root)
@@ -200,6 +210,7 @@ def verify_bundle(bundle_dir: str | Path, intra_op_threads: int = 1, session=Non
     report.checks.append("hashes")
 
     report.calibration = load_calibration(root, manifest)
+    report.form_calibration = load_form_calibration(root, manifest)
     report.checks.append("calibration")
 
     _check_onnx_domains(root / MODEL_FILE)

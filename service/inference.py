@@ -30,6 +30,7 @@ from .postprocess import NonFiniteOutput, Scored, score_outputs
 from .preprocess import ImageLimits, declared_pixels, load_images, open_images
 from .registry import ModelRegistry
 from .request_body import read_images
+from .upload_form import form_groups
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -136,13 +137,14 @@ class InferenceService:
         resolve_operating_point(manifest, operating_point)  # fail fast, before reading the body
         with self.batcher.incoming() as ticket:  # lets the batcher wait for this request instead of running without it
             blobs = await read_images(content_type, stream, body, self.settings.max_images_per_request)
-            images = await self.decode(blobs, manifest.input)
+            images, forms = await self.decode(blobs, manifest.input)
             del blobs
             result = await self.infer(images, ticket)
-        return result.model, self.score(result, top_k, operating_point)
+        return result.model, self.score(result, top_k, operating_point, forms)
 
-    async def decode(self, blobs: list[bytes], spec: InputSpec) -> np.ndarray:
-        """A request's encoded images -> float32 (N, 3, H, W); refusals are counted by code.
+    async def decode(self, blobs: list[bytes], spec: InputSpec) -> tuple[np.ndarray, list[str]]:
+        """A request's encoded images -> (float32 (N, 3, H, W), each image's upload-form group read from its
+        header: upload_form.py); refusals are counted by code.
 
         Where, by what the request costs: small images on the event loop, large ones in worker
         processes (heavy_decode.py), the rest in the decode threads. Handing a CIFAR-size JPEG to a
@@ -157,14 +159,15 @@ class InferenceService:
         try:
             loop = asyncio.get_running_loop()
             if sum(map(len, blobs)) > settings.inline_decode_max_bytes:
-                images = await loop.run_in_executor(self.decode_pool, self._decode_unless_heavy, blobs, spec)
-                return images if images is not None else await self.heavy_decoder.decode(blobs, spec)
+                images, forms = await loop.run_in_executor(self.decode_pool, self._decode_unless_heavy, blobs, spec)
+                return (images if images is not None else await self.heavy_decoder.decode(blobs, spec)), forms
             opened = open_images(blobs, self.limits)
+            forms = form_groups(opened, spec)
             if declared_pixels(opened) <= settings.inline_decode_max_pixels:
-                return load_images(opened, spec)
+                return load_images(opened, spec), forms
             if self._is_heavy(opened):
-                return await self.heavy_decoder.decode(blobs, spec)
-            return await loop.run_in_executor(self.decode_pool, load_images, opened, spec)
+                return await self.heavy_decoder.decode(blobs, spec), forms
+            return await loop.run_in_executor(self.decode_pool, load_images, opened, spec), forms
         except OodguardError as exc:
             self.metrics.image_rejects.labels(exc.code).inc()
             raise
@@ -177,10 +180,11 @@ class InferenceService:
             img.close()
         return True
 
-    def _decode_unless_heavy(self, blobs: list[bytes], spec: InputSpec) -> np.ndarray | None:
-        """In a decode thread: the tensor, or None when the headers say the request is for the workers."""
+    def _decode_unless_heavy(self, blobs: list[bytes], spec: InputSpec) -> tuple[np.ndarray | None, list[str]]:
+        """In a decode thread: (the tensor, or None when the headers say the request is for the workers; the forms)."""
         opened = open_images(blobs, self.limits)
-        return None if self._is_heavy(opened) else load_images(opened, spec)
+        forms = form_groups(opened, spec)
+        return (None if self._is_heavy(opened) else load_images(opened, spec)), forms
 
     # -- every protocol -----------------------------------------------------------------------------
     async def infer(self, images: np.ndarray, ticket=None) -> BatchResult:
@@ -195,9 +199,11 @@ class InferenceService:
             self.metrics.inference_errors.inc()
             raise OodguardError("unavailable", "timeout", f"inference took longer than {self.settings.request_timeout_s}s") from None
 
-    def score(self, result: BatchResult, top_k: int, operating_point: str | None) -> Scored:
-        """Predictions of the model that answered (a hot-swap may have happened meanwhile), recorded in the metrics."""
-        return self._score(result, top_k, operating_point, required=True)
+    def score(self, result: BatchResult, top_k: int, operating_point: str | None, forms: list[str] | None = None) -> Scored:
+        """Predictions of the model that answered (a hot-swap may have happened meanwhile), recorded in the metrics.
+
+        `forms`: each image's upload-form group (None: tensors sent already decoded, the `native` group)."""
+        return self._score(result, top_k, operating_point, required=True, forms=forms)
 
     def verdict(self, result: BatchResult, operating_point: str | None, required: bool) -> dict[str, np.ndarray] | None:
         """The verdict as tensors (`ood_score`, `p_value`, `accept`, `label_index`), scored as `score` scores.
@@ -215,10 +221,12 @@ class InferenceService:
             "label_index": np.asarray([p["class_index"] for p in scored.predictions], dtype=np.int64),
         }
 
-    def _score(self, result: BatchResult, top_k: int, operating_point: str | None, required: bool) -> Scored | None:
+    def _score(self, result: BatchResult, top_k: int, operating_point: str | None, required: bool,
+               forms: list[str] | None = None) -> Scored | None:
         served = result.model
         try:
-            scored = score_outputs(served, result.outputs, top_k, resolve_operating_point(served.manifest, operating_point, swapped=True))
+            op = resolve_operating_point(served.manifest, operating_point, swapped=True)
+            scored = score_outputs(served, result.outputs, top_k, op, forms)
         except NonFiniteOutput as exc:
             if not required:
                 return None

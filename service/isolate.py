@@ -145,7 +145,8 @@ def _child(bundle_dir: str, intra_op_threads: int, warm_batches: tuple[int, ...]
         signal.alarm(math.ceil(timeout_s) + CHILD_GRACE_S)
         os.nice(CHILD_NICENESS)
         report = verify_bundle(bundle_dir, intra_op_threads=intra_op_threads)
-        LoadedModel(Path(bundle_dir), report.manifest, report.sha256, report.session, report.calibration).warm(warm_batches)
+        LoadedModel(Path(bundle_dir), report.manifest, report.sha256, report.session, report.calibration,
+                    report.form_calibration).warm(warm_batches)
         sender.send(None)
     except BundleError as exc:
         sender.send((exc.check, exc.reason))

@@ -18,6 +18,7 @@ import numpy as np
 from .bundle import BundleError, bundle_summary, conformal_p_values
 from .manifest import BundleManifest
 from .store import ref
+from .upload_form import NATIVE
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,8 @@ log = logging.getLogger(__name__)
 class LoadedModel:
     """One validated, warmed bundle with its onnxruntime session."""
 
-    def __init__(self, bundle_dir: Path, manifest: BundleManifest, sha256: str, session, calibration: np.ndarray):
+    def __init__(self, bundle_dir: Path, manifest: BundleManifest, sha256: str, session, calibration: np.ndarray,
+                 form_calibration: dict[str, np.ndarray] | None = None):
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self.name = manifest.name
@@ -33,6 +35,9 @@ class LoadedModel:
         self.sha256 = sha256
         # float64 once here: conformal_p_values compares in float64, and would otherwise convert per request.
         self.calibration = np.asarray(calibration, dtype=np.float64)
+        # form-conditional bundles: each upload-form group's own calibration scores (upload_form.py)
+        self.form_calibration = None if form_calibration is None else {
+            group: np.asarray(scores, dtype=np.float64) for group, scores in form_calibration.items()}
         self.output_names: list[str] = [o.name for o in session.get_outputs()]
         self.input_name: str = manifest.input.name
         self.loaded_at = time.time()
@@ -100,8 +105,18 @@ class LoadedModel:
         outputs = session.run(None, {self.input_name: np.ascontiguousarray(images, dtype=np.float32)}, run_options)
         return dict(zip(self.output_names, outputs))
 
-    def p_values(self, scores: np.ndarray) -> np.ndarray:
-        return conformal_p_values(self.calibration, scores)
+    def p_values(self, scores: np.ndarray, forms: list[str] | None = None) -> np.ndarray:
+        """Conformal p-values; in a form-conditional bundle each against its upload-form group's scores
+        (`forms`: one group per score; None: images sent already decoded, the `native` group)."""
+        if self.form_calibration is None:
+            return conformal_p_values(self.calibration, scores)
+        scores = np.asarray(scores)
+        groups = np.asarray(forms if forms is not None else [NATIVE] * scores.size)
+        out = np.empty(scores.shape, dtype=np.float64)
+        for group in np.unique(groups):
+            mask = groups == group
+            out[mask] = conformal_p_values(self.form_calibration[str(group)], scores[mask])
+        return out
 
     def summary(self) -> dict[str, Any]:
         return bundle_summary(self.manifest, self.sha256)

@@ -9,6 +9,9 @@ A bundle is a directory::
                       and one output per exported score (higher = more in-distribution)
     manifest.json     `BundleManifest` below
     calibration.npy   float32, sorted ascending: the served score on held-out in-distribution images
+                      (uploaded in a mix of forms)
+    calibration_<group>.npy  the same per upload-form group, when the bundle is form-conditional
+                      (`calibration.forms`, service/upload_form.py)
     golden.npz        `image` plus one array per ONNX output: expected outputs on a few inputs
     report/           eval.md, eval.json, plots (optional, hashed like every other file)
 
@@ -26,6 +29,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .upload_form import FORM_GROUPS, FORM_RULE
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -82,13 +87,35 @@ class OperatingPoint(_Strict):
     class_thresholds: list[float] | None = None
     class_calibration_size: list[int] | None = None  # calibration images predicted as each class
     class_realised_tpr: list[float | None] | None = None  # per predicted class, test split (None: no image)
+    # Form-conditional point (bundles with `calibration.forms`): accept iff score >= form_thresholds[g] for
+    # the upload's form group g (service/upload_form.py); `threshold` is then the mixed-form one, for reference.
+    form_thresholds: dict[str, float] | None = None
+
+
+class FormCalibration(_Strict):
+    """One upload-form group's calibration: the calibration split uploaded in that group's forms, scored."""
+
+    file: str  # sorted float32 .npy, like calibration.npy
+    size: int = Field(ge=1)
+    rendering: str = ""  # how each calibration image was uploaded for this group
+
+    @field_validator("file")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not re.fullmatch(r"calibration_[a-z0-9_]+\.npy", v):
+            raise ValueError(f"form calibration file {v!r} must be named calibration_<group>.npy, at the bundle's top level")
+        return v
 
 
 class CalibrationInfo(_Strict):
-    file: str = CALIBRATION_FILE
+    file: str = CALIBRATION_FILE  # the calibration split uploaded in a mix of forms
     size: int = Field(ge=1)
     split: str = "held-out calibration split of the training set"
     seed: int | None = None
+    # Form-conditional (Mondrian) calibration: one calibration per upload-form group, under `form_rule`
+    # (upload_form.FORM_RULE); then thresholds and p-values are the image's own group's.
+    form_rule: str | None = None
+    forms: dict[str, FormCalibration] | None = None
 
 
 class Lineage(_Strict):
@@ -168,12 +195,39 @@ class BundleManifest(_Strict):
                 values = getattr(op, key)
                 if values is not None and len(values) != len(self.classes):
                     raise ValueError(f"operating point {op.name!r}: {key} has {len(values)} entries for {len(self.classes)} classes")
+        self._check_forms()
         if self.score.output not in self.outputs:
             raise ValueError(f"score output {self.score.output!r} is not one of the outputs {self.outputs}")
         for required in ("logits", "probs"):
             if required not in self.outputs:
                 raise ValueError(f"outputs must include {required!r}")
         return self
+
+    def _check_forms(self) -> None:
+        """Form groups are all or nothing: every group this oodguard reads, and a threshold for each on every
+        point that is not class-conditional; a bundle calibrated under another rule is refused."""
+        forms = self.calibration.forms
+        if forms is None:
+            if self.calibration.form_rule is not None:
+                raise ValueError("calibration.form_rule is set but calibration.forms is not")
+            for op in self.operating_points:
+                if op.form_thresholds is not None:
+                    raise ValueError(f"operating point {op.name!r} has form_thresholds but the calibration has no forms")
+            return
+        if self.calibration.form_rule != FORM_RULE:
+            raise ValueError(f"calibration.form_rule {self.calibration.form_rule!r} is not the rule this oodguard "
+                             f"reads ({FORM_RULE!r}): its form groups would not mean the same")
+        if set(forms) != set(FORM_GROUPS):
+            raise ValueError(f"calibration.forms must have exactly the groups {list(FORM_GROUPS)}, got {sorted(forms)}")
+        files = [f.file for f in forms.values()]
+        if len(set(files)) != len(files) or CALIBRATION_FILE in files:
+            raise ValueError("calibration.forms: every group needs its own file, not calibration.npy")
+        for op in self.operating_points:
+            if op.class_thresholds is not None:
+                if op.form_thresholds is not None:
+                    raise ValueError(f"operating point {op.name!r}: class_thresholds and form_thresholds are exclusive")
+            elif op.form_thresholds is None or set(op.form_thresholds) != set(FORM_GROUPS):
+                raise ValueError(f"operating point {op.name!r}: form_thresholds must have exactly the groups {list(FORM_GROUPS)}")
 
     # -- helpers ------------------------------------------------------------------------------
     def operating_point(self, name: str | None = None) -> OperatingPoint:
@@ -207,11 +261,16 @@ _CLASS_FIELDS = ("class_thresholds", "class_calibration_size", "class_realised_t
 
 
 def _without_unset_class_fields(payload: dict[str, Any]) -> dict[str, Any]:
-    """Drop the optional per-class fields where unset, so bundles written before they existed keep their hash."""
+    """Drop the optional per-class and per-form fields where unset, so bundles written before they existed
+    keep their hash."""
     for op in payload.get("operating_points", []):
-        for key in _CLASS_FIELDS:
+        for key in (*_CLASS_FIELDS, "form_thresholds"):
             if op.get(key) is None:
                 op.pop(key, None)
+    calibration = payload.get("calibration") or {}
+    for key in ("form_rule", "forms"):
+        if calibration.get(key) is None:
+            calibration.pop(key, None)
     return payload
 
 

@@ -160,7 +160,8 @@ class ModelRegistry:
                 f"but the bundle is stored as {expect}",
             )
         t1 = time.perf_counter()
-        model = LoadedModel(bundle_dir, report.manifest, report.sha256, report.session, report.calibration)
+        model = LoadedModel(bundle_dir, report.manifest, report.sha256, report.session, report.calibration,
+                    report.form_calibration)
         model.warm(self._warm_batches())
         t2 = time.perf_counter()
         return model, {"validate": round(t1 - t0, 4), "warm": round(t2 - t1, 4)}, list(report.checks) + ["warm"]

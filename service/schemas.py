@@ -78,6 +78,11 @@ class Prediction(BaseModel):
     threshold: float = Field(description="Score threshold of the operating point; accept iff score >= threshold.")
     operating_point: str = Field(description="Operating point used (name of a calibrated target TPR).")
     decision: Literal["accept", "reject"] = Field(description="`reject`: treat the prediction as untrustworthy.")
+    upload_form: str | None = Field(
+        None,
+        description="Form-conditional bundles only: the upload-form group read from the image's header (`native`, "
+        "`jpeg_q<lo>_<hi>`, `resized`), whose calibration gave `threshold` and `p_value`.",
+    )
 
 
 class ModelRef(BaseModel):

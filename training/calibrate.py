@@ -7,6 +7,14 @@ of several forms (`--calibration-forms`: stored JPEG, PNG, JPEG q50 / q95, upsca
 shares, seeded) and decoded as the service does, so the thresholds hold for the forms users send, not
 only for the dataset's own 32x32 JPEGs; the realised TPR per form is recorded in the manifest.
 
+Form-conditional calibration (on by default, `--no-form-calibration` to turn it off): one mix cannot hold
+every form at once (the served score accepts a JPEG of quality 50 less often, an upscaled upload more often,
+than the stored JPEG), so the split is also uploaded in each upload-form group's forms (service/upload_form.py:
+`native`, three JPEG quality bands, `resized`; shifts.GROUP_RENDERINGS) and scored: one sorted calibration per
+group (`calibration_<group>.npy`) and one threshold per group and target (`form_thresholds`). This is
+group-conditional ("Mondrian") split conformal: the guarantee below holds within each group. The service
+reads an upload's group from its header and applies that group's threshold and p-values.
+
 `--score auto` chooses the served score among the graph's score outputs on validation data (the
 calibration split vs the outlier classes held out of training), clean and under the `paper` attack:
 see `score_selection`.
@@ -42,7 +50,16 @@ from typing import Any
 import numpy as np
 
 from oodguard.service.bundle import conformal_p_values, make_session, sha256_file
-from oodguard.service.manifest import BundleManifest, CalibrationInfo, InputSpec, Lineage, OperatingPoint, ScoreSpec
+from oodguard.service.manifest import (
+    BundleManifest,
+    CalibrationInfo,
+    FormCalibration,
+    InputSpec,
+    Lineage,
+    OperatingPoint,
+    ScoreSpec,
+)
+from oodguard.service.upload_form import FORM_GROUPS, FORM_RULE
 
 from . import data
 from .evaluate import ATTACK_PROTOCOLS, CALIBRATION_FORMS, DEFAULT_SHIFTS, EVAL_DIR, git_commit, load_eval, set_key
@@ -51,7 +68,7 @@ from .ood_sets import load_ood_set, subsample
 from .package import BuiltBundle, build_bundle
 from .per_class import add_per_class_points, predictor
 from .run_dir import RunData, RunDirError, write_json_atomic
-from .shifts import check_forms, render_form, render_mixed
+from .shifts import GROUP_RENDERINGS, STORED_GROUP, check_forms, group_of_form, render_form, render_group, render_mixed
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +106,8 @@ class CalibrateConfig:
     tprs: list[float] = field(default_factory=lambda: list(DEFAULT_TPRS))
     default_tpr: float = 0.95
     per_class: bool = False  # also a class-conditional point per TPR (`tprXX_per_class`, per_class.py)
+    # one calibration per upload-form group (service/upload_form.py): thresholds and p-values by the upload's form
+    form_calibration: bool = True
     name: str | None = None
     version: str | None = None  # default: UTC timestamp
     out: str | None = None  # default RUN_DIR/bundle
@@ -161,6 +180,14 @@ def calibrate_run(run_dir: str | Path, cfg: CalibrateConfig) -> BuiltBundle:
     thresholds = {t: threshold_for_tpr(cal_sorted, t) for t in cfg.tprs}
     log.info("calibrated %s on %d held-out images: %s", cfg.score, cal_sorted.size,
              {operating_point_name(t): thr for t, thr in thresholds.items()})
+    # form-conditional (Mondrian) calibration: the whole split uploaded in each group's forms, scored
+    form_cal = None if not cfg.form_calibration else {
+        group: np.sort(served_scores(render_group(cal_set.images, group, cfg.seed)).astype(np.float32))
+        for group in FORM_GROUPS}
+    form_thresholds = None if form_cal is None else {
+        t: {group: threshold_for_tpr(scores, t) for group, scores in form_cal.items()} for t in cfg.tprs}
+    # what the service applies to an image in the stored form (the test split, the OOD sets, attacked inputs)
+    served_thresholds = thresholds if form_thresholds is None else {t: g[STORED_GROUP] for t, g in form_thresholds.items()}
 
     # -- validation: in-distribution test split and OOD sets --------------------------------------------
     test_set = subsample(run.test_set(), cfg.max_samples, cfg.seed)
@@ -179,7 +206,8 @@ def calibrate_run(run_dir: str | Path, cfg: CalibrateConfig) -> BuiltBundle:
     attacked = {tuple(k.split("__", 1)[1].rsplit("__", 1)): v for k, v in eval_raw.items()
                 if k.startswith(f"{cfg.score}__") and k.rsplit("__", 1)[1] in ATTACK_PROTOCOLS
                 and not k.endswith("__none")}
-    points, validation = _operating_points(thresholds, cal_sorted, test_scores, ood_scores, attacked)
+    points, validation = _operating_points(thresholds, cal_sorted, test_scores, ood_scores, attacked,
+                                           served_thresholds, form_thresholds)
     if cfg.per_class:  # thresholds per predicted class, next to each global point (per_class.py)
         ood_images = {set_key(spec): load_ood_set(spec, cfg.max_samples, cfg.seed, data_dir=run.data_dir).images
                       for spec in cfg.ood or evaluated_sets or ["tinyimagenet", "gaussian"]}
@@ -198,8 +226,10 @@ def calibrate_run(run_dir: str | Path, cfg: CalibrateConfig) -> BuiltBundle:
         "test_p_value_mean": float(np.mean(conformal_p_values(cal_sorted, test_scores))),
         "attacked_source": "eval/scores.npz: torch scores of the evaluation's PGD inputs" if attacked else None,
         "calibration_forms": list(cfg.calibration_forms),
-        # realised TPR (test split) and FPR (real OOD sets) per upload form, at every operating point
-        "forms": _per_form(served_scores, test_set.images, real_ood, thresholds, cfg.validation_forms),
+        "form_conditional": form_thresholds is not None,
+        # realised TPR (test split) and FPR (real OOD sets) per upload form, at every operating point, each
+        # form at the threshold the service applies to it (its group's, in a form-conditional bundle)
+        "forms": _per_form(served_scores, test_set.images, real_ood, thresholds, form_thresholds, cfg.validation_forms),
     }}
     if score_selection is not None:
         metrics["score_selection"] = score_selection
@@ -225,8 +255,13 @@ def calibrate_run(run_dir: str | Path, cfg: CalibrateConfig) -> BuiltBundle:
         score=ScoreSpec(name=cfg.score, output=cfg.score, params={k: float(v) for k, v in score_params.items()}),
         operating_points=points,
         default_operating_point=default_op,
-        calibration=CalibrationInfo(size=int(cal_sorted.size), seed=run.split.get("seed"),
-                                    split=f"held-out calibration split of {Path(cal_set.source).name} (split.json)"),
+        calibration=CalibrationInfo(
+            size=int(cal_sorted.size), seed=run.split.get("seed"),
+            split=f"held-out calibration split of {Path(cal_set.source).name} (split.json)",
+            form_rule=FORM_RULE if form_cal is not None else None,
+            forms=None if form_cal is None else {
+                group: FormCalibration(file=f"calibration_{group}.npy", size=int(scores.size),
+                                       rendering=GROUP_RENDERINGS[group]) for group, scores in form_cal.items()}),
         metrics=metrics,
         training={"method": method, "model": model_config.get("name"), "model_config": model_config, "config": config},
         lineage=Lineage(datasets={k: v for k, v in lineage.items() if v}, code_version=git_commit(),
@@ -235,6 +270,7 @@ def calibrate_run(run_dir: str | Path, cfg: CalibrateConfig) -> BuiltBundle:
     golden = subsample(test_set, GOLDEN_COUNT, cfg.seed + 1)
     out = Path(cfg.out) if cfg.out else run.run_dir / BUNDLE_DIR
     return build_bundle(out, onnx_path=onnx_path, manifest=manifest, calibration_scores=cal_sorted,
+                        form_calibration_scores=form_cal,
                         golden_images=data.to_tensor(golden.images).numpy(),
                         report_files=_report_files(run.run_dir / EVAL_DIR, onnx_path.parent), tarball=cfg.tarball)
 
@@ -279,32 +315,46 @@ def _select_score(run: RunData, session, export_info: dict[str, Any], cal_images
 
 
 def _per_form(served_scores, test_images: np.ndarray, real_ood: dict[str, data.ImageSet],
-              thresholds: dict[float, float], forms: list[str]) -> dict[str, Any]:
+              thresholds: dict[float, float], form_thresholds: dict[float, dict[str, float]] | None,
+              forms: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for form in forms:
+        group = group_of_form(form)
         s_in = served_scores(render_form(test_images, form))
         s_out = {k: served_scores(render_form(v.images, form)) for k, v in real_ood.items()}
-        out[form] = {operating_point_name(t): {"realised_tpr": _accept_rate(s_in, thr),
+        applied = thresholds if form_thresholds is None else {t: g[group] for t, g in form_thresholds.items()}
+        out[form] = {operating_point_name(t): {"threshold": thr, "realised_tpr": _accept_rate(s_in, thr),
                                                "fpr": {k: _accept_rate(v, thr) for k, v in s_out.items()}}
-                     for t, thr in thresholds.items()}
+                     for t, thr in applied.items()}
         out[form]["n_in"] = int(s_in.size)
+        out[form]["group"] = group
     return out
 
 
 def _operating_points(thresholds: dict[float, float], cal_sorted: np.ndarray, test_scores: np.ndarray,
-                      ood_scores: dict[str, np.ndarray], attacked: dict[tuple[str, str], np.ndarray]):
-    """OperatingPoints (realised TPR on the test split, FPR per OOD set clean and attacked) + a detailed record."""
+                      ood_scores: dict[str, np.ndarray], attacked: dict[tuple[str, str], np.ndarray],
+                      served: dict[float, float] | None = None,
+                      form_thresholds: dict[float, dict[str, float]] | None = None):
+    """OperatingPoints (realised TPR on the test split, FPR per OOD set clean and attacked) + a detailed record.
+
+    `thresholds`: the mixed-form calibration's; `served`: what the service applies to the stored form the test
+    and OOD images are in (its group's threshold in a form-conditional bundle; default `thresholds`)."""
+    served = served or thresholds
     points, validation = [], {}
     for tpr, thr in thresholds.items():
         name = operating_point_name(tpr)
-        fpr = {k: _accept_rate(v, thr) for k, v in ood_scores.items()}
-        fpr.update({f"{s}/{a}": _accept_rate(v, thr) for (s, a), v in attacked.items() if s != "in"})
-        realised = _accept_rate(test_scores, thr)
-        points.append(OperatingPoint(name=name, target_tpr=tpr, threshold=thr, realised_tpr=realised, fpr=fpr))
+        applied = served[tpr]
+        fpr = {k: _accept_rate(v, applied) for k, v in ood_scores.items()}
+        fpr.update({f"{s}/{a}": _accept_rate(v, applied) for (s, a), v in attacked.items() if s != "in"})
+        realised = _accept_rate(test_scores, applied)
+        groups = None if form_thresholds is None else dict(form_thresholds[tpr])
+        points.append(OperatingPoint(name=name, target_tpr=tpr, threshold=thr, realised_tpr=realised, fpr=fpr,
+                                     form_thresholds=groups))
         validation[name] = {
             "threshold": thr, "target_tpr": tpr, "calibration_tpr": _accept_rate(cal_sorted, thr),
+            "applied_threshold_stored_form": applied, "form_thresholds": groups,
             "realised_tpr": realised, "fpr": fpr,
-            "realised_tpr_attacked": {a: _accept_rate(v, thr) for (s, a), v in attacked.items() if s == "in"},
+            "realised_tpr_attacked": {a: _accept_rate(v, applied) for (s, a), v in attacked.items() if s == "in"},
         }
     return points, validation
 

@@ -227,6 +227,10 @@ def calibrate(
     tarball: bool = typer.Option(True, "--tarball/--no-tarball", help="Also write <bundle>.tar.gz."),
     per_class: bool = typer.Option(False, "--per-class/--no-per-class", help="Also calibrate one threshold per "
                                    "predicted class: a `tprXX_per_class` operating point next to each `tprXX`."),
+    form_calibration: bool = typer.Option(True, "--form-calibration/--no-form-calibration", help="One calibration "
+                                          "per upload-form group (native, JPEG quality bands, resized: read from each "
+                                          "upload's header), so each form is accepted at the target rate; off: one "
+                                          "threshold for every form, from the --calibration-forms mix."),
 ) -> None:
     """Calibrate thresholds on the held-out split with onnxruntime and assemble a verified bundle.
 
@@ -246,6 +250,7 @@ def calibrate(
     if tpr:
         cfg.tprs = _floats(_split_list(tpr), "--tpr")
     cfg.per_class = per_class
+    cfg.form_calibration = form_calibration
     try:
         built = calibrate_run(run_dir, cfg)
     except BundleError as exc:  # the assembled bundle failed verification
@@ -272,13 +277,15 @@ def calibrate(
     if validation.get("forms"):
         forms = Table(title=f"Realised TPR per upload form at {m.default_operating_point} (test split)")
         forms.add_column("form")
+        forms.add_column("group (its threshold)")
         forms.add_column("realised TPR", justify="right")
         sets = list(next(iter(validation["forms"].values()))[m.default_operating_point]["fpr"])
         for key in sets:
             forms.add_column(f"FPR {key}", justify="right")
         for form, row in validation["forms"].items():
             point = row[m.default_operating_point]
-            forms.add_row(form, f"{100 * point['realised_tpr']:.1f}%", *(f"{100 * point['fpr'][k]:.1f}%" for k in sets))
+            group = row.get("group", "-") if validation.get("form_conditional") else "one threshold"
+            forms.add_row(form, group, f"{100 * point['realised_tpr']:.1f}%", *(f"{100 * point['fpr'][k]:.1f}%" for k in sets))
         _out.print(forms)
     selection = m.metrics.get("score_selection")
     if selection:

@@ -46,12 +46,22 @@ def golden_outputs(onnx_path: str | Path, images: np.ndarray) -> dict[str, np.nd
 
 
 def _stage(staging: Path, onnx_path: Path, manifest: BundleManifest, calibration_scores: np.ndarray,
-           golden_images: np.ndarray, report_files: dict[str, Path]) -> BundleManifest:
+           golden_images: np.ndarray, report_files: dict[str, Path],
+           form_calibration_scores: dict[str, np.ndarray] | None = None) -> BundleManifest:
     shutil.copyfile(onnx_path, staging / MODEL_FILE)
     calibration = np.sort(np.asarray(calibration_scores, dtype=np.float32).ravel())
     if calibration.size != manifest.calibration.size:
         raise ValueError(f"manifest says {manifest.calibration.size} calibration scores, got {calibration.size}")
     np.save(staging / CALIBRATION_FILE, calibration, allow_pickle=False)
+    forms = manifest.calibration.forms or {}
+    if set(forms) != set(form_calibration_scores or {}):
+        raise ValueError(f"manifest's form groups {sorted(forms)} != the form calibration scores given "
+                         f"{sorted(form_calibration_scores or {})}")
+    for group, info in forms.items():
+        scores = np.sort(np.asarray(form_calibration_scores[group], dtype=np.float32).ravel())
+        if scores.size != info.size:
+            raise ValueError(f"manifest says {info.size} calibration scores for form group {group}, got {scores.size}")
+        np.save(staging / info.file, scores, allow_pickle=False)
     np.savez(staging / GOLDEN_FILE, **golden_outputs(staging / MODEL_FILE, golden_images))
     for rel, src in report_files.items():
         dest = staging / REPORT_DIR / rel
@@ -72,7 +82,8 @@ def _normalise_permissions(root: Path) -> None:
 
 def build_bundle(bundle_dir: str | Path, *, onnx_path: str | Path, manifest: BundleManifest,
                  calibration_scores: np.ndarray, golden_images: np.ndarray,
-                 report_files: dict[str, Path] | None = None, tarball: bool = True) -> BuiltBundle:
+                 report_files: dict[str, Path] | None = None, tarball: bool = True,
+                 form_calibration_scores: dict[str, np.ndarray] | None = None) -> BuiltBundle:
     """Write the bundle into a staging dir, verify it, then move it to `bundle_dir` (replacing an old one).
 
     `manifest.files` is filled in here. With `tarball`, also writes `<bundle_dir>.tar.gz` (flat: the
@@ -82,7 +93,8 @@ def build_bundle(bundle_dir: str | Path, *, onnx_path: str | Path, manifest: Bun
     bundle_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=bundle_dir.parent, prefix=f".{bundle_dir.name}.staging-"))
     try:
-        final = _stage(staging, Path(onnx_path), manifest, calibration_scores, golden_images, report_files or {})
+        final = _stage(staging, Path(onnx_path), manifest, calibration_scores, golden_images, report_files or {},
+                       form_calibration_scores)
         _normalise_permissions(staging)
         verify_bundle(staging)  # never move a bundle into place that the service would refuse
         old = None

@@ -7,6 +7,9 @@ the bundle's input spec: Pillow, RGB, bilinear resize of the whole image), so a 
 measured on a form here is the rate the service gives for that form.
 
     images_q50 = render_form(images, "jpeg_q50")     # uint8 (N, 32, 32, 3), as the service would see them
+
+Form groups (service/upload_form.py) are what a form-conditional bundle calibrates: `render_group` uploads
+each image in a random form of the group, `group_of_form` says which group the service puts a form in.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from PIL import Image
 
 from oodguard.service.manifest import InputSpec
 from oodguard.service.preprocess import decode_image
+from oodguard.service.upload_form import FORM_GROUPS, JPEG_QUALITY_BANDS, NATIVE, RESIZED, form_group
 
 
 def _png(img: Image.Image) -> bytes:
@@ -97,3 +101,59 @@ def render_mixed(images: np.ndarray, forms: list[str], seed: int = 0, spec: Inpu
         if idx.size and form != "stored":
             out[idx] = render_form(images[idx], form, spec)
     return out, assignment
+
+
+# -- form groups: the calibration of form-conditional bundles (service/upload_form.py) ----------------------
+
+# How the calibration split is uploaded for each group's calibration: random forms spanning the group, one
+# per image (seeded), so a group's thresholds hold for every form the service puts in it.
+_RESIZE_RANGE = (1.25, 4.0)  # upscale factor per side
+GROUP_RENDERINGS: dict[str, str] = {
+    NATIVE: "half as stored (32x32 JPEG quality 75), half re-encoded as JPEG of quality uniform in 66-100",
+    **{f"jpeg_q{lo}_{hi}": f"JPEG of quality uniform in {lo}-{hi}" for lo, hi in JPEG_QUALITY_BANDS},
+    RESIZED: f"upscaled (bicubic) by a factor uniform in {_RESIZE_RANGE[0]}-{_RESIZE_RANGE[1]} per side (half "
+             "square, half with an independent height factor), then PNG or JPEG of quality uniform in 50-95 "
+             "(half each), decoded and resized back as the service does",
+}
+# The shared sets' own files are 32x32 JPEGs of quality 75 (../shared/datasets/README.md): the native group.
+STORED_GROUP = NATIVE
+
+
+def _encode_jpeg(img: Image.Image, quality: int) -> bytes:
+    return _jpeg(quality)(img)
+
+
+def render_group(images: np.ndarray, group: str, seed: int = 0, spec: InputSpec | None = None) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> the same images each uploaded in a random form of `group` (GROUP_RENDERINGS)
+    and decoded as the service does. Seeded: the same call gives the same images."""
+    if group not in FORM_GROUPS:
+        raise ValueError(f"unknown form group {group!r}; valid: {', '.join(FORM_GROUPS)}")
+    spec = spec or InputSpec(height=images.shape[1], width=images.shape[2])
+    rng = np.random.default_rng([seed, FORM_GROUPS.index(group)])
+    out = images.copy()
+    for i, pixels in enumerate(images):
+        img = Image.fromarray(pixels)
+        if group == NATIVE:
+            if rng.random() < 0.5:
+                continue  # as stored
+            blob = _encode_jpeg(img, int(rng.integers(66, 101)))
+        elif group == RESIZED:
+            fw = rng.uniform(*_RESIZE_RANGE)
+            fh = fw if rng.random() < 0.5 else rng.uniform(*_RESIZE_RANGE)
+            big = img.resize((round(img.width * fw), round(img.height * fh)), Image.Resampling.BICUBIC)
+            blob = _png(big) if rng.random() < 0.5 else _encode_jpeg(big, int(rng.integers(50, 96)))
+        else:
+            lo, hi = next(band for band in JPEG_QUALITY_BANDS if group == f"jpeg_q{band[0]}_{band[1]}")
+            blob = _encode_jpeg(img, int(rng.integers(lo, hi + 1)))
+        out[i] = decode_image(blob, spec)
+    return out
+
+
+def group_of_form(form: str, spec: InputSpec | None = None) -> str:
+    """The form group the service reads from an upload in `form` (shifts.FORMS), from the bytes it would send."""
+    check_forms([form])
+    if form == "stored":
+        return STORED_GROUP
+    spec = spec or InputSpec()
+    sample = np.zeros((spec.height, spec.width, 3), dtype=np.uint8)
+    return form_group(Image.open(io.BytesIO(encode_form(sample, form))), spec)

@@ -318,8 +318,9 @@ def test_openapi_documents_forms_errors_and_examples(client):
     assert "examples" in schemas["PredictResponse"] and "examples" in schemas["Prediction"]
     assert set(schemas["Prediction"]["properties"]) == {
         "label", "class_index", "confidence", "top_k", "ood_score", "score_name", "p_value", "threshold",
-        "operating_point", "decision",
+        "operating_point", "decision", "upload_form",
     }
+    assert "upload_form" not in schemas["Prediction"].get("required", [])  # form-conditional bundles only
 
 
 # -- the fast path (PredictEndpoint) and the FastAPI route: one contract -------------------------------------

@@ -42,7 +42,7 @@ def _manifest(base, points: list[OperatingPoint], default: str, **update):
 
 def _model(manifest, sha256: str = "a" * 64):
     return SimpleNamespace(manifest=manifest, sha256=sha256, name="tiny", version="1",
-                           p_values=lambda scores: conformal_p_values(CAL, scores))
+                           p_values=lambda scores, forms=None: conformal_p_values(CAL, scores))
 
 
 def _outputs(manifest, probs=PROBS, scores=SCORES) -> dict[str, np.ndarray]:

@@ -47,7 +47,7 @@ def test_operating_points_by_hand():
     assert set(validation) == {"tpr90", "tpr95"}
     assert validation["tpr90"] == {
         "threshold": 2.0, "target_tpr": 0.9, "calibration_tpr": 2 / 4, "realised_tpr": 2 / 5, "fpr": tpr90.fpr,
-        "realised_tpr_attacked": {"paper": 1 / 3},
+        "realised_tpr_attacked": {"paper": 1 / 3}, "applied_threshold_stored_form": 2.0, "form_thresholds": None,
     }
     assert validation["tpr95"]["calibration_tpr"] == 3 / 4
     assert validation["tpr95"]["realised_tpr_attacked"] == {"paper": 2 / 3}
@@ -70,14 +70,15 @@ def test_rates_per_upload_form_are_the_forms_own():
         return images.reshape(len(images), -1).mean(axis=1) / 255.0
 
     thresholds = {0.9: 0.49, 0.95: 0.5}
-    out = _per_form(served, test, ood, thresholds, ["png", "jpeg_q30"])
+    out = _per_form(served, test, ood, thresholds, None, ["png", "jpeg_q30"])
     assert list(out) == ["png", "jpeg_q30"]
     for form in ("png", "jpeg_q30"):
         s_in, s_out = served(render_form(test, form)), served(render_form(ood["tinyimagenet"].images, form))
         assert out[form]["n_in"] == 6
         for tpr, thr in thresholds.items():
             entry = out[form][operating_point_name(tpr)]
-            assert entry == {"realised_tpr": float(np.mean(s_in >= thr)), "fpr": {"tinyimagenet": float(np.mean(s_out >= thr))}}
+            assert entry == {"threshold": thr, "realised_tpr": float(np.mean(s_in >= thr)),
+                             "fpr": {"tinyimagenet": float(np.mean(s_out >= thr))}}
     jpeg = served(render_form(test, "jpeg_q30"))
     assert not np.array_equal(jpeg, served(test))  # the forms really differ: each was rendered, not reused
 
@@ -137,3 +138,27 @@ def test_threshold_for_tpr_k_at_its_boundaries():
     for bad in (0.0, 1.0, -0.1):
         with pytest.raises(ValueError, match=rf"^target TPR must be in \(0, 1\), got {bad}$"):
             threshold_for_tpr(np.arange(100.0), bad)
+
+
+def test_form_conditional_points_apply_the_native_threshold_to_stored_images_and_keep_every_group():
+    groups = {"native": 1.0, "jpeg_q1_15": 0.1, "jpeg_q16_45": 0.2, "jpeg_q46_65": 0.3, "resized": 3.0}
+    points, validation = _operating_points({0.95: 2.0}, np.array([0.0, 1.0, 2.0]), np.array([0.5, 1.0, 2.0, 3.0]),
+                                           {"g": np.array([1.5, 0.0])}, {("in", "paper"): np.array([1.0, 0.0])},
+                                           served={0.95: 1.0}, form_thresholds={0.95: groups})
+    op = points[0]
+    assert op.threshold == 2.0 and op.form_thresholds == groups  # the mix's threshold kept for reference
+    assert op.realised_tpr == 3 / 4 and op.fpr == {"g": 1 / 2}  # at the native threshold 1.0, not 2.0
+    assert validation["tpr95"]["realised_tpr_attacked"] == {"paper": 1 / 2}
+    assert validation["tpr95"]["applied_threshold_stored_form"] == 1.0
+
+
+def test_rates_per_upload_form_use_the_forms_group_threshold():
+    rng = np.random.default_rng(1)
+    test = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    ood = {"t": type("Set", (), {"images": rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)})()}
+    served = lambda images: images.reshape(len(images), -1).mean(axis=1) / 255.0  # noqa: E731
+    groups = {"native": 0.0, "jpeg_q1_15": 0.9, "jpeg_q16_45": 1.1, "jpeg_q46_65": 0.9, "resized": 0.9}
+    out = _per_form(served, test, ood, {0.95: 0.5}, {0.95: groups}, ["png", "jpeg_q30", "upscale_x2"])
+    assert [out[f]["group"] for f in out] == ["native", "jpeg_q16_45", "resized"]
+    assert out["png"]["tpr95"] == {"threshold": 0.0, "realised_tpr": 1.0, "fpr": {"t": 1.0}}
+    assert out["jpeg_q30"]["tpr95"] == {"threshold": 1.1, "realised_tpr": 0.0, "fpr": {"t": 0.0}}
