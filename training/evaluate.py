@@ -38,6 +38,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from oodguard.service.upload_form import FORM_GROUPS
+
 from . import data
 from .attacks import AttackConfig, pgd_with, pgd_worst_case
 from .loop_parts import resolve_device
@@ -56,7 +58,7 @@ from .scores import (
     fit_mahalanobis,
     scored_forward,
 )
-from .shifts import FORMS, check_forms, render_form, render_mixed
+from .shifts import FORMS, check_forms, group_of_form, render_form, render_group, render_mixed
 
 log = logging.getLogger(__name__)
 
@@ -233,23 +235,37 @@ def _evaluate_shifts(model: nn.Module, run: RunData, test: data.ImageSet, ood_se
                      ctx: ScoreContext, raw: dict[str, np.ndarray]) -> dict[str, Any]:
     """Per upload form: accuracy, realised TPR and per-set FPR at the tpr95 threshold, AUROC / FPR95.
 
-    The threshold is calibrated as `oodguard calibrate` does (same rule, same mix of forms) on the run's
-    calibration split, with torch scores; real OOD sets only (synthetic noise has no "form")."""
+    The thresholds are calibrated as `oodguard calibrate` does, on the run's calibration split with torch
+    scores: one from the mix of forms (`thresholds`, a bundle built with --no-form-calibration), and one per
+    upload-form group (`form_thresholds`, the default form-conditional bundle: each form is judged at its
+    group's threshold, `form_conditional` in each row). Real OOD sets only (synthetic noise has no "form")."""
     from .calibrate import threshold_for_tpr  # calibrate imports this module
 
     cal = run.calibration_set()
     cal_mixed, _ = render_mixed(cal.images, list(CALIBRATION_FORMS), seed=cfg.seed)
     cal_scores, _ = _clean_scores(model, cal_mixed, cfg.scores, ctx, cfg.batch_size, "calibration [mixed forms]")
     thresholds = {n: threshold_for_tpr(np.sort(cal_scores[n]), 0.95) for n in cfg.scores}
+    form_thresholds: dict[str, dict[str, float]] = {n: {} for n in cfg.scores}
+    for group in FORM_GROUPS:
+        group_scores, _ = _clean_scores(model, render_group(cal.images, group, cfg.seed), cfg.scores, ctx,
+                                        cfg.batch_size, f"calibration [{group}]")
+        for n in cfg.scores:
+            form_thresholds[n][group] = threshold_for_tpr(np.sort(group_scores[n]), 0.95)
     real_sets = {k: v for k, v in ood_sets.items() if not v[1].source.startswith("synthetic:")}
     out: dict[str, Any] = {"operating_point": "tpr95", "calibration_forms": list(CALIBRATION_FORMS),
-                           "calibration_images": int(len(cal)), "thresholds": thresholds, "forms": {}}
+                           "calibration_images": int(len(cal)), "thresholds": thresholds,
+                           "form_thresholds": form_thresholds, "forms": {}}
     for form in cfg.shifts:
+        group = group_of_form(form)
         images_in = render_form(test.images, form)
         s_in, pred = _clean_scores(model, images_in, cfg.scores, ctx, cfg.batch_size, f"in-distribution [{form}]")
-        row: dict[str, Any] = {"accuracy": float(np.mean(pred == test.labels)), "n_in": int(len(test)), "scores": {}}
+        row: dict[str, Any] = {"accuracy": float(np.mean(pred == test.labels)), "n_in": int(len(test)),
+                               "group": group, "scores": {}}
         for n in cfg.scores:
-            row["scores"][n] = {"realised_tpr": float(np.mean(s_in[n] >= thresholds[n])), "sets": {}}
+            thr = form_thresholds[n][group]
+            row["scores"][n] = {"realised_tpr": float(np.mean(s_in[n] >= thresholds[n])), "sets": {},
+                                "form_conditional": {"threshold": thr, "realised_tpr": float(np.mean(s_in[n] >= thr)),
+                                                     "fpr": {}}}
             raw[f"{n}__in__shift_{form}"] = s_in[n]
         for key, (_, image_set) in real_sets.items():
             s_out, _ = _clean_scores(model, render_form(image_set.images, form), cfg.scores, ctx, cfg.batch_size,
@@ -258,6 +274,7 @@ def _evaluate_shifts(model: nn.Module, run: RunData, test: data.ImageSet, ood_se
                 raw[f"{n}__{key}__shift_{form}"] = s_out[n]
                 row["scores"][n]["sets"][key] = {"fpr": float(np.mean(s_out[n] >= thresholds[n])),
                                                  **ood_metrics(s_in[n], s_out[n])}
+                row["scores"][n]["form_conditional"]["fpr"][key] = float(np.mean(s_out[n] >= form_thresholds[n][group]))
         out["forms"][form] = row
     return out
 

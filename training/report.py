@@ -105,17 +105,27 @@ def render_markdown(report: dict[str, Any], plots: list[str] | None = None) -> s
     if shifts.get("forms"):
         lines += ["", "## Upload forms (shifts, not attacks)", "",
                   f"Each image uploaded in the form named, decoded and resized as the service does. Threshold: "
-                  f"`tpr95` calibrated on the calibration split ({shifts['calibration_images']} images, a mix of "
-                  f"{', '.join(shifts['calibration_forms'])}). Real OOD sets only.", ""]
+                  f"`tpr95` calibrated on the calibration split ({shifts['calibration_images']} images): one "
+                  f"threshold from a mix of {', '.join(shifts['calibration_forms'])} (`--no-form-calibration`), and, "
+                  "where measured, one per upload-form group (the default bundle: each form at its group's "
+                  "threshold). Real OOD sets only.", ""]
         for score, thr in shifts["thresholds"].items():
             sets = list(next(iter(shifts["forms"].values()))["scores"][score]["sets"])
-            lines += [f"### `{score}` (threshold {thr:.6g})", "",
-                      "| form | accuracy | realised TPR | " + " | ".join(f"FPR {k} | AUROC {k}" for k in sets) + " |",
-                      "|---|---:|---:|" + "---:|---:|" * len(sets)]
+            per_group = all("form_conditional" in row["scores"][score] for row in shifts["forms"].values())
+            group_cols = ("group | TPR, per group | " + " | ".join(f"FPR {k}, per group" for k in sets) + " | ") if per_group else ""
+            lines += [f"### `{score}` (one threshold: {thr:.6g})", "",
+                      "| form | accuracy | realised TPR, one threshold | "
+                      + " | ".join(f"FPR {k} | AUROC {k}" for k in sets) + " | " + group_cols,
+                      "|---|---:|---:|" + "---:|---:|" * len(sets) + ("---|---:|" + "---:|" * len(sets) if per_group else "")]
             for form, row in shifts["forms"].items():
                 r = row["scores"][score]
-                lines.append(f"| {form} | {_pct(row['accuracy'])} | {_pct(r['realised_tpr'])} | "
-                             + " | ".join(f"{_pct(r['sets'][k]['fpr'])} | {_pct(r['sets'][k]['auroc'])}" for k in sets) + " |")
+                cells = (f"| {form} | {_pct(row['accuracy'])} | {_pct(r['realised_tpr'])} | "
+                         + " | ".join(f"{_pct(r['sets'][k]['fpr'])} | {_pct(r['sets'][k]['auroc'])}" for k in sets) + " |")
+                if per_group:
+                    fc = r["form_conditional"]
+                    cells += (f" {row['group']} | {_pct(fc['realised_tpr'])} | "
+                              + " | ".join(_pct(fc["fpr"][k]) for k in sets) + " |")
+                lines.append(cells)
             lines.append("")
     if plots:
         lines += ["", "## Plots", ""] + [f"- [{p}]({p})" for p in plots]

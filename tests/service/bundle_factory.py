@@ -36,12 +36,14 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from oodguard.service.bundle import make_session, write_manifest
+from oodguard.service.upload_form import FORM_RULE
 from oodguard.service.manifest import (
     CALIBRATION_FILE,
     GOLDEN_FILE,
     MODEL_FILE,
     BundleManifest,
     CalibrationInfo,
+    FormCalibration,
     InputSpec,
     OperatingPoint,
     ScoreSpec,
@@ -147,11 +149,14 @@ def make_tiny_bundle(
     seed: int = 0,
     description: str = "tiny colour classifier for tests",
     metrics: dict | None = None,
+    form_calibration: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Write a complete bundle (model.onnx, calibration.npy, golden.npz, manifest.json) and return its dir.
 
     It passes `oodguard.service.bundle.verify_bundle`. Different `version`s (or `logit_scale`s) give
-    different manifest sha256s; `logit_scale` also changes the model's outputs.
+    different manifest sha256s; `logit_scale` also changes the model's outputs. `form_calibration`
+    ({group: scores} for every group of upload_form.FORM_GROUPS) makes it form-conditional: each point
+    then has one threshold per group, the same quantile of that group's scores.
     """
     if score not in ("msp", "energy"):
         raise ValueError(f"score must be 'msp' or 'energy', got {score!r}")
@@ -184,6 +189,15 @@ def make_tiny_bundle(
         )
         for op_name, tpr in tprs.items()
     ]
+    forms = None
+    if form_calibration is not None:
+        forms = {}
+        for group, scores in form_calibration.items():
+            forms[group] = FormCalibration(file=f"calibration_{group}.npy", size=len(scores), rendering="test")
+            np.save(root / forms[group].file, np.sort(np.asarray(scores, dtype=np.float32)), allow_pickle=False)
+        points = [op.model_copy(update={"form_thresholds": {
+            g: float(np.quantile(np.sort(np.asarray(v, dtype=np.float32)), 1.0 - op.target_tpr, method="lower"))
+            for g, v in form_calibration.items()}}) for op in points]
     manifest = BundleManifest(
         name=name,
         version=version,
@@ -194,7 +208,8 @@ def make_tiny_bundle(
         score=ScoreSpec(name=score, output=score, params={"temperature": 1.0} if score == "energy" else {}),
         operating_points=points,
         default_operating_point=default_operating_point,
-        calibration=CalibrationInfo(size=calibration_size, seed=seed),
+        calibration=CalibrationInfo(size=calibration_size, seed=seed, forms=forms,
+                                    form_rule=FORM_RULE if forms is not None else None),
         metrics=metrics if metrics is not None else {"clean": {"auroc": 0.99}, "attacked": {"auroc": 0.9}},
         training={"method": "synthetic", "model": "tiny-colour"},
     )

@@ -146,3 +146,27 @@ def test_user_folder_and_npz_are_ood_sets(tmp_path, make_image_folder, make_npz)
     originals = {img.tobytes() for img in images}  # PNG is lossless: a subset of the very images written
     assert all(img.tobytes() in originals for img in from_folder.images)
     assert set_key(str(folder)) == "my_photos" and set_key(str(npz)) == "svhn"
+
+
+def test_shift_tables_judge_each_form_at_its_groups_threshold(tmp_path, tiny_data_dir):
+    """The default bundle is form-conditional: the evaluation's shift rows say what it accepts per form."""
+    run = make_run(tmp_path / "run", tiny_data_dir)
+    cfg = EvalConfig(ood=["tinyimagenet"], attacks=[], scores=["msp"], shifts=["stored", "jpeg_q30", "upscale_x2"],
+                     max_samples=32, batch_size=32, plots=False)
+    report = evaluate_run(run, cfg)
+    shifts = report["shifts"]
+    _, raw = load_eval(RunData.open(run))
+    groups = shifts["form_thresholds"]["msp"]
+    assert set(groups) == {"native", "jpeg_q1_15", "jpeg_q16_45", "jpeg_q46_65", "resized"}
+    assert len(set(groups.values())) > 1  # each group calibrated on its own renders
+    expected_group = {"stored": "native", "jpeg_q30": "jpeg_q16_45", "upscale_x2": "resized"}
+    for form, row in shifts["forms"].items():
+        fc = row["scores"]["msp"]["form_conditional"]
+        assert row["group"] == expected_group[form] and fc["threshold"] == groups[row["group"]]
+        s_in, s_out = raw[f"msp__in__shift_{form}"], raw[f"msp__tinyimagenet__shift_{form}"]
+        assert fc["realised_tpr"] == pytest.approx(float(np.mean(s_in >= fc["threshold"])))
+        assert fc["fpr"]["tinyimagenet"] == pytest.approx(float(np.mean(s_out >= fc["threshold"])))
+        one = row["scores"]["msp"]
+        assert one["realised_tpr"] == pytest.approx(float(np.mean(s_in >= shifts["thresholds"]["msp"])))
+    md = (run / "eval" / "eval.md").read_text()
+    assert "TPR, per group" in md and "| upscale_x2 |" in md and "resized |" in md
