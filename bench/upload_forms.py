@@ -51,16 +51,21 @@ def _upload(stored: bytes, form: str) -> tuple[bytes, str]:
     return data, "image/png" if data[:4] == b"\x89PNG" else "image/jpeg"
 
 
-def _accept_rate(client: httpx.Client, url: str, blobs: list[bytes], form: str) -> tuple[float, int]:
+def _accept_rate(client: httpx.Client, url: str, blobs: list[bytes], form: str) -> tuple[float, int, dict[str, int]]:
+    """(accepted fraction, images, {upload-form group the service read: images}; empty without form groups)."""
     accepted = total = 0
+    groups: dict[str, int] = {}
     for start in range(0, len(blobs), BATCH):
         files = [("files", (f"{i}", *_upload(b, form))) for i, b in enumerate(blobs[start:start + BATCH])]
         r = client.post(f"{url}/v1/predict", files=files)
         r.raise_for_status()
-        decisions = [p["decision"] for p in r.json()["predictions"]]
-        accepted += sum(d == "accept" for d in decisions)
-        total += len(decisions)
-    return accepted / total, total
+        predictions = r.json()["predictions"]
+        accepted += sum(p["decision"] == "accept" for p in predictions)
+        total += len(predictions)
+        for p in predictions:
+            if "upload_form" in p:
+                groups[p["upload_form"]] = groups.get(p["upload_form"], 0) + 1
+    return accepted / total, total, groups
 
 
 def _wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -90,13 +95,13 @@ def main() -> None:
     try:
         with httpx.Client(timeout=60) as client:
             for form in forms:
-                tpr, n_in = _accept_rate(client, url, in_blobs, form)
-                fpr, n_out = _accept_rate(client, url, ood_blobs, form)
+                tpr, n_in, groups = _accept_rate(client, url, in_blobs, form)
+                fpr, n_out, _ = _accept_rate(client, url, ood_blobs, form)
                 rows[form] = {"realised_tpr": tpr, "tpr_ci95": _wilson(tpr, n_in), "fpr_tinyimagenet": fpr,
-                              "n_in": n_in, "n_out": n_out}
+                              "n_in": n_in, "n_out": n_out, "upload_form_groups": groups}
                 print(f"{form:12s} TPR {100 * tpr:5.1f}% (95% CI {100 * rows[form]['tpr_ci95'][0]:.1f}-"
-                      f"{100 * rows[form]['tpr_ci95'][1]:.1f})   FPR tinyimagenet {100 * fpr:5.1f}%   n={n_in}+{n_out}",
-                      flush=True)
+                      f"{100 * rows[form]['tpr_ci95'][1]:.1f})   FPR tinyimagenet {100 * fpr:5.1f}%   n={n_in}+{n_out}"
+                      + (f"   group {', '.join(groups)}" if groups else ""), flush=True)
     finally:
         stop(proc)
     result = {"bundle": f"{manifest['name']}:{manifest['version']}", "score": manifest["score"]["name"],

@@ -128,12 +128,18 @@ def _info_table(manifest, summary: dict) -> Table:
     rows.append(("score", f"{manifest.score.name} (output {manifest.score.output}{', ' + params if params else ''}; "
                           "higher = more in-distribution)"))
     rows.append(("calibration", f"{manifest.calibration.size} scores; {manifest.calibration.split}"))
+    forms = manifest.calibration.forms
+    if forms:
+        rows.append(("upload-form groups", f"rule {manifest.calibration.form_rule}: "
+                     + "; ".join(f"{g} ({f.size} scores: {f.rendering})" for g, f in forms.items())))
     for op in manifest.operating_points:
         default = " (default)" if op.name == manifest.default_operating_point else ""
         realised = f", realised TPR {100 * op.realised_tpr:.2f}%" if op.realised_tpr is not None else ""
         fpr = ("; FPR " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in op.fpr.items())) if op.fpr else ""
-        rows.append((f"operating point {op.name}{default}",
-                     f"accept iff score >= {op.threshold:.6g} (target TPR {100 * op.target_tpr:g}%{realised}){fpr}"))
+        rule = (f"accept iff score >= its upload-form group's threshold ("
+                + ", ".join(f"{g} {t:.6g}" for g, t in op.form_thresholds.items()) + ")") if op.form_thresholds \
+            else f"accept iff score >= {op.threshold:.6g}"
+        rows.append((f"operating point {op.name}{default}", f"{rule} (target TPR {100 * op.target_tpr:g}%{realised}){fpr}"))
     rows.append(("code version", manifest.lineage.code_version or "-"))
     rows += [(f"dataset {name}", digest) for name, digest in manifest.lineage.datasets.items()]
     rows.append(("files", ", ".join(sorted(manifest.files))))

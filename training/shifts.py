@@ -22,7 +22,7 @@ from PIL import Image
 
 from oodguard.service.manifest import InputSpec
 from oodguard.service.preprocess import decode_image
-from oodguard.service.upload_form import FORM_GROUPS, JPEG_QUALITY_BANDS, NATIVE, RESIZED, form_group
+from oodguard.service.upload_form import FORM_GROUPS, JPEG_QUALITY_BANDS, LARGER, NATIVE, SMALLER, form_group
 
 
 def _png(img: Image.Image) -> bytes:
@@ -107,13 +107,16 @@ def render_mixed(images: np.ndarray, forms: list[str], seed: int = 0, spec: Inpu
 
 # How the calibration split is uploaded for each group's calibration: random forms spanning the group, one
 # per image (seeded), so a group's thresholds hold for every form the service puts in it.
-_RESIZE_RANGE = (1.25, 4.0)  # upscale factor per side
+_LARGER_RANGE = (1.0, 4.0)  # resize factor per side of a `larger` upload (not both 1)
+_SMALLER_RANGE = (0.4, 1.0)  # ... of the side(s) a `smaller` upload shrinks
+_CODEC = "then PNG or JPEG of quality uniform in 50-95 (half each), decoded and resized back as the service does"
 GROUP_RENDERINGS: dict[str, str] = {
     NATIVE: "half as stored (32x32 JPEG quality 75), half re-encoded as JPEG of quality uniform in 66-100",
     **{f"jpeg_q{lo}_{hi}": f"JPEG of quality uniform in {lo}-{hi}" for lo, hi in JPEG_QUALITY_BANDS},
-    RESIZED: f"upscaled (bicubic) by a factor uniform in {_RESIZE_RANGE[0]}-{_RESIZE_RANGE[1]} per side (half "
-             "square, half with an independent height factor), then PNG or JPEG of quality uniform in 50-95 "
-             "(half each), decoded and resized back as the service does",
+    SMALLER: f"shrunk (bicubic) by a factor uniform in {_SMALLER_RANGE[0]}-{_SMALLER_RANGE[1]}: half both sides "
+             "by one factor, half one side only (the other kept, or enlarged by a factor in 1-2), " + _CODEC,
+    LARGER: f"enlarged (bicubic) by a factor uniform in 1.25-{_LARGER_RANGE[1]}: half both sides by one factor, "
+            f"half each side by its own factor in {_LARGER_RANGE[0]}-{_LARGER_RANGE[1]}, " + _CODEC,
 }
 # The shared sets' own files are 32x32 JPEGs of quality 75 (../shared/datasets/README.md): the native group.
 STORED_GROUP = NATIVE
@@ -137,16 +140,37 @@ def render_group(images: np.ndarray, group: str, seed: int = 0, spec: InputSpec 
             if rng.random() < 0.5:
                 continue  # as stored
             blob = _encode_jpeg(img, int(rng.integers(66, 101)))
-        elif group == RESIZED:
-            fw = rng.uniform(*_RESIZE_RANGE)
-            fh = fw if rng.random() < 0.5 else rng.uniform(*_RESIZE_RANGE)
-            big = img.resize((round(img.width * fw), round(img.height * fh)), Image.Resampling.BICUBIC)
-            blob = _png(big) if rng.random() < 0.5 else _encode_jpeg(big, int(rng.integers(50, 96)))
+        elif group in (SMALLER, LARGER):
+            size = _resized_size(img.size, group, rng)
+            resized = img.resize(size, Image.Resampling.BICUBIC)
+            blob = _png(resized) if rng.random() < 0.5 else _encode_jpeg(resized, int(rng.integers(50, 96)))
         else:
             lo, hi = next(band for band in JPEG_QUALITY_BANDS if group == f"jpeg_q{band[0]}_{band[1]}")
             blob = _encode_jpeg(img, int(rng.integers(lo, hi + 1)))
         out[i] = decode_image(blob, spec)
     return out
+
+
+def _resized_size(size: tuple[int, int], group: str, rng: np.random.Generator) -> tuple[int, int]:
+    """A random upload size of `group` (GROUP_RENDERINGS) for an image of `size`; its group is always `group`."""
+    w, h = size
+    if group == SMALLER:
+        if rng.random() < 0.5:
+            f = rng.uniform(*_SMALLER_RANGE)
+            fw, fh = f, f
+        else:
+            fw, fh = rng.uniform(*_SMALLER_RANGE), (1.0 if rng.random() < 0.5 else rng.uniform(1.0, 2.0))
+            if rng.random() < 0.5:
+                fw, fh = fh, fw
+        out = (max(1, round(w * fw)), max(1, round(h * fh)))
+        return out if out[0] < w or out[1] < h else (w - 1, out[1])
+    if rng.random() < 0.5:
+        f = rng.uniform(1.25, _LARGER_RANGE[1])
+        fw, fh = f, f
+    else:
+        fw, fh = rng.uniform(*_LARGER_RANGE), rng.uniform(*_LARGER_RANGE)
+    out = (max(w, round(w * fw)), max(h, round(h * fh)))
+    return out if out != (w, h) else (w + 1, h)
 
 
 def group_of_form(form: str, spec: InputSpec | None = None) -> str:

@@ -51,16 +51,17 @@ def test_a_non_standard_table_maps_to_the_nearest_quality_and_lossless_has_none(
     (encode_image(fmt="JPEG", quality=50), "jpeg_q46_65"),
     (encode_image(fmt="JPEG", quality=30), "jpeg_q16_45"),
     (encode_image(fmt="JPEG", quality=10), "jpeg_q1_15"),
-    (encode_image(fmt="PNG", size=(16, 16)), "resized"),
-    (encode_image(fmt="JPEG", size=(8, 12), quality=30), "resized"),  # size first: the resize dominates
-    (encode_image(fmt="PNG", size=(4, 4)), "resized"),
+    (encode_image(fmt="PNG", size=(16, 16)), "larger"),
+    (encode_image(fmt="JPEG", size=(8, 12), quality=30), "larger"),  # size first: the resize dominates
+    (encode_image(fmt="PNG", size=(4, 4)), "smaller"),
+    (encode_image(fmt="PNG", size=(16, 7)), "smaller"),  # one side short: information lost on that axis
 ])
 def test_form_group_from_the_header(blob, group):
     assert form_group(_open(blob), SPEC) == group
 
 
 def test_groups_cover_the_bands_and_unknown_quality_is_native():
-    assert FORM_GROUPS == ("native", "jpeg_q1_15", "jpeg_q16_45", "jpeg_q46_65", "resized")
+    assert FORM_GROUPS == ("native", "jpeg_q1_15", "jpeg_q16_45", "jpeg_q46_65", "smaller", "larger")
     assert [jpeg_quality_group(q) for q in (1, 15, 16, 45, 46, 65, 66, 100, None)] == [
         "jpeg_q1_15", "jpeg_q1_15", "jpeg_q16_45", "jpeg_q16_45", "jpeg_q46_65", "jpeg_q46_65", "native", "native", "native"]
 
@@ -74,8 +75,8 @@ def _form_scores(shift: dict[str, float] | None = None, n: int = 100) -> dict[st
 
 @pytest.fixture(scope="module")
 def form_bundle(tmp_path_factory):
-    # resized uploads are held to a much higher bar (their calibration scores sit at the top), JPEG q16-45 lower
-    scores = _form_scores({"resized": 0.6, "jpeg_q16_45": -0.35})
+    # enlarged uploads are held to a much higher bar (their calibration scores sit at the top), JPEG q16-45 lower
+    scores = _form_scores({"larger": 0.6, "jpeg_q16_45": -0.35})
     return make_tiny_bundle(tmp_path_factory.mktemp("forms") / "b", form_calibration=scores, calibration_size=100)
 
 
@@ -95,19 +96,19 @@ def test_a_form_conditional_manifest_round_trips_and_verifies(form_bundle):
     assert m.calibration.form_rule == FORM_RULE and set(m.calibration.forms) == set(FORM_GROUPS)
     assert set(report.form_calibration) == set(FORM_GROUPS)
     op = m.operating_point("tpr95")
-    assert op.form_thresholds["resized"] > op.form_thresholds["native"] > op.form_thresholds["jpeg_q16_45"]
+    assert op.form_thresholds["larger"] > op.form_thresholds["native"] > op.form_thresholds["jpeg_q16_45"]
 
 
 @pytest.mark.parametrize("edit, message", [
     (lambda r: r["calibration"].update(form_rule="size-only-v0"), "is not the rule this oodguard reads"),
-    (lambda r: r["calibration"]["forms"].pop("resized"), "must have exactly the groups"),
+    (lambda r: r["calibration"]["forms"].pop("larger"), "must have exactly the groups"),
     (lambda r: r["operating_points"][0]["form_thresholds"].pop("native"), "form_thresholds must have exactly"),
     (lambda r: r["operating_points"][0].pop("form_thresholds"), "form_thresholds must have exactly"),
     (lambda r: r["operating_points"][0].update(class_thresholds=[0.5, 0.5, 0.5]), "are exclusive"),
     (lambda r: r["calibration"].pop("forms"), "form_rule is set but"),
     (lambda r: r["calibration"]["forms"]["native"].update(file="../calibration.npy"), "calibration_<group>.npy"),
     (lambda r: r["calibration"]["forms"]["native"].update(file="calibration.npy"), "calibration_<group>.npy"),
-    (lambda r: r["calibration"]["forms"]["native"].update(file=r["calibration"]["forms"]["resized"]["file"]),
+    (lambda r: r["calibration"]["forms"]["native"].update(file=r["calibration"]["forms"]["larger"]["file"]),
      "its own file"),
 ])
 def test_manifest_refuses_partial_or_foreign_form_calibration(form_bundle, edit, message):
@@ -132,10 +133,10 @@ def test_a_bundle_without_forms_keeps_its_manifest_hash(tiny_bundle):
 
 def test_verify_refuses_a_missing_or_unsorted_group_file(tmp_path):
     bundle = make_tiny_bundle(tmp_path / "a", form_calibration=_form_scores(), calibration_size=100)
-    (bundle / "calibration_resized.npy").unlink()
+    (bundle / "calibration_larger.npy").unlink()
     m = load_manifest(bundle)
     write_manifest(bundle, m)  # the manifest no longer lists it: refused as a required file
-    with pytest.raises(BundleError, match="required file calibration_resized.npy"):
+    with pytest.raises(BundleError, match="required file calibration_larger.npy"):
         verify_bundle(bundle)
     bundle = make_tiny_bundle(tmp_path / "b", form_calibration=_form_scores(), calibration_size=100)
     np.save(bundle / "calibration_native.npy", np.linspace(1.0, 0.0, 100).astype(np.float32))
@@ -158,7 +159,7 @@ def test_each_upload_gets_its_groups_threshold_and_p_value(make_client, form_bun
     op = m.operating_point("tpr95")
     scores = {g: np.sort(np.load(form_bundle / f.file)) for g, f in m.calibration.forms.items()}
     red = (255, 0, 0)
-    for blob, group in [(encode_image(red, fmt="PNG"), "native"), (encode_image(red, size=(16, 16)), "resized"),
+    for blob, group in [(encode_image(red, fmt="PNG"), "native"), (encode_image(red, size=(16, 16)), "larger"),
                         (encode_image(red, fmt="JPEG", quality=30), "jpeg_q16_45")]:
         p = _predict(client, blob)
         assert p["upload_form"] == group
@@ -194,7 +195,7 @@ def test_tensors_sent_decoded_are_the_native_group(make_client, form_bundle):
 
 def test_operating_point_model_accepts_form_thresholds():
     op = OperatingPoint(name="t", target_tpr=0.95, threshold=0.5, form_thresholds={g: 0.1 for g in FORM_GROUPS})
-    assert op.form_thresholds["resized"] == 0.1
+    assert op.form_thresholds["larger"] == 0.1
     assert FormCalibration(file="calibration_native.npy", size=3).rendering == ""
 
 
@@ -203,8 +204,20 @@ def test_image_thresholds_by_group_and_native_when_unknown():
 
     groups = {g: float(i) for i, g in enumerate(FORM_GROUPS)}
     op = OperatingPoint(name="t", target_tpr=0.95, threshold=9.0, form_thresholds=groups)
-    np.testing.assert_array_equal(image_thresholds(op, np.array([0, 1, 2]), ["resized", "native", "jpeg_q1_15"]),
-                                  [groups["resized"], groups["native"], groups["jpeg_q1_15"]])
+    np.testing.assert_array_equal(image_thresholds(op, np.array([0, 1, 2]), ["larger", "native", "jpeg_q1_15"]),
+                                  [groups["larger"], groups["native"], groups["jpeg_q1_15"]])
     np.testing.assert_array_equal(image_thresholds(op, np.array([0, 1])), [groups["native"]] * 2)
     plain = OperatingPoint(name="t", target_tpr=0.95, threshold=9.0)
-    np.testing.assert_array_equal(image_thresholds(plain, np.array([0]), ["resized"]), [9.0])
+    np.testing.assert_array_equal(image_thresholds(plain, np.array([0]), ["larger"]), [9.0])
+
+
+def test_bundle_info_shows_each_groups_threshold(form_bundle):
+    from typer.testing import CliRunner
+
+    from oodguard.cli import app
+
+    result = CliRunner().invoke(app, ["bundle", "info", str(form_bundle)], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    op = load_manifest(form_bundle).operating_point("tpr95")
+    assert "upload-form groups" in result.output and FORM_RULE in result.output
+    assert f"larger {op.form_thresholds['larger']:.6g}" in result.output

@@ -115,3 +115,22 @@ def test_mixed_forms_share_the_images_equally_and_are_seeded():
     np.testing.assert_array_equal(mixed[assignment == 0], x[assignment == 0])
     again, assignment2 = render_mixed(x, forms, seed=1)
     np.testing.assert_array_equal(again, mixed) and np.testing.assert_array_equal(assignment, assignment2)
+
+
+def test_group_renderings_land_in_their_group():
+    """Every calibration image of a group is uploaded in a form the service puts in that group."""
+    from oodguard.service.upload_form import FORM_GROUPS, form_group
+    from oodguard.training.shifts import _resized_size, render_group
+
+    rng = np.random.default_rng(0)
+    for group in ("smaller", "larger"):
+        for _ in range(200):
+            size = _resized_size((32, 32), group, rng)
+            buf = io.BytesIO()
+            Image.new("RGB", size).save(buf, format="PNG")
+            assert form_group(Image.open(io.BytesIO(buf.getvalue())), InputSpec()) == group, size
+    images = np.random.default_rng(1).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    renders = {g: render_group(images, g, seed=3) for g in FORM_GROUPS}
+    assert all(r.shape == images.shape and r.dtype == np.uint8 for r in renders.values())
+    assert len({r.tobytes() for r in renders.values()}) == len(FORM_GROUPS)  # each group its own forms
+    np.testing.assert_array_equal(renders["larger"], render_group(images, "larger", seed=3))  # seeded

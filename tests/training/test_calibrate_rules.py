@@ -141,7 +141,7 @@ def test_threshold_for_tpr_k_at_its_boundaries():
 
 
 def test_form_conditional_points_apply_the_native_threshold_to_stored_images_and_keep_every_group():
-    groups = {"native": 1.0, "jpeg_q1_15": 0.1, "jpeg_q16_45": 0.2, "jpeg_q46_65": 0.3, "resized": 3.0}
+    groups = {"native": 1.0, "jpeg_q1_15": 0.1, "jpeg_q16_45": 0.2, "jpeg_q46_65": 0.3, "smaller": 2.0, "larger": 3.0}
     points, validation = _operating_points({0.95: 2.0}, np.array([0.0, 1.0, 2.0]), np.array([0.5, 1.0, 2.0, 3.0]),
                                            {"g": np.array([1.5, 0.0])}, {("in", "paper"): np.array([1.0, 0.0])},
                                            served={0.95: 1.0}, form_thresholds={0.95: groups})
@@ -157,8 +157,8 @@ def test_rates_per_upload_form_use_the_forms_group_threshold():
     test = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     ood = {"t": type("Set", (), {"images": rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)})()}
     served = lambda images: images.reshape(len(images), -1).mean(axis=1) / 255.0  # noqa: E731
-    groups = {"native": 0.0, "jpeg_q1_15": 0.9, "jpeg_q16_45": 1.1, "jpeg_q46_65": 0.9, "resized": 0.9}
+    groups = {"native": 0.0, "jpeg_q1_15": 0.9, "jpeg_q16_45": 1.1, "jpeg_q46_65": 0.9, "smaller": 0.9, "larger": 0.9}
     out = _per_form(served, test, ood, {0.95: 0.5}, {0.95: groups}, ["png", "jpeg_q30", "upscale_x2"])
-    assert [out[f]["group"] for f in out] == ["native", "jpeg_q16_45", "resized"]
+    assert [out[f]["group"] for f in out] == ["native", "jpeg_q16_45", "larger"]
     assert out["png"]["tpr95"] == {"threshold": 0.0, "realised_tpr": 1.0, "fpr": {"t": 1.0}}
     assert out["jpeg_q30"]["tpr95"] == {"threshold": 1.1, "realised_tpr": 0.0, "fpr": {"t": 0.0}}

@@ -157,9 +157,9 @@ def test_shift_tables_judge_each_form_at_its_groups_threshold(tmp_path, tiny_dat
     shifts = report["shifts"]
     _, raw = load_eval(RunData.open(run))
     groups = shifts["form_thresholds"]["msp"]
-    assert set(groups) == {"native", "jpeg_q1_15", "jpeg_q16_45", "jpeg_q46_65", "resized"}
+    assert set(groups) == {"native", "jpeg_q1_15", "jpeg_q16_45", "jpeg_q46_65", "smaller", "larger"}
     assert len(set(groups.values())) > 1  # each group calibrated on its own renders
-    expected_group = {"stored": "native", "jpeg_q30": "jpeg_q16_45", "upscale_x2": "resized"}
+    expected_group = {"stored": "native", "jpeg_q30": "jpeg_q16_45", "upscale_x2": "larger"}
     for form, row in shifts["forms"].items():
         fc = row["scores"]["msp"]["form_conditional"]
         assert row["group"] == expected_group[form] and fc["threshold"] == groups[row["group"]]
@@ -169,4 +169,4 @@ def test_shift_tables_judge_each_form_at_its_groups_threshold(tmp_path, tiny_dat
         one = row["scores"]["msp"]
         assert one["realised_tpr"] == pytest.approx(float(np.mean(s_in >= shifts["thresholds"]["msp"])))
     md = (run / "eval" / "eval.md").read_text()
-    assert "TPR, per group" in md and "| upscale_x2 |" in md and "resized |" in md
+    assert "TPR, per group" in md and "| upscale_x2 |" in md and "larger |" in md
