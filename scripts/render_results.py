@@ -176,11 +176,16 @@ def render_default(data: dict) -> str:
     forms = bundle["validation"].get("forms", {})
     if forms:
         op = "tpr95"
-        out += ["", f"Upload forms through the service's decoder, `{op}` threshold (calibrated on the calibration split "
-                f"in a mix of {', '.join(bundle['validation']['calibration_forms'])}); test split and real OOD sets:", "",
-                "| form | realised TPR | " + " | ".join(f"FPR {k}" for k in real) + " |", "|---|---:|" + "---:|" * len(real)]
+        if bundle["validation"].get("form_conditional"):
+            how = ("each form at its upload-form group's threshold (one calibration per group: the calibration split "
+                   "uploaded in random forms of the group)")
+        else:
+            how = f"one threshold, calibrated on the calibration split in a mix of {', '.join(bundle['validation']['calibration_forms'])}"
+        out += ["", f"Upload forms through the service's decoder, `{op}`: {how}; test split and real OOD sets:", "",
+                "| form | group | realised TPR | " + " | ".join(f"FPR {k}" for k in real) + " |",
+                "|---|---|---:|" + "---:|" * len(real)]
         for form, row in forms.items():
-            out.append(f"| {form} | {_pct(row[op]['realised_tpr'])} | "
+            out.append(f"| {form} | {row.get('group', '–')} | {_pct(row[op]['realised_tpr'])} | "
                        + " | ".join(_pct(row[op]["fpr"].get(k)) for k in real) + " |")
     sel = bundle.get("score_selection")
     if sel:

@@ -65,7 +65,7 @@ def test_default_model_table_has_one_row_per_set_and_protocol_with_sample_sizes(
     assert "| tinyimagenet | `strong` worst case, both sides | 300 + 300 | 20.0 |" in md
     assert "| gaussian (synthetic) | clean | 2,000 + 2,000 | 100.0 |" in md
     assert md.index("tinyimagenet | clean") < md.index("gaussian (synthetic)")  # real sets first, noise apart
-    assert "| png | 95.0 | 5.0 |" in md and "| energy (chosen) |" in md
+    assert "| png | – | 95.0 | 5.0 |" in md and "| energy (chosen) |" in md
     assert "mean" not in md.lower()  # no average over sets anywhere
 
 
@@ -83,3 +83,13 @@ def test_ood_side_only_rows_follow_their_attack_and_never_enter_the_accuracy_col
     assert "| aloe | 80.0 | 70.0 / 60.0 |" in full  # accuracy: clean and the both-sides attack only
     assert "ood_only" not in full and "acc. under `paper_ood_only`" not in full
     assert "| aloe | tinyimagenet | 80.0 | 90.0 | 70.0 | 85.0 | 10.0 | 50.0 | 30.0 | 1000 | 1000 | 1000 |" in r.render_summary(data)
+
+
+def test_default_model_table_names_each_forms_group_when_form_conditional():
+    mod = _module()
+    ev = {"accuracy": {"clean": 0.9}, "in_distribution": {"n": 10},
+          "ood_sets": {"tinyimagenet": {"source": "/d/t.npz"}}, "results": {"energy": {"tinyimagenet": {"none": _metrics(0.9, 0.1)}}}}
+    forms = {"jpeg_q30": {"tpr95": {"realised_tpr": 0.951, "fpr": {"tinyimagenet": 0.2}}, "group": "jpeg_q16_45"}}
+    bundle = {"validation": {"score": "energy", "forms": forms, "calibration_forms": ["stored"], "form_conditional": True}}
+    md = mod.render_default({"recipe": {"methods": "aloe"}, "runs": {"aloe": {"eval": ev}}, "bundle_metrics": bundle})
+    assert "| jpeg_q30 | jpeg_q16_45 | 95.1 | 20.0 |" in md and "its upload-form group's threshold" in md
