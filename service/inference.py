@@ -30,8 +30,8 @@ from .postprocess import NonFiniteOutput, Scored, score_outputs
 from .preprocess import ImageLimits, declared_pixels, load_images, open_images
 from .registry import ModelRegistry
 from .request_body import read_images
-from .upload_form import form_groups
 from .settings import Settings
+from .upload_form import form_groups
 
 log = logging.getLogger(__name__)
 

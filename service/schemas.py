@@ -81,7 +81,7 @@ class Prediction(BaseModel):
     upload_form: str | None = Field(
         None,
         description="Form-conditional bundles only: the upload-form group read from the image's header (`native`, "
-        "`jpeg_q<lo>_<hi>`, `resized`), whose calibration gave `threshold` and `p_value`.",
+        "`jpeg_q<lo>_<hi>`, `smaller`, `larger`), whose calibration gave `threshold` and `p_value`.",
     )
 
 

@@ -30,9 +30,10 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
 
-if TYPE_CHECKING:  # manifest.py imports this module's constants
+if TYPE_CHECKING:  # manifest.py imports this module's constants: no Pillow (or manifest) at import time
+    from PIL import Image
+
     from .manifest import InputSpec
 
 FORM_RULE = "size-and-jpeg-quality-v1"

@@ -10,7 +10,7 @@ only for the dataset's own 32x32 JPEGs; the realised TPR per form is recorded in
 Form-conditional calibration (on by default, `--no-form-calibration` to turn it off): one mix cannot hold
 every form at once (the served score accepts a JPEG of quality 50 less often, an upscaled upload more often,
 than the stored JPEG), so the split is also uploaded in each upload-form group's forms (service/upload_form.py:
-`native`, three JPEG quality bands, `resized`; shifts.GROUP_RENDERINGS) and scored: one sorted calibration per
+`native`, three JPEG quality bands, `smaller`, `larger`; shifts.GROUP_RENDERINGS) and scored: one sorted calibration per
 group (`calibration_<group>.npy`) and one threshold per group and target (`form_thresholds`). This is
 group-conditional ("Mondrian") split conformal: the guarantee below holds within each group. The service
 reads an upload's group from its header and applies that group's threshold and p-values.
@@ -223,7 +223,8 @@ def calibrate_run(run_dir: str | Path, cfg: CalibrateConfig) -> BuiltBundle:
         "test_images_attacked": {a: int(v.size) for (s, a), v in attacked.items() if s == "in"},
         "operating_points": validation,
         # ~0.5 when the test split's conformal p-values are uniform, as they should be in-distribution
-        "test_p_value_mean": float(np.mean(conformal_p_values(cal_sorted, test_scores))),
+        "test_p_value_mean": float(np.mean(conformal_p_values(
+            cal_sorted if form_cal is None else form_cal[STORED_GROUP], test_scores))),
         "attacked_source": "eval/scores.npz: torch scores of the evaluation's PGD inputs" if attacked else None,
         "calibration_forms": list(cfg.calibration_forms),
         "form_conditional": form_thresholds is not None,

@@ -228,7 +228,7 @@ def calibrate(
     per_class: bool = typer.Option(False, "--per-class/--no-per-class", help="Also calibrate one threshold per "
                                    "predicted class: a `tprXX_per_class` operating point next to each `tprXX`."),
     form_calibration: bool = typer.Option(True, "--form-calibration/--no-form-calibration", help="One calibration "
-                                          "per upload-form group (native, JPEG quality bands, resized: read from each "
+                                          "per upload-form group (native, JPEG quality bands, smaller, larger: read from each "
                                           "upload's header), so each form is accepted at the target rate; off: one "
                                           "threshold for every form, from the --calibration-forms mix."),
 ) -> None:

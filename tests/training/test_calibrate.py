@@ -241,3 +241,27 @@ def test_realised_tpr_and_fpr_match_an_independent_computation(bundle):
         assert op.realised_tpr == pytest.approx(float(np.sum(s_in >= applied)) / len(s_in), abs=1e-12)
         assert op.fpr["gaussian"] == pytest.approx(float(np.sum(s_out >= applied)) / len(s_out), abs=1e-12)
     assert len({op.realised_tpr for op in built.manifest.operating_points}) > 1  # the points differ: not vacuous
+
+
+def test_form_conditional_bundle_holds_each_groups_calibration_and_its_p_value_mean(bundle):
+    """Every group's scores are in the bundle (sorted, the whole split), each point has a threshold per group
+    that is that group's quantile, and the recorded mean p-value of the (stored-form) test split is the
+    native group's, as the service answers it."""
+    from oodguard.service.bundle import conformal_p_values
+    from oodguard.service.upload_form import FORM_GROUPS
+    from oodguard.training.calibrate import threshold_for_tpr
+    from oodguard.training.ood_sets import subsample
+
+    run, built = bundle
+    m = built.manifest
+    assert set(m.calibration.forms) == set(FORM_GROUPS) and m.metrics["validation"]["form_conditional"]
+    scores = {g: np.load(built.bundle_dir / f.file) for g, f in m.calibration.forms.items()}
+    for g, s in scores.items():
+        assert s.size == m.calibration.size and np.all(np.diff(s) >= 0), g
+    for op in m.operating_points:
+        assert op.form_thresholds == {g: threshold_for_tpr(s, op.target_tpr) for g, s in scores.items()}
+    session = make_session(built.bundle_dir / "model.onnx")
+    test = subsample(RunData.open(run).test_set(), m.metrics["validation"]["test_images"], 0)
+    s_test = run_onnx(session, to_tensor(test.images).numpy(), output_names=["msp"])["msp"]
+    assert m.metrics["validation"]["test_p_value_mean"] == pytest.approx(
+        float(np.mean(conformal_p_values(scores["native"], s_test))))
