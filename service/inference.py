@@ -236,7 +236,7 @@ class InferenceService:
             if not required:
                 return None
             raise
-        self.metrics.observe_predictions(scored.scores, scored.p_values, scored.accepted, served.sha256)
+        self.metrics.observe_predictions(scored.scores, scored.p_values, scored.accepted, served.sha256, forms)
         return scored
 
 

@@ -8,6 +8,8 @@ Names follow Prometheus conventions: prefix `oodguard_`, counters end in `_total
 
 from __future__ import annotations
 
+import collections
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
@@ -67,6 +69,13 @@ class ServiceMetrics:
         self.image_rejects = Counter(
             "oodguard_image_rejects", "Images refused before inference, by error code.", ["reason"], registry=r
         )
+        # the FPR depends on the form an image arrives in (docs/results.md): which forms arrive, and how each fares
+        self.upload_forms = Counter(
+            "oodguard_upload_forms",
+            "Uploaded images answered, by the upload-form group read from their header and the verdict.",
+            ["group", "decision"],
+            registry=r,
+        )
         self.model_info = Info("oodguard_model", "The active bundle: name, version, sha256.", registry=r)
         self.model_swaps_total = Counter(
             "oodguard_model_swaps", "Model swaps by result (success, rollback, failure, rejected); counted by the registry.", ["result"],
@@ -103,11 +112,16 @@ class ServiceMetrics:
         self.drift_log_martingale.set(state.log_martingale)
         self.drift_observations.set(state.n)
 
-    def observe_predictions(self, scores, p_values, accepted, model_sha256: str | None = None) -> None:
+    def observe_predictions(self, scores, p_values, accepted, model_sha256: str | None = None,
+                            forms: list[str] | None = None) -> None:
         """Record one request's per-image scores, p-values and verdicts (numpy arrays).
 
         `model_sha256`: the model that answered; its p-values feed the drift martingale when it is the active one.
+        `forms`: each uploaded image's form group (upload_form.py); None for tensors sent already decoded.
         """
+        if forms is not None:
+            for (group, ok), n in collections.Counter(zip(forms, accepted.tolist())).items():
+                self.upload_forms.labels(group, "accept" if ok else "reject").inc(n)
         if model_sha256 is not None:
             self.drift.observe(model_sha256, p_values)
         for s in scores.tolist():

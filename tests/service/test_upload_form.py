@@ -221,3 +221,13 @@ def test_bundle_info_shows_each_groups_threshold(form_bundle):
     op = load_manifest(form_bundle).operating_point("tpr95")
     assert "upload-form groups" in result.output and FORM_RULE in result.output
     assert f"larger {op.form_thresholds['larger']:.6g}" in result.output
+
+
+def test_metrics_count_uploads_by_form_group_and_verdict(make_client, form_bundle):
+    client = make_client(bundle=form_bundle)
+    red = (255, 0, 0)
+    for blob in (encode_image(red, fmt="PNG"), encode_image(red, fmt="PNG"), encode_image(red, size=(16, 16))):
+        _predict(client, blob)
+    text = client.get("/metrics").text
+    assert 'oodguard_upload_forms_total{decision="accept",group="native"} 2.0' in text
+    assert 'oodguard_upload_forms_total{decision="reject",group="larger"} 1.0' in text
