@@ -57,10 +57,12 @@ def main() -> None:
         if seconds:
             timings[f"finetune_{method}"] = seconds
         if not (run / "eval" / "eval.json").exists():
-            timings[f"evaluate_{method}"] = evaluate_run(run, run / "eval", "none,paper", args.eval_samples, log)
+            # no upload-form shifts here (the shipped model's evaluation has them): the comparison is of attacks
+            timings[f"evaluate_{method}"] = evaluate_run(run, run / "eval", "none,paper", args.eval_samples, log,
+                                                         extra=["--shifts", "none"])
         if not (run / "eval_strong" / "eval.json").exists():
             timings[f"evaluate_strong_{method}"] = evaluate_run(run, run / "eval_strong", "none,strong",
-                                                             args.strong_samples, log)
+                                                             args.strong_samples, log, extra=["--shifts", "none"])
 
     results: dict = {"recipe": vars(args), "timings_s": timings, "runs": {}}
     plots = ROOT / "docs" / "results"

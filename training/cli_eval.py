@@ -70,7 +70,8 @@ def evaluate(
         None, "--attack-sets", help="OOD sets to attack (comma-separated names as in the tables). Default: all."),
     shifts: Optional[list[str]] = typer.Option(
         None, "--shifts", help="Comma-separated upload forms to evaluate (stored, png, jpeg_q30, jpeg_q50, jpeg_q95, "
-        "upscale_x2, upscale_x3, upscale_x4, non_square), or 'all'. Realised TPR / FPR at tpr95 per form."),
+        "upscale_x2, upscale_x3, upscale_x4, non_square), 'all' or 'none'. Realised TPR / FPR at tpr95 per form, "
+        "with one threshold and with each form's group threshold. Default: all."),
     scores: Optional[list[str]] = typer.Option(
         None, "--scores", help="Comma-separated scores: msp, energy, odin, mahalanobis. Default: all four."),
     certify: Optional[list[str]] = typer.Option(
@@ -109,10 +110,10 @@ def evaluate(
         cfg.attack_sets = _split_list(attack_sets)
     if attack_samples:
         cfg.attack_samples = _counts(_split_list(attack_samples), "--attack-samples")
-    if shifts:
-        from .evaluate import DEFAULT_SHIFTS
+    from .evaluate import DEFAULT_SHIFTS
 
-        cfg.shifts = list(DEFAULT_SHIFTS) if _split_list(shifts) == ["all"] else _split_list(shifts)
+    forms = _split_list(shifts) if shifts else ["all"]
+    cfg.shifts = list(DEFAULT_SHIFTS) if forms == ["all"] else [] if forms == ["none"] else forms
     try:
         report = evaluate_run(run_dir, cfg, out)
     except _input_errors() as exc:
@@ -163,18 +164,25 @@ def _counts(items: list[str], flag: str) -> dict[str, int]:
 
 def _print_shifts(shifts: dict) -> None:
     for score in shifts["thresholds"]:
-        table = Table(title=Text(f"Upload forms — {score}, tpr95 threshold from the calibration split "
-                                 f"({shifts['calibration_images']} images, mixed forms)"))
+        table = Table(title=Text(f"Upload forms — {score}, tpr95 from the calibration split "
+                                 f"({shifts['calibration_images']} images): one threshold (mixed forms) | "
+                                 "each form's group threshold (form-conditional bundles)"))
         table.add_column("form")
         table.add_column("accuracy", justify="right")
-        table.add_column("realised TPR", justify="right")
+        table.add_column("TPR, one threshold", justify="right")
         sets = list(next(iter(shifts["forms"].values()))["scores"][score]["sets"])
         for key in sets:
             table.add_column(f"FPR {key}", justify="right")
+        table.add_column("group")
+        table.add_column("TPR, group threshold", justify="right")
+        for key in sets:
+            table.add_column(f"FPR {key}, group threshold", justify="right")
         for form, row in shifts["forms"].items():
             r = row["scores"][score]
-            table.add_row(form, f"{100 * row['accuracy']:.1f}%", f"{100 * r['realised_tpr']:.1f}%",
-                          *(f"{100 * r['sets'][k]['fpr']:.1f}%" for k in sets))
+            fc = r.get("form_conditional") or {"realised_tpr": None, "fpr": {}}
+            pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+            table.add_row(form, pct(row["accuracy"]), pct(r["realised_tpr"]), *(pct(r["sets"][k]["fpr"]) for k in sets),
+                          row.get("group", "-"), pct(fc["realised_tpr"]), *(pct(fc["fpr"].get(k)) for k in sets))
         _out.print(table)
 
 

@@ -28,6 +28,19 @@ def test_evaluate_export_calibrate_verify(tmp_path, tiny_data_dir):
     assert "AUROC / FPR95" in result.output and "uniform" in result.output
     report = json.loads((run / "eval" / "eval.json").read_text())
     assert list(report["results"]) == ["msp", "energy"] and list(report["attacks"]) == ["none", "paper"]
+    # the shift tables are on by default: every upload form, realised TPR at one threshold and at its group's
+    assert list(report["shifts"]["forms"]) == ["stored", "png", "jpeg_q30", "jpeg_q50", "jpeg_q95", "upscale_x2",
+                                               "upscale_x3", "upscale_x4", "non_square"]
+    wide = runner.invoke(app, ["evaluate", str(run), "--ood", "tinyimagenet", "--attack", "none", "--scores", "energy",
+                                "--max-samples", "16", "--no-plots", "--out", str(tmp_path / "wide")],
+                         env={"COLUMNS": "400"}).output
+    assert "Upload forms — energy" in wide and "TPR, group threshold" in wide
+    assert "| jpeg_q16_45 |" in wide.replace("│", "|")
+    result = _run("evaluate", run, "--ood", "uniform", "--attack", "none", "--scores", "msp", "--max-samples", "16",
+                  "--shifts", "none", "--no-plots", "--out", tmp_path / "noshift")
+    assert result.exit_code == 0, result.output
+    assert "shifts" not in json.loads((tmp_path / "noshift" / "eval.json").read_text()) or not \
+        json.loads((tmp_path / "noshift" / "eval.json").read_text())["shifts"]
 
     result = _run("export", run, "--scores", "msp,energy")
     assert result.exit_code == 0, result.output
