@@ -18,9 +18,10 @@ group is read from what the upload itself declares, before any pixel is decoded:
 
 The bands and the size split were chosen on the calibration split (validation data): the served score's
 acceptance at one threshold falls from 93% at quality 75 to 89% at 50, rises to 95% between 20 and 40, and
-falls to 86% at 10; with one threshold for every resized upload, thumbnails (16x16) and uploads with one
-side at the model's size were accepted 3-6 points less often than enlarged copies. The rule is versioned (`FORM_RULE`): a bundle calibrated with another rule is refused, because
-its groups would not mean what this code reads.
+falls to 86% at 10; with one threshold for every resized upload, thumbnails (16x16) were accepted 3-4
+points less often than enlarged copies (their own group brings them to 94%). Uploads resized along one
+axis only stay below (~91%, docs/results.md). The rule is versioned (`FORM_RULE`): a bundle calibrated
+with another rule is refused, because its groups would not mean what this code reads.
 """
 
 from __future__ import annotations
