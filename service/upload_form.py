@@ -43,7 +43,8 @@ SMALLER = "smaller"
 LARGER = "larger"
 # (lowest, highest) estimated JPEG quality of each band; qualities above the last band count as native
 JPEG_QUALITY_BANDS: tuple[tuple[int, int], ...] = ((1, 15), (16, 45), (46, 65))
-FORM_GROUPS: tuple[str, ...] = (NATIVE, *(f"jpeg_q{lo}_{hi}" for lo, hi in JPEG_QUALITY_BANDS), SMALLER, LARGER)
+JPEG_BAND_GROUPS: dict[str, tuple[int, int]] = {f"jpeg_q{lo}_{hi}": (lo, hi) for lo, hi in JPEG_QUALITY_BANDS}
+FORM_GROUPS: tuple[str, ...] = (NATIVE, *JPEG_BAND_GROUPS, SMALLER, LARGER)
 
 # The IJG standard luminance table (ITU-T T.81, Annex K), row-major: what Pillow reports in `quantization`.
 _IJG_LUMINANCE = np.array([
@@ -94,9 +95,9 @@ def form_group(img: Image.Image, spec: InputSpec) -> str:
 def jpeg_quality_group(quality: int | None) -> str:
     """The group of a JPEG of `quality` at the model's size (None: quality unknown, counted as native)."""
     if quality is not None:
-        for lo, hi in JPEG_QUALITY_BANDS:
+        for group, (lo, hi) in JPEG_BAND_GROUPS.items():
             if lo <= quality <= hi:
-                return f"jpeg_q{lo}_{hi}"
+                return group
     return NATIVE
 
 

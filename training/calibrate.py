@@ -186,8 +186,6 @@ def calibrate_run(run_dir: str | Path, cfg: CalibrateConfig) -> BuiltBundle:
         for group in FORM_GROUPS}
     form_thresholds = None if form_cal is None else {
         t: {group: threshold_for_tpr(scores, t) for group, scores in form_cal.items()} for t in cfg.tprs}
-    # what the service applies to an image in the stored form (the test split, the OOD sets, attacked inputs)
-    served_thresholds = thresholds if form_thresholds is None else {t: g[STORED_GROUP] for t, g in form_thresholds.items()}
 
     # -- validation: in-distribution test split and OOD sets --------------------------------------------
     test_set = subsample(run.test_set(), cfg.max_samples, cfg.seed)
@@ -206,8 +204,7 @@ def calibrate_run(run_dir: str | Path, cfg: CalibrateConfig) -> BuiltBundle:
     attacked = {tuple(k.split("__", 1)[1].rsplit("__", 1)): v for k, v in eval_raw.items()
                 if k.startswith(f"{cfg.score}__") and k.rsplit("__", 1)[1] in ATTACK_PROTOCOLS
                 and not k.endswith("__none")}
-    points, validation = _operating_points(thresholds, cal_sorted, test_scores, ood_scores, attacked,
-                                           served_thresholds, form_thresholds)
+    points, validation = _operating_points(thresholds, cal_sorted, test_scores, ood_scores, attacked, form_thresholds)
     if cfg.per_class:  # thresholds per predicted class, next to each global point (per_class.py)
         ood_images = {set_key(spec): load_ood_set(spec, cfg.max_samples, cfg.seed, data_dir=run.data_dir).images
                       for spec in cfg.ood or evaluated_sets or ["tinyimagenet", "gaussian"]}
@@ -334,17 +331,15 @@ def _per_form(served_scores, test_images: np.ndarray, real_ood: dict[str, data.I
 
 def _operating_points(thresholds: dict[float, float], cal_sorted: np.ndarray, test_scores: np.ndarray,
                       ood_scores: dict[str, np.ndarray], attacked: dict[tuple[str, str], np.ndarray],
-                      served: dict[float, float] | None = None,
                       form_thresholds: dict[float, dict[str, float]] | None = None):
     """OperatingPoints (realised TPR on the test split, FPR per OOD set clean and attacked) + a detailed record.
 
-    `thresholds`: the mixed-form calibration's; `served`: what the service applies to the stored form the test
-    and OOD images are in (its group's threshold in a form-conditional bundle; default `thresholds`)."""
-    served = served or thresholds
+    `thresholds`: the mixed-form calibration's. The rates are at what the service applies to the stored form
+    the test, OOD and attacked images are in: that group's threshold in a form-conditional bundle."""
     points, validation = [], {}
     for tpr, thr in thresholds.items():
         name = operating_point_name(tpr)
-        applied = served[tpr]
+        applied = thr if form_thresholds is None else form_thresholds[tpr][STORED_GROUP]
         fpr = {k: _accept_rate(v, applied) for k, v in ood_scores.items()}
         fpr.update({f"{s}/{a}": _accept_rate(v, applied) for (s, a), v in attacked.items() if s != "in"})
         realised = _accept_rate(test_scores, applied)

@@ -163,6 +163,7 @@ def _counts(items: list[str], flag: str) -> dict[str, int]:
 
 
 def _print_shifts(shifts: dict) -> None:
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     for score in shifts["thresholds"]:
         table = Table(title=Text(f"Upload forms — {score}, tpr95 from the calibration split "
                                  f"({shifts['calibration_images']} images): one threshold (mixed forms) | "
@@ -180,7 +181,6 @@ def _print_shifts(shifts: dict) -> None:
         for form, row in shifts["forms"].items():
             r = row["scores"][score]
             fc = r.get("form_conditional") or {"realised_tpr": None, "fpr": {}}
-            pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
             table.add_row(form, pct(row["accuracy"]), pct(r["realised_tpr"]), *(pct(r["sets"][k]["fpr"]) for k in sets),
                           row.get("group", "-"), pct(fc["realised_tpr"]), *(pct(fc["fpr"].get(k)) for k in sets))
         _out.print(table)

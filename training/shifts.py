@@ -22,7 +22,7 @@ from PIL import Image
 
 from oodguard.service.manifest import InputSpec
 from oodguard.service.preprocess import decode_image
-from oodguard.service.upload_form import FORM_GROUPS, JPEG_QUALITY_BANDS, LARGER, NATIVE, SMALLER, form_group
+from oodguard.service.upload_form import FORM_GROUPS, JPEG_BAND_GROUPS, LARGER, NATIVE, SMALLER, form_group
 
 
 def _png(img: Image.Image) -> bytes:
@@ -112,7 +112,7 @@ _SMALLER_RANGE = (0.4, 1.0)  # ... of the side(s) a `smaller` upload shrinks
 _CODEC = "then PNG or JPEG of quality uniform in 50-95 (half each), decoded and resized back as the service does"
 GROUP_RENDERINGS: dict[str, str] = {
     NATIVE: "half as stored (32x32 JPEG quality 75), half re-encoded as JPEG of quality uniform in 66-100",
-    **{f"jpeg_q{lo}_{hi}": f"JPEG of quality uniform in {lo}-{hi}" for lo, hi in JPEG_QUALITY_BANDS},
+    **{group: f"JPEG of quality uniform in {lo}-{hi}" for group, (lo, hi) in JPEG_BAND_GROUPS.items()},
     SMALLER: f"shrunk (bicubic) by a factor uniform in {_SMALLER_RANGE[0]}-{_SMALLER_RANGE[1]}: half both sides "
              "by one factor, half one side only (the other kept, or enlarged by a factor in 1-2), " + _CODEC,
     LARGER: f"enlarged (bicubic) by a factor uniform in 1.25-{_LARGER_RANGE[1]}: half both sides by one factor, "
@@ -120,10 +120,6 @@ GROUP_RENDERINGS: dict[str, str] = {
 }
 # The shared sets' own files are 32x32 JPEGs of quality 75 (../shared/datasets/README.md): the native group.
 STORED_GROUP = NATIVE
-
-
-def _encode_jpeg(img: Image.Image, quality: int) -> bytes:
-    return _jpeg(quality)(img)
 
 
 def render_group(images: np.ndarray, group: str, seed: int = 0, spec: InputSpec | None = None) -> np.ndarray:
@@ -139,14 +135,14 @@ def render_group(images: np.ndarray, group: str, seed: int = 0, spec: InputSpec 
         if group == NATIVE:
             if rng.random() < 0.5:
                 continue  # as stored
-            blob = _encode_jpeg(img, int(rng.integers(66, 101)))
+            blob = _jpeg(int(rng.integers(66, 101)))(img)
         elif group in (SMALLER, LARGER):
             size = _resized_size(img.size, group, rng)
             resized = img.resize(size, Image.Resampling.BICUBIC)
-            blob = _png(resized) if rng.random() < 0.5 else _encode_jpeg(resized, int(rng.integers(50, 96)))
+            blob = _png(resized) if rng.random() < 0.5 else _jpeg(int(rng.integers(50, 96)))(resized)
         else:
-            lo, hi = next(band for band in JPEG_QUALITY_BANDS if group == f"jpeg_q{band[0]}_{band[1]}")
-            blob = _encode_jpeg(img, int(rng.integers(lo, hi + 1)))
+            lo, hi = JPEG_BAND_GROUPS[group]
+            blob = _jpeg(int(rng.integers(lo, hi + 1)))(img)
         out[i] = decode_image(blob, spec)
     return out
 

@@ -144,7 +144,7 @@ def test_form_conditional_points_apply_the_native_threshold_to_stored_images_and
     groups = {"native": 1.0, "jpeg_q1_15": 0.1, "jpeg_q16_45": 0.2, "jpeg_q46_65": 0.3, "smaller": 2.0, "larger": 3.0}
     points, validation = _operating_points({0.95: 2.0}, np.array([0.0, 1.0, 2.0]), np.array([0.5, 1.0, 2.0, 3.0]),
                                            {"g": np.array([1.5, 0.0])}, {("in", "paper"): np.array([1.0, 0.0])},
-                                           served={0.95: 1.0}, form_thresholds={0.95: groups})
+                                           form_thresholds={0.95: groups})
     op = points[0]
     assert op.threshold == 2.0 and op.form_thresholds == groups  # the mix's threshold kept for reference
     assert op.realised_tpr == 3 / 4 and op.fpr == {"g": 1 / 2}  # at the native threshold 1.0, not 2.0
