@@ -162,6 +162,76 @@ def fast_cnn(num_classes: int = 10, **kwargs: Any) -> OODNet:
     return SmallCNN(num_classes=num_classes, **{"widths": (64, 256, 256), "stem": 32, "act": "gelu", **kwargs})
 
 
+# -- airbench94's network ----------------------------------------------------------------------------
+
+
+class AirbenchNet(OODNet):
+    """airbench94's network (Keller Jordan's fast CIFAR-10 training), made an OODNet.
+
+    A frozen 2x2 *whitening* convolution (24 filters: the eigenvectors of the training images' 2x2-patch
+    covariance, scaled by 1/sqrt(eigenvalue), and their negatives; set from data by `data_init`), GELU,
+    then three blocks of [conv -> maxpool -> BN -> GELU -> conv -> BN -> GELU] at widths (64, 256, 256),
+    global *max* pooling, features scaled by 1/9. What makes it train in ~10 epochs, each a published
+    ablation (github.com/KellerJordan/cifar10-zoo, airbench_ablations): the whitening stem, convolutions
+    initialised as identities (dirac) on their first `cin` output channels, BatchNorm without a learnt scale
+    (its bias is learnt, at a 64x learning rate: `TrainConfig.norm_bias_lr_scale`), and the 1/9 scale, which
+    keeps the first logits small at the recipe's large learning rate (`--recipe airbench`).
+
+    ~2.0 M parameters, ~120 M multiply-adds per image: ~175 training images/s on 2 CPU cores (batch 1000).
+    The first block's convolution runs at 31x31 (the 2x2 stem has no padding), the rest at 15, 7 and 3.
+    """
+
+    def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (64, 256, 256), whiten_width: int = 24,
+                 feature_scale: float = 1 / 9, **kw):
+        widths = tuple(int(w) for w in widths)
+        if whiten_width % 2 or not 2 <= whiten_width <= 24:
+            raise ValueError(f"whiten_width must be even and in 2..24 (12 patch components, and their negatives), got {whiten_width}")
+        super().__init__(feature_dim=widths[-1], num_classes=num_classes, **kw)
+        self.feature_scale = float(feature_scale)
+        self.whiten = nn.Conv2d(3, whiten_width, 2, padding=0, bias=True)
+        self.whiten.weight.requires_grad_(False)  # set by data_init, never trained
+        nn.init.zeros_(self.whiten.bias)
+        layers: list[nn.Module] = [self.whiten, nn.GELU()]
+        cin = whiten_width
+        for w in widths:
+            layers += [_dirac_conv(cin, w), nn.MaxPool2d(2), _unscaled_bn(w), nn.GELU(),
+                       _dirac_conv(w, w), _unscaled_bn(w), nn.GELU()]
+            cin = w
+        self.trunk = nn.Sequential(*layers)
+
+    @torch.no_grad()
+    def data_init(self, images: torch.Tensor) -> None:
+        """Set the whitening filters from float NCHW training images in [0, 1] (a few thousand suffice)."""
+        x = self.normalize(images.float().to(self.whiten.weight.device))
+        patches = x.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12).double()
+        eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(patches.T))  # ascending
+        k = self.whiten.out_channels // 2
+        top = eigenvectors[:, -k:].T / torch.sqrt(eigenvalues[-k:, None] + 5e-4)  # eps: the near-zero components
+        filters = top.reshape(k, 3, 2, 2).to(self.whiten.weight.dtype)
+        self.whiten.weight.copy_(torch.cat([filters, -filters]))
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.amax(self.trunk(x), dim=(2, 3)) * self.feature_scale
+
+
+def _dirac_conv(cin: int, cout: int) -> nn.Conv2d:
+    conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+    with torch.no_grad():
+        nn.init.dirac_(conv.weight[: min(cin, cout)])  # identity on the first cin outputs, default init elsewhere
+    return conv
+
+
+def _unscaled_bn(c: int) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(c)
+    bn.weight.requires_grad_(False)  # scale fixed at 1: only the shift is learnt
+    return bn
+
+
+@register_architecture("airbench")
+def airbench(num_classes: int = 10, **kwargs: Any) -> OODNet:
+    return AirbenchNet(num_classes=num_classes, **kwargs)
+
+
 # -- CIFAR ResNet-18 --------------------------------------------------------------------------------
 
 

@@ -4,7 +4,8 @@ Why: every image in the shared files is a 32x32 JPEG of quality 75 (4:2:0). A mo
 form can learn the form itself — the old outlier files were quality 90, and the shipped model learnt to
 call quality-75 artefacts "in-distribution". Users upload PNGs, phone JPEGs of every quality, and images
 of any size that the service resizes to 32x32. So each training image (inliers and outliers alike, with
-the same distribution, before the attack) is re-rendered as a random upload:
+the same distribution, before the attack) is, with probability `p_apply`, re-rendered as a random upload
+(the rest pass as stored: the native form is also an upload, and the commonest):
 
 1. with probability `p_rescale`, resized to a random upload size (each side 24..128 px, independently,
    so non-square too) with a random Pillow filter — what a user's tool did to it;
@@ -37,6 +38,7 @@ _UPSCALE_FILTERS = (Image.Resampling.NEAREST, Image.Resampling.BILINEAR, Image.R
 
 @dataclass(frozen=True)
 class UploadAugment:
+    p_apply: float = 1.0  # probability an image is re-rendered at all; the others pass unchanged
     p_rescale: float = 0.5  # probability of a resize round trip through a random upload size
     min_side: int = 24  # upload side lengths drawn from [min_side, max_side] pixels, each side on its own
     max_side: int = 128
@@ -44,8 +46,8 @@ class UploadAugment:
     quality: tuple[int, int] = (20, 95)  # JPEG quality range (inclusive)
 
     def __post_init__(self) -> None:
-        if not (0 <= self.p_rescale <= 1 and 0 <= self.p_lossless <= 1):
-            raise ValueError("p_rescale and p_lossless must be probabilities")
+        if not (0 <= self.p_apply <= 1 and 0 <= self.p_rescale <= 1 and 0 <= self.p_lossless <= 1):
+            raise ValueError("p_apply, p_rescale and p_lossless must be probabilities")
         if not 1 <= self.min_side <= self.max_side:
             raise ValueError("need 1 <= min_side <= max_side")
         if not 1 <= self.quality[0] <= self.quality[1] <= 100:
@@ -56,14 +58,14 @@ class UploadAugment:
         """uint8 (N, H, W, 3) -> uint8 (N, H, W, 3): each image re-rendered as a random upload; with a process
         `pool` of `workers`, in that many slices at once."""
         # every random number up front, from the torch generator (resumable), one row per image
-        u = torch.rand(len(images), 6, generator=generator).numpy()
+        u = torch.rand(len(images), 7, generator=generator).numpy()
         if pool is None or workers <= 1 or len(images) < 2 * workers:
             return self.render(images, u)
         slices = np.array_split(np.arange(len(images)), workers)
         return np.concatenate(list(pool.map(self.render, [images[s] for s in slices], [u[s] for s in slices])))
 
     def render(self, images: np.ndarray, u: np.ndarray) -> np.ndarray:
-        """The uploads for the random rows `u` (N, 6) in [0, 1), one per image: deterministic given u."""
+        """The uploads for the random rows `u` (N, 7) in [0, 1), one per image: deterministic given u."""
         n, h, w, _ = images.shape
         out = np.empty_like(images)
         for i in range(n):
@@ -71,6 +73,8 @@ class UploadAugment:
         return out
 
     def _one(self, pixels: np.ndarray, u: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        if u[6] >= self.p_apply:
+            return pixels
         img = Image.fromarray(pixels)
         if u[0] < self.p_rescale:
             span = self.max_side - self.min_side + 1

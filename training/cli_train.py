@@ -61,12 +61,13 @@ def _fail(message: str, code: int = 2) -> None:
 def train_command(
     method: Optional[str] = _opt("--method", key="method", help="Training method: " + " | ".join(METHODS) + "."),
     model: Optional[str] = _opt("--model", key="model", help="Architecture (training/architectures.py): small_cnn, "
-                                "fast_cnn, resnet18, wrn40_2, densenet100."),
+                                "fast_cnn, airbench, resnet18, wrn40_2, densenet100."),
     model_kwargs: Optional[str] = _opt("--model-kwargs", key="model_kwargs",
                                        help='Extra model arguments as JSON, e.g. \'{"widths": [48, 96, 192]}\'.'),
     recipe: str = typer.Option("cpu", "--recipe", help="Defaults to start from: 'cpu' (small_cnn, fast on 2 cores, "
-                               "use with --time-budget), 'fast' (fast_cnn, 18 epochs of batch 256, label smoothing: "
-                               "the default model's pre-training, ~1 h on 2 cores) or 'paper' (DenseNet-BC-100, "
+                               "use with --time-budget), 'airbench' (airbench94's network and hyper-parameters, 12 "
+                               "epochs of batch 1000: the default model's pre-training, ~50 min on 2 cores), 'fast' "
+                               "(fast_cnn, 18 epochs of batch 256, label smoothing) or 'paper' (DenseNet-BC-100, "
                                "100 epochs: a GPU job)."),
     data: Optional[str] = _opt("--data", key="data", help="In-distribution data: 'cifar10', a directory holding "
                                "cifar10_{train,test}.npz, an .npz, or a labelled image folder (class sub-folders)."),
@@ -87,6 +88,9 @@ def train_command(
     upload_augment: Optional[bool] = _opt("--upload-augment/--no-upload-augment", key="upload_augment",
                                           help="Re-render every training image (inliers and outliers alike) as a random "
                                           "upload: JPEG of quality 20-95 or lossless, resized through 24-128 px."),
+    upload_augment_p: Optional[float] = _opt("--upload-augment-p", key="upload_augment_p",
+                                             help="Fraction of the images re-rendered as uploads (the rest pass as "
+                                             "stored), inliers and outliers alike."),
     crop_pad: Optional[int] = _opt("--crop-pad", key="crop_pad", help="Random translation of up to N pixels (+ flip)."),
     label_smoothing: Optional[float] = _opt("--label-smoothing", key="label_smoothing",
                                             help="Label smoothing of the in-distribution cross-entropy."),
@@ -112,10 +116,15 @@ def train_command(
     lr: Optional[float] = _opt("--lr", key="lr", help="Peak learning rate (SGD)."),
     min_lr: Optional[float] = _opt("--min-lr", key="min_lr", help="Learning rate at the end of the cosine schedule."),
     warmup_steps: Optional[int] = _opt("--warmup-steps", key="warmup_steps", help="Linear LR warm-up steps."),
+    warmup_frac: Optional[float] = _opt("--warmup-frac", key="warmup_frac",
+                                        help="Linear LR warm-up as a fraction of the planned steps (the larger of "
+                                        "this and --warmup-steps)."),
     momentum: Optional[float] = _opt("--momentum", key="momentum", help="SGD momentum."),
     nesterov: Optional[bool] = _opt("--nesterov/--no-nesterov", key="nesterov", help="Nesterov momentum."),
     weight_decay: Optional[float] = _opt("--weight-decay", key="weight_decay",
                                          help="Weight decay.", default_text="5e-4 for small_cnn and wrn40_2, else 1e-4"),
+    norm_bias_lr_scale: Optional[float] = _opt("--norm-bias-lr-scale", key="norm_bias_lr_scale",
+                                               help="BatchNorm shifts train at lr x this (weight decay / this)."),
     lambda_oe: Optional[float] = _opt("--lambda-oe", key="lambda_oe", help="Weight λ of the OE loss."),
     eps: Optional[str] = _opt("--eps", key="eps", help="Training PGD L∞ radius in pixel units (e.g. 1/255)."),
     attack_steps: Optional[int] = _opt("--attack-steps", key="attack_steps", help="Training PGD steps."),
@@ -157,11 +166,12 @@ def train_command(
         method=method, model=model, data=_existing_path_or_name(data), outliers=_existing_path_or_name(outliers),
         data_dir=data_dir, cache_dir=cache_dir, on_corrupt=on_corrupt, subset=subset,
         calibration_size=calibration_size, split_seed=split_seed, outlier_holdout=outlier_holdout,
-        upload_augment=upload_augment, crop_pad=crop_pad, label_smoothing=label_smoothing, out=str(out), resume=resume, overwrite=overwrite,
+        upload_augment=upload_augment, upload_augment_p=upload_augment_p, crop_pad=crop_pad, label_smoothing=label_smoothing, out=str(out), resume=resume, overwrite=overwrite,
         init_from=str(Path(init_from).resolve()) if init_from else None,
         seed=seed, epochs=epochs, max_steps=max_steps, time_budget=time_budget,
         fit_schedule_to_budget=fit_schedule_to_budget, stop_at_step=stop_at_step, batch_size=batch_size,
-        outlier_batch_size=outlier_batch_size, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, momentum=momentum,
+        outlier_batch_size=outlier_batch_size, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, warmup_frac=warmup_frac,
+        momentum=momentum, norm_bias_lr_scale=norm_bias_lr_scale,
         nesterov=nesterov, weight_decay=weight_decay, lambda_oe=lambda_oe, eps=_pixels(eps, "--eps"),
         attack_steps=attack_steps, step_size=_pixels(step_size, "--step-size"), random_start=random_start,
         attack_bn=attack_bn, device=device, amp=amp, channels_last=channels_last, compile=compile, threads=threads,

@@ -40,7 +40,9 @@ from .architectures import create_model
 from .attacks import pgd_linf
 from .augment import UploadAugment
 from .config import ATTACKS_INLIERS, ATTACKS_OUTLIERS, USES_OUTLIERS, TrainConfig, config_from_dict
-from .data import BatchStream, ImageSet, calibration_split, load_in_distribution, load_outliers, outlier_holdout
+from .data import (
+    BatchStream, ImageSet, calibration_split, load_in_distribution, load_outliers, outlier_holdout, to_tensor,
+)
 from .loop_parts import (
     BudgetFit, CosineSchedule, ProgressBar, StepMeter, StopSignals, accuracy, attack_bn, autocast, capture_rng_state,
     resolve_device, restore_rng_state, warn_if_cpu_is_contended,
@@ -55,6 +57,7 @@ from .run_dir import (
 log = logging.getLogger(__name__)
 
 _WARMUP_STEPS = 5  # steps excluded from images/s (allocator and oneDNN warm-up)
+_DATA_INIT_IMAGES = 5_000  # training images a model's data_init sees (airbench's whitening: 5,000)
 # Knobs that may change on --resume without breaking bit-for-bit continuation.
 OPERATIONAL_KEYS = ("out", "resume", "overwrite", "time_budget", "stop_at_step", "threads", "progress",
                     "log_every", "eval_test", "device", "data_dir", "cache_dir", "keep_epoch_checkpoints",
@@ -117,10 +120,9 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
 
     # -- model, optimiser, schedule, attack generator, loss scaler ------------------------------------
     raw_model = _build_model(cfg, num_classes, device)
-    # weight decay on every parameter, BN and biases included, as in the reference code
-    optimizer = torch.optim.SGD(raw_model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                weight_decay=cfg.resolved_weight_decay())
-    schedule = CosineSchedule(cfg.lr, cfg.min_lr, _planned_total(cfg, steps_per_epoch), cfg.warmup_steps)
+    optimizer = torch.optim.SGD(_param_groups(cfg, raw_model), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    planned = _planned_total(cfg, steps_per_epoch)
+    schedule = CosineSchedule(cfg.lr, cfg.min_lr, planned, max(cfg.warmup_steps, int(cfg.warmup_frac * planned)))
     planned_total = schedule.total_steps  # the epochs/max-steps plan: a budget fit never goes beyond it
     attack_gen = torch.Generator(device=device).manual_seed(cfg.seed * 31 + info.rank)
     # fp16 autocast needs loss scaling (bf16 does not)
@@ -140,6 +142,9 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
         if cfg.init_from:  # fine-tuning: weights only; optimiser, schedule and data order start fresh
             lineage["init_from"] = load_initial_weights(raw_model, cfg.init_from, split)
             log.info("initialised weights from %s", lineage["init_from"]["checkpoint"])
+        elif hasattr(raw_model, "data_init"):  # data-dependent initialisation (airbench's whitening stem)
+            sample = np.random.default_rng(cfg.seed).permutation(len(train_set))[:_DATA_INIT_IMAGES]
+            raw_model.data_init(to_tensor(train_set.images[np.sort(sample)]).to(device))
         if info.is_main:
             write_run_record(run_dir, {
                 "train": cfg.to_dict(), "model_config": raw_model.model_config, "num_classes": num_classes,
@@ -271,7 +276,8 @@ def _batch_streams(cfg: TrainConfig, info: ddp.DistInfo, train_set: ImageSet, ou
         # on a GPU, rendering the uploads on one core would bound the step; on the CPU it is a few percent
         workers = min(8, cores - 1)
         pool = _open_augment_pool(workers)
-    augment = {"crop_pad": cfg.crop_pad, "upload_augment": UploadAugment() if cfg.upload_augment else None,
+    upload = UploadAugment(p_apply=cfg.upload_augment_p) if cfg.upload_augment else None
+    augment = {"crop_pad": cfg.crop_pad, "upload_augment": upload,
                "augment_pool": pool, "augment_workers": workers,
                "rank": info.rank, "world_size": info.world_size, "channels_last": cfg.channels_last}
     in_stream = BatchStream(train_set.images, train_set.labels, cfg.batch_size, seed=cfg.seed, **augment)
@@ -412,9 +418,24 @@ def _attack(cfg: TrainConfig, raw_model: nn.Module, attack_model: nn.Module, x_i
     return x_in, x_out
 
 
+def _param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict[str, Any]]:
+    """SGD parameter groups. Weight decay on every trained parameter, BN and biases included, as in the
+    reference code; with `norm_bias_lr_scale` != 1 the BatchNorm shifts get their own group, at lr x scale
+    and weight decay / scale (`_set_lr` applies the group's `lr_scale`). Frozen parameters are left out."""
+    decay = cfg.resolved_weight_decay()
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if cfg.norm_bias_lr_scale == 1.0:
+        return [{"params": [p for _, p in trained], "weight_decay": decay, "lr_scale": 1.0}]
+    norm_biases = {f"{name}.bias" for name, m in model.named_modules()
+                   if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None}
+    scale = cfg.norm_bias_lr_scale
+    return [{"params": [p for n, p in trained if n not in norm_biases], "weight_decay": decay, "lr_scale": 1.0},
+            {"params": [p for n, p in trained if n in norm_biases], "weight_decay": decay / scale, "lr_scale": scale}]
+
+
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr
 
 

@@ -71,3 +71,44 @@ def test_small_cnn_kwargs_are_recorded():
     model = create_model("small_cnn", num_classes=3, widths=(8, 16, 16), stem=8)
     assert model.model_config == {"name": "small_cnn", "num_classes": 3, "widths": (8, 16, 16), "stem": 8}
     assert model.head.in_features == 16
+
+
+def _correlated_images(n: int, seed: int) -> torch.Tensor:
+    """Smooth random images: neighbouring pixels and channels correlated, as in photographs."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.nn.functional.interpolate(torch.rand(n, 1, 8, 8, generator=g), size=32, mode="bilinear")
+    return (0.7 * base + 0.3 * torch.rand(n, 3, 32, 32, generator=g)).clamp(0, 1)
+
+
+def test_airbench_whitening_stem_decorrelates_2x2_patches():
+    model = create_model("airbench", widths=(8, 8, 8)).eval()
+    x = _correlated_images(200, seed=0)
+    model.data_init(x)
+    w = model.whiten.weight
+    assert not w.requires_grad
+    torch.testing.assert_close(w[12:], -w[:12])  # each filter and its negative (GELU keeps both signs)
+    with torch.no_grad():
+        z = torch.nn.functional.conv2d(model.normalize(x), w[:12])  # the stem without its bias
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 12).double()
+    cov = torch.cov(flat.T)
+    # whitened: unit variance, no correlation, on the components that carry variance (>> eps 5e-4)
+    strong = torch.linalg.eigvalsh(torch.cov(
+        model.normalize(x).unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12).double().T))
+    assert strong.max() > 1.0  # the raw patches are far from white ...
+    big = torch.diagonal(cov) > 0.5
+    assert int(big.sum()) >= 6
+    torch.testing.assert_close(cov[big][:, big], torch.eye(int(big.sum()), dtype=torch.float64), atol=0.05, rtol=0)
+
+
+def test_airbench_init_dirac_and_unscaled_batchnorm():
+    model = create_model("airbench", widths=(8, 16, 16))
+    convs = [m for m in model.trunk if isinstance(m, torch.nn.Conv2d)][1:]  # after the stem
+    for conv in convs:
+        cin = conv.in_channels
+        identity = torch.zeros_like(conv.weight[:cin])
+        torch.nn.init.dirac_(identity)
+        torch.testing.assert_close(conv.weight[:cin], identity)  # the first cin outputs copy the input
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(not bn.weight.requires_grad and bn.bias.requires_grad for bn in bns)
+    with pytest.raises(ValueError, match="whiten_width"):
+        create_model("airbench", whiten_width=30)

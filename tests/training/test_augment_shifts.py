@@ -58,6 +58,14 @@ def test_upload_augment_identity_when_lossless_and_unscaled():
     np.testing.assert_array_equal(x, y)
 
 
+def test_upload_augment_p_apply_leaves_the_rest_as_stored():
+    x = np.random.default_rng(4).integers(0, 256, (400, 32, 32, 3), dtype=np.uint8)
+    y = UploadAugment(p_apply=0.5, p_lossless=0.0).apply(x, torch.Generator().manual_seed(2))  # every render is JPEG
+    unchanged = np.array([np.array_equal(a, b) for a, b in zip(x, y)])
+    assert 0.4 < unchanged.mean() < 0.6  # the other half re-encoded: noise never survives JPEG exactly
+    assert np.array_equal(UploadAugment(p_apply=0.0).apply(x, torch.Generator().manual_seed(2)), x)
+
+
 def test_upload_augment_draws_every_form():
     """Over many images: lossless uploads at the set rate, and JPEGs of many different settings."""
     x = np.repeat(_images(1), 400, axis=0)
@@ -67,7 +75,7 @@ def test_upload_augment_draws_every_form():
     assert len(np.unique(np.round(diffs[diffs > 0], 4))) > 30  # many JPEG qualities / subsamplings, not one
 
 
-@pytest.mark.parametrize("bad", [dict(p_rescale=1.5), dict(min_side=0), dict(quality=(90, 20))])
+@pytest.mark.parametrize("bad", [dict(p_rescale=1.5), dict(p_apply=-0.1), dict(min_side=0), dict(quality=(90, 20))])
 def test_upload_augment_rejects_bad_settings(bad):
     with pytest.raises(ValueError):
         UploadAugment(**bad)

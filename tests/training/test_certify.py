@@ -36,11 +36,12 @@ from oodguard.training.scores import ScoreContext, energy, msp, scored_forward
 torch.set_num_threads(1)
 
 SCORE_FNS = {"msp": msp, "energy": energy}
-# small members of every registered family; fast_cnn is the shipped kind (GELU, max-pooling)
+# small members of every registered family; airbench is the shipped kind (GELU, max-pooling, a 2x2 stem)
 SMALL_MODELS = {
     "small_cnn": {"name": "small_cnn", "widths": (4, 6, 8), "stem": 4},
     "small_cnn_maxavg": {"name": "small_cnn", "widths": (4, 6, 8), "stem": 4, "pool": "maxavg"},
     "fast_cnn": {"name": "fast_cnn", "widths": (4, 6, 8), "stem": 4},
+    "airbench": {"name": "airbench", "widths": (4, 6, 8), "whiten_width": 4},
     "resnet18": {"name": "resnet18", "width": 2},
     "wrn40_2": {"name": "wrn40_2", "depth": 10, "widen": 1},
     "densenet100": {"name": "densenet100", "depth": 10, "growth": 3},
@@ -162,7 +163,7 @@ def test_bound_contains_random_points(kind):
     _assert_nodes_contain(certifier, model, x, points[::4], EPS)  # every 4th: uniform points and vertices
 
 
-@pytest.mark.parametrize("kind", ["small_cnn", "fast_cnn", "resnet18"])
+@pytest.mark.parametrize("kind", ["small_cnn", "fast_cnn", "airbench", "resnet18"])
 @pytest.mark.parametrize("score", CERTIFIABLE_SCORES)
 def test_bound_contains_pgd_points(kind, score):
     model = _small(kind, seed=3)

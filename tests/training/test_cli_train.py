@@ -27,7 +27,7 @@ def _error_of(result) -> str:
 
 @pytest.mark.parametrize("args,message", [
     (["--method", "fancy"], "unknown method 'fancy'; valid methods: msp, oe, adv, aoe, aloe"),
-    (["--model", "vgg99"], "unknown model 'vgg99'; valid models: densenet100, fast_cnn, resnet18, small_cnn, wrn40_2"),
+    (["--model", "vgg99"], "unknown model 'vgg99'; valid models: airbench, densenet100, fast_cnn, resnet18, small_cnn, wrn40_2"),
     (["--eps", "1/x"], "'1/x' is not a number or fraction"),
     (["--model-kwargs", "{oops"], "not valid JSON"),
     (["--recipe", "gpu"], "unknown recipe 'gpu'"),
@@ -92,7 +92,7 @@ def test_resume_without_a_checkpoint(tmp_path):
 def test_help_shows_recipe_defaults():
     result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
-    for text in ("--time-budget", "--recipe", "small_cnn; fast recipe: fast_cnn; paper recipe: densenet100", "0.00392157", "aloe"):
+    for text in ("--time-budget", "--recipe", "small_cnn; fast recipe: fast_cnn; airbench recipe: airbench; paper recipe: densenet100", "0.00392157", "aloe"):
         assert text in result.stdout
 
 

@@ -120,3 +120,34 @@ def test_checkpoints_of_the_first_small_cnn_still_load(tiny_config, tmp_path):
     assert resumed.model.pool == "maxavg"
     with pytest.raises(run_dir.RunDirError, match="do not fit"):
         run_dir.resolve_model_config({"name": "small_cnn", "num_classes": 10}, legacy.state_dict())
+
+
+def test_airbench_recipe_whitens_from_data_and_scales_norm_bias_lr(tiny_config, tmp_path):
+    """`--recipe airbench`'s pieces: the stem is set from training images before step 1 (and saved), the
+    BatchNorm shifts train at lr x norm_bias_lr_scale with weight decay / scale, frozen weights stay put."""
+    from oodguard.training.architectures import create_model
+    from oodguard.training.trainer import _param_groups, _set_lr
+
+    cfg = tiny_config(model="airbench", model_kwargs={"widths": [8, 8, 8]}, max_steps=6, lr=0.02,
+                      norm_bias_lr_scale=64.0, weight_decay=1e-3, momentum=0.85, warmup_frac=0.5)
+    result = train(cfg)
+    assert result.stopped == "completed" and all(math.isfinite(v) for v in result.step_losses)
+    torch.manual_seed(cfg.seed)
+    untrained = create_model("airbench", num_classes=10, widths=[8, 8, 8])
+    trained = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
+    assert not torch.equal(trained["whiten.weight"], untrained.whiten.weight)  # data_init ran ...
+    torch.testing.assert_close(trained["whiten.weight"][12:], -trained["whiten.weight"][:12])  # ... and it is its output
+    bn_weights = [k for k in trained if k.startswith("trunk.") and k.endswith(".weight") and trained[k].ndim == 1]
+    assert bn_weights and all(torch.equal(trained[k], torch.ones_like(trained[k])) for k in bn_weights)
+
+    groups = _param_groups(cfg, untrained)
+    assert [g["lr_scale"] for g in groups] == [1.0, 64.0]
+    assert groups[1]["weight_decay"] == pytest.approx(1e-3 / 64)
+    bn_biases = {id(m.bias) for m in untrained.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert {id(p) for p in groups[1]["params"]} == bn_biases
+    assert all(p.requires_grad for g in groups for p in g["params"])  # the frozen stem and BN scales left out
+    optimizer = torch.optim.SGD(groups, lr=0.1)
+    assert _set_lr(optimizer, 0.01) == 0.01
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.01, 0.64])
+    one = _param_groups(tiny_config(), create_model("small_cnn", widths=(4, 4, 4), stem=4))
+    assert len(one) == 1  # scale 1: one group, as before (older checkpoints' optimiser states still load)
