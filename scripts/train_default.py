@@ -13,7 +13,9 @@ The CPU recipe (2 cores; every stage resumable — run the script again and it c
    of 128 inliers + 128 outliers (the outlier set minus the 10% of its classes held out for validation), both
    attacked with L∞ PGD at ε = 1/255 (2 steps of 1/255), every image of both sides re-rendered as an upload,
    λ = 0.5, lr FINETUNE_LR after 50 warm-up steps, cosine to 0. ALOE costs ~6 plain steps per inlier (two
-   attacks plus the joint step), which is why it fine-tunes.
+   attacks plus the joint step), which is why it fine-tunes. With --flip-average (the default) the run's model
+   averages each image's and its mirror image's features in eval mode: evaluation, attacks, the exported graph
+   and the service all see that model; training is unchanged (one view, flips in the augmentation).
 3. `oodguard export` (msp, energy, mahalanobis in the graph), `oodguard calibrate --score auto` (the
    served score chosen on validation data: calibration split vs held-out outlier classes, clean and under
    the paper attack; thresholds on the calibration split uploaded in a mix of forms).
@@ -105,7 +107,8 @@ def finetune_run(method: str, pretrained: Path, run: Path, args: argparse.Namesp
     return _train(run, ["--recipe", RECIPE, "--method", method, *common_train_args(args.threads),
                         "--init-from", str(pretrained), "--epochs", str(args.finetune_epochs),
                         "--lr", str(args.finetune_lr), "--warmup-steps", "50", "--warmup-frac", "0",
-                        "--batch-size", "128", "--outlier-batch-size", "128", "--upload-augment-p", "1"], log)
+                        "--batch-size", "128", "--outlier-batch-size", "128", "--upload-augment-p", "1",
+                        *(["--model-kwargs", json.dumps({"flip_average": True})] if getattr(args, "flip_average", False) else [])], log)
 
 
 def evaluate_run(run: Path, out: Path, attacks: str, samples: int, log: Path, scores: str = "msp,energy",
@@ -131,6 +134,8 @@ def main() -> None:
     ap.add_argument("--restart-lr", type=float, default=0.3)
     ap.add_argument("--finetune-epochs", type=int, default=2)
     ap.add_argument("--finetune-lr", type=float, default=0.05)
+    ap.add_argument("--flip-average", action=argparse.BooleanOptionalAction, default=True,
+                    help="Serve the fine-tuned model with test-time flip averaging (in its graph; training unchanged).")
     ap.add_argument("--methods", default="aloe", help="Fine-tuning methods; the first is shipped.")
     ap.add_argument("--eval-samples", type=int, default=2000, help="Images per set, clean and shifted.")
     ap.add_argument("--paper-samples", type=int, default=1000, help="Images per side under the paper attack.")

@@ -10,7 +10,10 @@ attacks, ε and exported ONNX graphs all live in [0, 1]. Every model exposes
 - `features(x) -> (N, D)`: penultimate features (Mahalanobis needs them),
 - `head`: the final `nn.Linear`, with `forward(x) == head(features(x))`,
 - `model_config`: `{"name", "num_classes", **kwargs}` so `create_model(**model_config)` rebuilds it,
-- `mean`, `std` (tuples) and `input_size = 32`: the preprocessing travels with the model.
+- `mean`, `std` (tuples) and `input_size = 32`: the preprocessing travels with the model,
+- `flip_average` (a constructor keyword of every architecture, recorded in `model_config`): in eval mode the
+  model averages the features of the image and of its mirror image, so exported graphs, evaluation, attacks
+  and certificates all see the test-time-flipped model that is served.
 
 No in-place ops on views and no data-dependent control flow, so all of them export to ONNX.
 
@@ -76,8 +79,12 @@ class OODNet(nn.Module):
 
     input_size = 32
 
-    def __init__(self, feature_dim: int, num_classes: int, mean=CIFAR10_MEAN, std=CIFAR10_STD):
+    def __init__(self, feature_dim: int, num_classes: int, mean=CIFAR10_MEAN, std=CIFAR10_STD,
+                 flip_average: bool = False):
         super().__init__()
+        # test-time flip averaging: in eval mode the features (so the logits) are the mean of the image's and
+        # its mirror image's; training (and its attack) sees one view, the flips are in the augmentation
+        self.flip_average = bool(flip_average)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.num_classes = num_classes
@@ -90,7 +97,10 @@ class OODNet(nn.Module):
         raise NotImplementedError
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(self.normalize(x))
+        h = self.body(self.normalize(x))
+        if self.flip_average and not self.training:
+            h = (h + self.body(self.normalize(torch.flip(x, dims=(3,))))) / 2
+        return h
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

@@ -351,6 +351,7 @@ _FUNCTIONS: dict[Any, Callable[..., Box]] = {
     torch.mean: lambda b, *a, **k: _positive_linear(b, lambda v: torch.mean(v, **_reduce_dims((v, *a), k))),
     torch.amax: lambda b, *a, **k: _monotone(b, lambda v: torch.amax(v, **_reduce_dims((v, *a), k))),
     torch.flatten: lambda b, *a, **k: _monotone(b, lambda v: torch.flatten(v, *a, **k)),
+    torch.flip: lambda b, *a, **k: _monotone(b, lambda v: torch.flip(v, *a, **k)),  # a permutation: exact
     torch.reshape: lambda b, *a, **k: _monotone(b, lambda v: torch.reshape(v, *a, **k)),
     torch.cat: lambda tensors, dim=0: _cat(tensors, dim),
     operator.add: _add,
@@ -368,6 +369,7 @@ _METHODS: dict[str, Callable[..., Any]] = {
     "mean": lambda b, *a, **k: _positive_linear(b, lambda v: v.mean(*a, **k)),
     "amax": lambda b, *a, **k: _monotone(b, lambda v: v.amax(*a, **k)),
     "flatten": lambda b, *a, **k: _monotone(b, lambda v: v.flatten(*a, **k)),
+    "flip": lambda b, *a, **k: _monotone(b, lambda v: v.flip(*a, **k)),
     "view": lambda b, *a, **k: _monotone(b, lambda v: v.reshape(*a, **k)),
     "reshape": lambda b, *a, **k: _monotone(b, lambda v: v.reshape(*a, **k)),
     "contiguous": lambda b, *a, **k: b,

@@ -221,6 +221,12 @@ def load_model_from_run(run_dir: str | Path, map_location: str | torch.device = 
     return model, config
 
 
+def _weights_config(model_config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a model config that shapes its weights: flip_average changes how the model predicts, not
+    what it stores, so a plain run may start a flip-averaged one and the other way round."""
+    return {k: v for k, v in model_config.items() if k != "flip_average"}
+
+
 def load_initial_weights(model, source: str | Path, split: dict[str, Any]) -> dict[str, Any]:
     """Copy the weights of `source` (a run directory or a .pt checkpoint) into `model` for fine-tuning.
 
@@ -246,7 +252,7 @@ def load_initial_weights(model, source: str | Path, split: dict[str, Any]) -> di
         path = source  # a bare checkpoint: the caller vouches for its training data
     state = load_checkpoint(path, map_location="cpu")
     theirs_config = resolve_model_config(dict(state["model_config"]), state["model"])
-    if theirs_config != model.model_config:
+    if _weights_config(theirs_config) != _weights_config(model.model_config):
         raise RunDirError(f"--init-from {source}: its model {theirs_config} is not this run's {model.model_config} "
                           "(pass the same --model / --model-kwargs)")
     model.load_state_dict(state["model"])

@@ -112,3 +112,29 @@ def test_airbench_init_dirac_and_unscaled_batchnorm():
     assert bns and all(not bn.weight.requires_grad and bn.bias.requires_grad for bn in bns)
     with pytest.raises(ValueError, match="whiten_width"):
         create_model("airbench", whiten_width=30)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("name", ["airbench", "small_cnn"])
+def test_flip_average_serves_the_mean_of_both_views_and_exports(name, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = create_model(name, flip_average=True)
+    assert model.model_config["flip_average"] is True  # rebuilt models (export, evaluate, serve) keep it
+    plain = create_model(name)
+    plain.load_state_dict(model.state_dict())  # no extra weights: a trained run can be served either way
+    x = torch.rand(4, 3, 32, 32)
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        both = (plain(x) + plain(x.flip(3))) / 2
+        torch.testing.assert_close(model(x), both, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(plain(x), both, atol=1e-4)  # the mirror view does change the answer
+        model.train(), plain.train()
+        torch.testing.assert_close(model(x), plain(x))  # training (and its attack) sees one view
+    model.eval()
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(model, (torch.rand(2, 3, 32, 32),), str(path), dynamo=False, input_names=["image"],
+                      output_names=["logits"], dynamic_axes={"image": {0: "batch"}}, opset_version=17)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0]
+    with torch.no_grad():
+        assert np.max(np.abs(got - model(x).numpy())) < 1e-4

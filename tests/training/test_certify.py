@@ -42,6 +42,7 @@ SMALL_MODELS = {
     "small_cnn_maxavg": {"name": "small_cnn", "widths": (4, 6, 8), "stem": 4, "pool": "maxavg"},
     "fast_cnn": {"name": "fast_cnn", "widths": (4, 6, 8), "stem": 4},
     "airbench": {"name": "airbench", "widths": (4, 6, 8), "whiten_width": 4},
+    "airbench_flip": {"name": "airbench", "widths": (4, 6, 8), "whiten_width": 4, "flip_average": True},
     "resnet18": {"name": "resnet18", "width": 2},
     "wrn40_2": {"name": "wrn40_2", "depth": 10, "widen": 1},
     "densenet100": {"name": "densenet100", "depth": 10, "growth": 3},

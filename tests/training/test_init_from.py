@@ -52,6 +52,17 @@ def test_a_source_with_another_model_is_refused(tiny_config, tmp_path):
                           model_kwargs={"widths": [8, 16, 32], "stem": 8}, out=str(tmp_path / "ft")))
 
 
+def test_a_plain_source_may_start_a_flip_averaged_run(tiny_config, tmp_path):
+    # flip_average changes prediction, not the weights: the same architecture fine-tunes into the served model
+    train(tiny_config(method="msp", max_steps=2, eval_test=False, out=str(tmp_path / "pre")))
+    fine_tune = tiny_config(method="oe", max_steps=2, eval_test=False, init_from=str(tmp_path / "pre"),
+                            out=str(tmp_path / "ft"))
+    fine_tune.model_kwargs = {**fine_tune.model_kwargs, "flip_average": True}
+    train(fine_tune)
+    tuned = load_checkpoint(tmp_path / "ft" / "checkpoints" / "last.pt")
+    assert tuned["model_config"]["flip_average"] is True
+
+
 def test_a_source_that_trained_on_our_validation_outliers_is_refused(tiny_config, tmp_path):
     train(tiny_config(method="oe", max_steps=2, eval_test=False, outlier_holdout=0.3, out=str(tmp_path / "pre")))
     with pytest.raises(RunDirError, match="validation outliers"):
