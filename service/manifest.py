@@ -58,8 +58,10 @@ class InputSpec(_Strict):
     dtype: Literal["float32"] = "float32"
     color: Literal["RGB"] = "RGB"
     value_range: tuple[float, float] = (0.0, 1.0)
-    # Pillow resampling filter applied to the whole image (no crop) when its size differs.
-    resize: Literal["bilinear", "bicubic", "box", "nearest", "lanczos"] = "bilinear"
+    # Pillow resampling filter applied to the whole image (no crop) when its size differs; "area" = box along
+    # an axis that shrinks, bilinear along one that grows (preprocess.resize_image). The default stays
+    # "bilinear", what bundles made before "area" existed were calibrated with; new bundles write "area".
+    resize: Literal["area", "bilinear", "bicubic", "box", "nearest", "lanczos"] = "bilinear"
     # Normalisation (mean/std) lives inside the graph; recorded here for documentation only.
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None

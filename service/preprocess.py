@@ -41,6 +41,8 @@ _RESAMPLE = {
     "box": Image.Resampling.BOX,
     "lanczos": Image.Resampling.LANCZOS,
 }
+# The resize filter of new bundles, and the one training renders its uploads and image folders with.
+TRAINING_RESIZE = "area"
 _ALPHA_MODES = {"RGBA", "LA", "PA", "La", "RGBa"}
 _WIDE_INT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 _SCALE = np.float32(255.0)
@@ -149,14 +151,33 @@ def _to_model_array(img: Image.Image, spec: InputSpec) -> np.ndarray:
         ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when there is nothing to do
     except Exception as exc:  # malformed EXIF: keep the pixels as stored rather than refuse the image
         log.debug("ignoring unreadable EXIF orientation: %s", exc)
-    rgb = to_rgb(img)
-    size = (spec.width, spec.height)
-    if rgb.size != size:
-        rgb = rgb.resize(size, resample=_RESAMPLE[spec.resize])
+    rgb = resize_image(to_rgb(img), (spec.width, spec.height), spec.resize)
     arr = np.asarray(rgb, dtype=np.uint8)
     if arr.shape != (spec.height, spec.width, 3):  # defensive: never hand a wrong shape to the batch
         raise _invalid(f"decoded to shape {arr.shape}, expected {(spec.height, spec.width, 3)}")
     return arr
+
+
+def resize_image(img: Image.Image, size: tuple[int, int], resize: str) -> Image.Image:
+    """The whole image to `size` (width, height), no crop, with an InputSpec resize filter.
+
+    "area" (the default of new bundles) averages the source pixels each output pixel covers along an axis
+    that shrinks (Pillow's box filter) and interpolates bilinearly along one that grows: OpenCV's INTER_AREA
+    rule. Bilinear shrinking blurs (its support widens with the factor), and an enlarged upload shrunk back
+    that way lost the detail the detector keys on: on validation data (5,000-image calibration split vs
+    held-out outlier classes) the airbench ALOE model let 30-32% of enlarged outliers through at the group's
+    TPR95 with "bilinear", 23-24% with "lanczos" / "bicubic", 17-19% with box shrinking, 7.6% stored.
+    """
+    if img.size == size:
+        return img
+    if resize != "area":
+        return img.resize(size, resample=_RESAMPLE[resize])
+    (w, h), (new_w, new_h) = img.size, size
+    if new_w != w:
+        img = img.resize((new_w, h), resample=Image.Resampling.BOX if new_w < w else Image.Resampling.BILINEAR)
+    if new_h != h:
+        img = img.resize((new_w, new_h), resample=Image.Resampling.BOX if new_h < h else Image.Resampling.BILINEAR)
+    return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

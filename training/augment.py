@@ -11,7 +11,7 @@ the same distribution, before the attack) is, with probability `p_apply`, re-ren
    so non-square too) with a random Pillow filter — what a user's tool did to it;
 2. stored as that upload: lossless (PNG-like: pixels unchanged) with probability `p_lossless`, else JPEG
    with a quality drawn uniformly from `quality` and 4:2:0 or 4:4:4 chroma subsampling;
-3. decoded and resized back to 32x32 exactly as the service does (`pil_to_array`: bilinear).
+3. decoded and resized back to 32x32 exactly as the service does (`pil_to_array`: the "area" filter of new bundles).
 
 The draws come from the caller's torch.Generator, so a resumed run re-draws the same forms. Cost: about
 0.1 ms per image on one core (`bench/train.py` measures it in images/s), a few percent of a plain step on
@@ -89,4 +89,4 @@ class UploadAugment:
             img = Image.open(io.BytesIO(buf.getvalue()))
         if img.size == size:
             return np.asarray(img.convert("RGB"), dtype=np.uint8)
-        return pil_to_array(img, size[0])  # the service's resize (bilinear), only square sizes here
+        return pil_to_array(img, size[0])  # the service's resize ("area"), only square sizes here

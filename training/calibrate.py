@@ -59,6 +59,7 @@ from oodguard.service.manifest import (
     OperatingPoint,
     ScoreSpec,
 )
+from oodguard.service.preprocess import TRAINING_RESIZE
 from oodguard.service.upload_form import FORM_GROUPS, FORM_RULE
 
 from . import data
@@ -247,7 +248,7 @@ def calibrate_run(run_dir: str | Path, cfg: CalibrateConfig) -> BuiltBundle:
         description=f"{model_config.get('name', 'model')} trained with {method or 'unknown method'}; "
                     f"score {cfg.score}, calibrated on {cal_sorted.size} held-out images",
         classes=run.classes,
-        input=InputSpec(height=int(model.input_size), width=int(model.input_size), resize="bilinear",
+        input=InputSpec(height=int(model.input_size), width=int(model.input_size), resize=TRAINING_RESIZE,
                         mean=tuple(model.mean), std=tuple(model.std)),
         outputs=outputs,
         score=ScoreSpec(name=cfg.score, output=cfg.score, params={k: float(v) for k, v in score_params.items()}),

@@ -1,7 +1,7 @@
 """`oodguard train`: train a classifier with msp / oe / adv / aoe / aloe into a run directory.
 
 Torch is imported inside the command, so `oodguard --help` (and the service) work without it.
-Every option defaults to the chosen recipe (`--recipe cpu`, the default, `fast` or `paper`); an
+Every option defaults to the chosen recipe (`--recipe cpu`, the default, `airbench`, `fast` or `paper`); an
 explicit flag always wins. Under `torchrun --nproc-per-node N -m oodguard.cli train ...` it trains
 data-parallel (gloo on CPU, nccl on CUDA).
 """
@@ -63,7 +63,9 @@ def train_command(
     model: Optional[str] = _opt("--model", key="model", help="Architecture (training/architectures.py): small_cnn, "
                                 "fast_cnn, airbench, resnet18, wrn40_2, densenet100."),
     model_kwargs: Optional[str] = _opt("--model-kwargs", key="model_kwargs",
-                                       help='Extra model arguments as JSON, e.g. \'{"widths": [48, 96, 192]}\'.'),
+                                       help='Extra model arguments as JSON, e.g. \'{"widths": [48, 96, 192]}\'; '
+                                       '\'{"flip_average": true}\' (any model) serves the mean of the image\'s and '
+                                       'its mirror image\'s features (in the exported graph too; twice the inference cost).'),
     recipe: str = typer.Option("cpu", "--recipe", help="Defaults to start from: 'cpu' (small_cnn, fast on 2 cores, "
                                "use with --time-budget), 'airbench' (airbench94's network and hyper-parameters, 12 "
                                "epochs of batch 1000: the default model's pre-training, ~50 min on 2 cores), 'fast' "

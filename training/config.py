@@ -61,7 +61,7 @@ class TrainConfig:
     method: str = "aloe"  # msp | oe | adv | aoe | aloe (see METHOD_HELP)
     model: str = "small_cnn"  # a name from oodguard.training.architectures.list_architectures()
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra create_model kwargs, e.g. {"widths": [48, 96, 192]}
-    recipe: str = "cpu"  # cpu | paper: defaults applied before explicit flags
+    recipe: str = "cpu"  # a RECIPES name (cpu | airbench | fast | paper): defaults applied before explicit flags
     # data
     data: str = "cifar10"  # 'cifar10', a dir holding cifar10_{train,test}.npz, an .npz, or a labelled image folder
     outliers: str = "tinyimagenet"  # 'tinyimagenet', a dir holding tinyimagenet_outliers.npz, an .npz, or an image folder

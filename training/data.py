@@ -28,13 +28,13 @@ from PIL import Image, ImageOps
 
 from oodguard.service.atomic import atomic_write
 from oodguard.service.bundle import sha256_file
-from oodguard.service.preprocess import to_rgb
+from oodguard.service.preprocess import TRAINING_RESIZE, resize_image, to_rgb
 
 log = logging.getLogger(__name__)
 
 OnCorrupt = Literal["fail", "skip"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
-_CACHE_FORMAT = 2  # bump when the decoding rule changes: old cache entries are then ignored
+_CACHE_FORMAT = 3  # 3: area resize (was bilinear). Bump when the decoding rule changes: old cache entries are then ignored
 
 # Named datasets -> file name pattern in the data directory.
 _IN_DISTRIBUTION = {"cifar10": "cifar10_{split}.npz"}
@@ -98,12 +98,10 @@ def default_cache_dir() -> Path:
 
 
 def pil_to_array(img: Image.Image, size: int = 32) -> np.ndarray:
-    """The one preprocessing rule (the service's too): EXIF transpose, RGB, bilinear resize of the whole image."""
+    """The one preprocessing rule (the service's too): EXIF transpose, RGB, "area" resize of the whole image."""
     img = ImageOps.exif_transpose(img)
     img = to_rgb(img)  # the service's rule: transparency composited onto white, 16-bit scaled, not clipped
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR)
-    return np.asarray(img, dtype=np.uint8)
+    return np.asarray(resize_image(img, (size, size), TRAINING_RESIZE), dtype=np.uint8)
 
 
 def _decode_bytes(data: bytes, size: int) -> np.ndarray:

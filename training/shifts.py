@@ -3,7 +3,7 @@
 A shift is not an attack: the picture is the same, its form differs (PNG instead of the stored JPEG,
 another JPEG quality, an upscaled or non-square copy). Each form is rendered to the bytes a client would
 upload, then decoded and resized exactly as `oodguard serve` does (`service.preprocess.decode_image` with
-the bundle's input spec: Pillow, RGB, bilinear resize of the whole image), so a realised TPR or FPR
+the bundle's input spec: Pillow, RGB, the spec's resize of the whole image; new bundles: "area"), so a realised TPR or FPR
 measured on a form here is the rate the service gives for that form.
 
     images_q50 = render_form(images, "jpeg_q50")     # uint8 (N, 32, 32, 3), as the service would see them
@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from oodguard.service.manifest import InputSpec
-from oodguard.service.preprocess import decode_image
+from oodguard.service.preprocess import TRAINING_RESIZE, decode_image
 from oodguard.service.upload_form import FORM_GROUPS, JPEG_BAND_GROUPS, LARGER, NATIVE, SMALLER, form_group
 
 
@@ -80,7 +80,7 @@ def encode_form(pixels: np.ndarray, form: str) -> bytes:
 def render_form(images: np.ndarray, form: str, spec: InputSpec | None = None) -> np.ndarray:
     """uint8 (N, H, W, 3) -> uint8 (N, h, w, 3): each image uploaded in `form`, decoded as the service does."""
     check_forms([form])
-    spec = spec or InputSpec(height=images.shape[1], width=images.shape[2])
+    spec = spec or InputSpec(height=images.shape[1], width=images.shape[2], resize=TRAINING_RESIZE)
     if form == "stored":
         return images.copy()
     out = np.empty((len(images), spec.height, spec.width, 3), dtype=np.uint8)
@@ -127,7 +127,7 @@ def render_group(images: np.ndarray, group: str, seed: int = 0, spec: InputSpec 
     and decoded as the service does. Seeded: the same call gives the same images."""
     if group not in FORM_GROUPS:
         raise ValueError(f"unknown form group {group!r}; valid: {', '.join(FORM_GROUPS)}")
-    spec = spec or InputSpec(height=images.shape[1], width=images.shape[2])
+    spec = spec or InputSpec(height=images.shape[1], width=images.shape[2], resize=TRAINING_RESIZE)
     rng = np.random.default_rng([seed, FORM_GROUPS.index(group)])
     out = images.copy()
     for i, pixels in enumerate(images):

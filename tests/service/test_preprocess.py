@@ -68,6 +68,25 @@ def test_resize_filter_follows_the_spec():
     assert not np.array_equal(nearest, bilinear)
 
 
+def test_area_resize_averages_where_it_shrinks_and_interpolates_where_it_grows():
+    area = InputSpec(height=8, width=8, resize="area")
+    big = _random_rgb(24, 20, seed=3)  # both sides shrink: Pillow's box filter, the pixel-area average
+    expected = np.asarray(big.resize((8, 8), Image.Resampling.BOX), dtype=np.float32).transpose(2, 0, 1) / 255
+    assert np.array_equal(preprocess_image(_encode(big, "PNG"), area), expected)
+    small = _random_rgb(5, 4, seed=4)  # both grow: bilinear, not the blocky copy a box filter makes
+    expected = np.asarray(small.resize((8, 8), Image.Resampling.BILINEAR), dtype=np.float32).transpose(2, 0, 1) / 255
+    assert np.array_equal(preprocess_image(_encode(small, "PNG"), area), expected)
+    # 2x2 blocks of one colour shrink back to that colour exactly (bilinear at 2x blends neighbours)
+    blocks = _random_rgb(4, 4, seed=5).resize((8, 8), Image.Resampling.NEAREST)
+    x = preprocess_image(_encode(blocks, "PNG"), InputSpec(height=4, width=4, resize="area"))
+    assert np.array_equal(x, np.asarray(_random_rgb(4, 4, seed=5), dtype=np.float32).transpose(2, 0, 1) / 255)
+    # one axis shrinks, the other grows: each along its own rule
+    wide = _random_rgb(4, 16, seed=6)  # 4 high, 16 wide -> 8 x 8
+    by_axis = wide.resize((8, 4), Image.Resampling.BOX).resize((8, 8), Image.Resampling.BILINEAR)
+    expected = np.asarray(by_axis, dtype=np.float32).transpose(2, 0, 1) / 255
+    assert np.array_equal(preprocess_image(_encode(wide, "PNG"), area), expected)
+
+
 def test_jpeg_is_close_to_the_source():
     x = preprocess_image(encode_image((200, 40, 90), fmt="JPEG", quality=95), SPEC)
     np.testing.assert_allclose(x[:, 4, 4], np.array([200, 40, 90]) / 255, atol=4 / 255)

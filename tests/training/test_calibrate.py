@@ -113,7 +113,7 @@ def test_manifest_fields(bundle):
     assert m.model_dump(mode="json") == built.manifest.model_dump(mode="json")
     assert m.name == "small_cnn-aloe" and re.fullmatch(r"\d{8}-\d{6}", m.version)
     assert m.classes == [f"c{i}" for i in range(10)]
-    assert m.input.resize == "bilinear" and m.input.mean == (0.4914, 0.4822, 0.4465) and m.input.height == 32
+    assert m.input.resize == "area" and m.input.mean == (0.4914, 0.4822, 0.4465) and m.input.height == 32
     assert m.outputs == ["logits", "probs", "msp", "energy", "mahalanobis"]
     assert m.score.name == "msp" and m.score.output == "msp" and m.score.params == {"temperature": 1.0}
     assert [op.name for op in m.operating_points] == ["tpr90", "tpr95", "tpr99"] and m.default_operating_point == "tpr95"

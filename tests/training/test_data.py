@@ -119,7 +119,8 @@ def test_unlabelled_nested_folder_and_resize_rule(tmp_path):
     Image.fromarray(big[:32, :32]).convert("L").save(root / "a" / "gray.png")
     s = load_image_folder(root, labelled=False, use_cache=False)
     assert len(s) == 2 and s.labels.tolist() == [-1, -1] and s.images.shape == (2, 32, 32, 3)
-    want = np.asarray(Image.fromarray(big).resize((32, 32), Image.BILINEAR))
+    # "area": 64 -> 32 rows and 48 -> 32 columns both shrink, so a box (pixel-area) average
+    want = np.asarray(Image.fromarray(big).resize((32, 32), Image.BOX))
     np.testing.assert_array_equal(s.images[0], want)  # sorted order: a/b/x.png before a/gray.png
 
 

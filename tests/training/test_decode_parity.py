@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from oodguard.service.manifest import InputSpec
-from oodguard.service.preprocess import decode_image
+from oodguard.service.preprocess import TRAINING_RESIZE, decode_image
 from oodguard.training.data import _decode_bytes
 
 
@@ -44,7 +44,7 @@ def _cases() -> dict[str, bytes]:
 def test_training_and_service_decode_the_same_pixels(name):
     data = _cases()[name]
     trained = _decode_bytes(data, 32)
-    served = decode_image(data, InputSpec(height=32, width=32, resize="bilinear"))
+    served = decode_image(data, InputSpec(height=32, width=32, resize=TRAINING_RESIZE))  # a new bundle's spec
     assert trained.shape == served.shape == (32, 32, 3)
     np.testing.assert_array_equal(trained, served)
 
