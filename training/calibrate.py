@@ -289,7 +289,7 @@ def _select_score(run: RunData, session, export_info: dict[str, Any], cal_images
     # the comparison is costly (attacks): reuse it while the model, the data and the settings are the same
     onnx_path = Path(cfg.onnx) if cfg.onnx else run.run_dir / EXPORT_DIR / ONNX_FILE
     key = {"onnx_sha256": sha256_file(onnx_path), "candidates": candidates, "auto_samples": cfg.auto_samples,
-           "seed": cfg.seed, "calibration_forms": list(cfg.calibration_forms),
+           "seed": cfg.seed, "calibration_forms": list(cfg.calibration_forms), "resize": TRAINING_RESIZE,
            "outlier_holdout": run.split.get("outlier_holdout", {}).get("classes")}
     cache = onnx_path.parent / SCORE_SELECTION_FILE
     if cache.is_file():
