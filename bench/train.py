@@ -16,6 +16,12 @@ to ours.
     python bench/train.py                      # ~10-15 min on 2 idle cores
     python bench/train.py --quick              # smoke: small_cnn, msp + aloe, 3 timed steps (~1 min)
     python bench/train.py --models resnet18 --methods aloe --steps 5 --variants none
+    # the default model's two stages (scripts/train_default.py), each with the upload augmentation on and off:
+    python bench/train.py --recipe airbench --models airbench --methods msp --variants upload_augment_off \
+        --variant-models airbench --variant-methods msp --out docs/bench/train_airbench_pretrain.json
+    python bench/train.py --recipe airbench --models airbench --methods aloe --variants upload_augment_off \
+        --variant-models airbench --variant-methods aloe --set batch_size=128 --set outlier_batch_size=128 \
+        --set upload_augment_p=1 --out docs/bench/train_airbench_finetune.json
 """
 
 from __future__ import annotations
@@ -56,38 +62,47 @@ class Measurement:
     timed_steps: int
     wall_s: float  # the whole call: data loading, warm-up (and compilation), timed steps, checkpoint
     threads: int
+    recipe: str = "cpu"
+    batch_size: int | None = None  # in-distribution images per step
+    outlier_batch_size: int | None = None  # outliers per step (oe / aoe / aloe)
+    upload_augment_p: float | None = None  # share of images re-rendered as uploads (0 when the variant turns it off)
     error: str | None = None
 
 
-def measure(model: str, method: str, variant: str, steps: int, workdir: Path, cores: int) -> Measurement:
-    """One real training run of WARMUP + steps steps; never raises (a failure is recorded)."""
+def measure(model: str, method: str, variant: str, steps: int, workdir: Path, cores: int, recipe: str = "cpu",
+            settings: dict | None = None) -> Measurement:
+    """One real training run of WARMUP + steps steps of `recipe` with `settings` (TrainConfig fields) on top;
+    never raises (a failure is recorded)."""
     from oodguard.training.config import resolve_config
     from oodguard.training.trainer import train
 
     overrides = {"method": method, "model": model, "max_steps": TRAINER_WARMUP_STEPS + steps, "eval_test": False,
                  "progress": False, "overwrite": True, "out": str(workdir / f"{model}-{method}-{variant}"),
-                 "threads": 1 if variant == "threads_1" else cores}
+                 "threads": 1 if variant == "threads_1" else cores, **(settings or {})}
     if variant == "channels_last_off":
         overrides["channels_last"] = False
     if variant == "compile":
         overrides["compile"] = True
     if variant == "upload_augment_off":  # the upload-form augmentation's cost: default (on) vs off
         overrides["upload_augment"] = False
-    cfg = resolve_config("cpu", **overrides)
+    cfg = resolve_config(recipe, **overrides)
+    shape = {"recipe": recipe, "batch_size": cfg.batch_size,
+             "outlier_batch_size": cfg.outlier_batch_size if method in ("oe", "aoe", "aloe") else None,
+             "upload_augment_p": cfg.upload_augment_p if cfg.upload_augment else 0.0}
     t0 = time.perf_counter()
     try:
         result = train(cfg)
     except Exception as exc:  # torch.compile without a working toolchain, out of memory, ...
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         return Measurement(model, method, variant, None, None, None, None, None, 0, round(time.perf_counter() - t0, 1),
-                           cfg.threads, error=f"{type(exc).__name__}: {first}")
+                           cfg.threads, **shape, error=f"{type(exc).__name__}: {first}")
     ips = result.images_per_s
     per_step = cfg.batch_size / ips if ips and ips == ips else None
     spe = round(result.step / result.epoch) if result.epoch else None
     return Measurement(
         model, method, variant, _r(per_step, 4), _r(ips, 1), _r(result.all_images_per_s, 1),
         _r(per_step * spe, 1) if per_step and spe else None, spe, result.step - TRAINER_WARMUP_STEPS,
-        round(time.perf_counter() - t0, 1), cfg.threads)
+        round(time.perf_counter() - t0, 1), cfg.threads, **shape)
 
 
 def _r(v: float | None, digits: int) -> float | None:
@@ -134,15 +149,27 @@ def _f(v, digits: int = 2, suffix: str = "") -> str:
     return "-" if v is None else f"{v:,.{digits}f}{suffix}"
 
 
+def _recipe_text(results: list[dict]) -> str:
+    """What the default rows ran: the recipe, batch sizes and upload augmentation (the same for every row)."""
+    r = next((r for r in results if r["variant"] == "default"), results[0] if results else None)
+    if r is None or r.get("batch_size") is None:  # a report written before these fields existed
+        return "cpu recipe: batch 64 in + 128 out"
+    outliers = f" + {r['outlier_batch_size']} out" if r.get("outlier_batch_size") else ""
+    return (f"{r.get('recipe', 'cpu')} recipe: batch {r['batch_size']} in{outliers}, "
+            f"{100 * r['upload_augment_p']:.0f}% of images re-rendered as uploads")
+
+
 def render_markdown(report: dict) -> str:
     env, results = report["environment"], report["results"]
     rel = relative_costs(results)
+    settings = "".join(f", {k} = {v}" for k, v in report.get("settings", {}).items())
     out = ["## Training benchmark", "", f"Command: `{report['command']}`", "",
            f"Machine: {env['cpu']}, {env['cores']} cores; torch {env['torch']}; GOMP_SPINCOUNT={env['gomp_spincount']}, "
            f"OMP_WAIT_POLICY={env['omp_wait_policy']}; load average at start {env['load_average_start']}. "
            f"Each row: {report['timed_steps']} timed steps after the trainer's {TRAINER_WARMUP_STEPS} warm-up steps "
-           "(`oodguard.training.trainer.train`, cpu recipe: batch 64 in + 128 out, PGD ε = 1/255 × 2 steps, "
-           f"channels_last, {env['cores']} threads, upload-form augmentation on for inliers and outliers).", "",
+           f"(`oodguard.training.trainer.train`, {_recipe_text(results)}{settings}, PGD ε = 1/255 × 2 steps, "
+           f"channels_last, {env['cores']} threads; the upload-form augmentation treats inliers and outliers alike).",
+           "",
            "| model | method | s / step | images/s (in) | images/s (in + out) | s / epoch | cost vs msp | reference s / step | vs reference |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
@@ -213,6 +240,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-dir", default=str(REPO / "runs" / "bench" / "train"), help="Run directories of the measurements.")
     p.add_argument("--out", default="docs/bench/train.json")
     p.add_argument("--markdown", default=None, help="Also write the markdown tables here.")
+    p.add_argument("--recipe", default="cpu", help="Training recipe of every run (training/config.py RECIPES).")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="A TrainConfig field for every run, VALUE as JSON (e.g. batch_size=128); repeatable.")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.quick:
@@ -226,7 +256,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown methods/variants: {', '.join(bad)}")
     if args.steps < 1:
         p.error("--steps must be >= 1")
+    args.settings = _parse_settings(p, args.set)
+    from oodguard.training.config import RECIPES
+
+    if args.recipe not in RECIPES:
+        p.error(f"unknown --recipe {args.recipe!r}; valid: {', '.join(RECIPES)}")
     return args
+
+
+def _parse_settings(p: argparse.ArgumentParser, items: list[str]) -> dict:
+    from dataclasses import fields
+
+    from oodguard.training.config import TrainConfig
+
+    known = {f.name for f in fields(TrainConfig)}
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            p.error(f"--set {item!r}: expected FIELD=VALUE with FIELD a TrainConfig field")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value  # a bare string
+    return settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,11 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cores = len(os.sched_getaffinity(0))
     report = {"command": "python bench/train.py " + " ".join(shlex.quote(a) for a in args.argv),
-              "environment": environment(cores), "timed_steps": args.steps, "results": []}
+              "environment": environment(cores), "timed_steps": args.steps, "recipe": args.recipe,
+              "settings": args.settings, "results": []}
     workdir = Path(args.cache_dir)
     runs = plan(args)
     for i, (model, method, variant) in enumerate(runs, 1):
-        m = measure(model, method, variant, args.steps, workdir, cores)
+        m = measure(model, method, variant, args.steps, workdir, cores, args.recipe, args.settings)
         report["results"].append(m.__dict__)
         shown = f"failed: {m.error}" if m.error else f"{m.seconds_per_step:.3f} s/step, {m.images_per_s:.1f} img/s"
         print(f"[{i}/{len(runs)}] {model}/{method} {variant}: {shown} (wall {m.wall_s:.0f} s)", flush=True)

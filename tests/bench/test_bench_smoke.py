@@ -269,6 +269,23 @@ def test_train_plan_runs_compile_last_and_quick_is_small():
     assert {r[0] for r in quick} == {"small_cnn"} and not any(r[2] == "compile" for r in quick)
 
 
+def test_train_recipe_and_settings_reach_every_run_and_the_report():
+    from bench import train as bench_train
+
+    args = bench_train.parse_args(["--recipe", "airbench", "--models", "airbench", "--methods", "aloe",
+                                   "--set", "batch_size=128", "--set", "upload_augment_p=1", "--variants", "none"])
+    assert args.recipe == "airbench" and args.settings == {"batch_size": 128, "upload_augment_p": 1}
+    for bad in (["--set", "batch_size"], ["--set", "no_such_field=1"], ["--recipe", "nope"]):
+        with pytest.raises(SystemExit):
+            bench_train.parse_args(bad)
+    row = {**_train_row("airbench", "aloe", "default", 2.0), "recipe": "airbench", "batch_size": 128,
+           "outlier_batch_size": 128, "upload_augment_p": 1.0}
+    md = bench_train.render_markdown({"command": "c", "timed_steps": 10, "results": [row], "settings": args.settings,
+                                      "environment": {"cpu": "cpu", "cores": 2, "torch": "t", "gomp_spincount": "1",
+                                                      "omp_wait_policy": "unset", "load_average_start": []}})
+    assert "airbench recipe: batch 128 in + 128 out, 100% of images re-rendered as uploads" in md
+
+
 def test_batching_headroom_is_the_model_batch_ratio():
     bundle = {"ceiling_images_per_s": 300.0, "ceiling_batch1": {"images_per_s": 250.0}, "intra_op_threads": 2}
     text = serve_report.batching_headroom(bundle)
