@@ -161,7 +161,8 @@ def render_default(data: dict) -> str:
     served = bundle["validation"]["score"]
     sets = list(ev["results"][served])
     real = [k for k in sets if not ev["ood_sets"][k]["source"].startswith("synthetic:")]
-    out = [f"Served score: `{served}` (chosen by `--score auto`). Test accuracy {_pct(ev['accuracy']['clean'])}% "
+    how = "chosen by `--score auto`" if "score_selection" in bundle else "named by `--score`"
+    out = [f"Served score: `{served}` ({how}). Test accuracy {_pct(ev['accuracy']['clean'])}% "
            f"({ev['in_distribution']['n']:,} CIFAR-10 test images).", "",
            "| OOD set | protocol | images (in + OOD) | AUROC ↑ | FPR95 ↓ | AUPR-in ↑ | AUPR-out ↑ |", "|---|---|---:|---:|---:|---:|---:|"]
     labels = {"none": "clean", "paper": "`paper` worst case, both sides", "paper_ood_only": "`paper`, OOD side only",

@@ -66,6 +66,7 @@ def test_default_model_table_has_one_row_per_set_and_protocol_with_sample_sizes(
     assert "| gaussian (synthetic) | clean | 2,000 + 2,000 | 100.0 |" in md
     assert md.index("tinyimagenet | clean") < md.index("gaussian (synthetic)")  # real sets first, noise apart
     assert "| png | – | 95.0 | 5.0 |" in md and "| energy (chosen) |" in md
+    assert "(chosen by `--score auto`)" in md
     assert "mean" not in md.lower()  # no average over sets anywhere
 
 
@@ -93,3 +94,4 @@ def test_default_model_table_names_each_forms_group_when_form_conditional():
     bundle = {"validation": {"score": "energy", "forms": forms, "calibration_forms": ["stored"], "form_conditional": True}}
     md = mod.render_default({"recipe": {"methods": "aloe"}, "runs": {"aloe": {"eval": ev}}, "bundle_metrics": bundle})
     assert "| jpeg_q30 | jpeg_q16_45 | 95.1 | 20.0 |" in md and "its upload-form group's threshold" in md
+    assert "(named by `--score`)" in md  # no score_selection: the bundle's score was not chosen by --score auto
