@@ -82,7 +82,7 @@ bench-serve: $(STAMP) ## serving benchmark -> docs/bench/serve.{json,png}, docs/
 bench-train: $(STAMP) ## training benchmark -> docs/bench/train.json, docs/benchmarks-train.md
 	$(VENV)/bin/python bench/train.py --out docs/bench/train.json --markdown docs/benchmarks-train.md $(BENCH_ARGS)
 
-train-default: $(STAMP) ## the CPU recipe: train (~2.3 h on 2 quiet cores, resumable) + evaluate + export + calibrate into models/default
+train-default: $(STAMP) ## the CPU recipe (airbench, 89.1%): train (~2.3 h on 2 quiet cores, resumable) + evaluate + export + calibrate into models/default
 	$(VENV)/bin/python scripts/train_default.py $(TRAIN_DEFAULT_ARGS)
 
 GPU_RUNS ?= $(HOME)/oodguard-runs/default-gpu
