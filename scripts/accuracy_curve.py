@@ -31,17 +31,27 @@ def main() -> None:
     from oodguard.training.run_dir import load_checkpoint
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", type=Path, help="Run directories in training order (pre-training first).")
+    ap.add_argument("runs", nargs="*", type=Path, help="Run directories in training order (pre-training first).")
+    ap.add_argument("--replot", action="store_true", help="Only redraw --png from an existing --out JSON.")
     ap.add_argument("--n", type=int, default=2000, help="Test images per epoch checkpoint (seeded subset).")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--png", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if args.replot:
+        if not args.png or not args.out.is_file():
+            ap.error("--replot needs an existing --out JSON and --png")
+        data = json.loads(args.out.read_text())
+        plot(data["points"], data["subset"], args.png, data.get("model", "model"))
+        print(f"wrote {args.png}")
+        return
+    if not args.runs:
+        ap.error("give the run directories (or --replot)")
     torch.set_num_threads(args.threads)
 
     test = load_in_distribution("cifar10", "test")
     idx = np.sort(np.random.default_rng(0).permutation(len(test))[: args.n])
-    points, offset_h = [], 0.0
+    points, offset_h, model_name = [], 0.0, None
     for run in args.runs:
         run = run.expanduser()
         for rec in _epochs(run):
@@ -50,6 +60,7 @@ def main() -> None:
                 continue
             state = load_checkpoint(ckpt, map_location="cpu")
             model = create_model(**state["model_config"])
+            model_name = model_name or state["model_config"]["name"]
             model.load_state_dict(state["model"])
             acc = accuracy(model, test.images[idx], test.labels[idx], torch.device("cpu"))
             points.append({"run": run.name, "epoch": rec["epoch"], "hours": offset_h + rec["time"] / 3600,
@@ -62,13 +73,13 @@ def main() -> None:
         if final is not None:
             points.append({"run": run.name, "epoch": "final", "hours": offset_h, "test_accuracy_full": final})
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"subset": int(len(idx)), "points": points}, indent=1) + "\n")
+    args.out.write_text(json.dumps({"model": model_name, "subset": int(len(idx)), "points": points}, indent=1) + "\n")
     if args.png:
-        plot(points, len(idx), args.png)
+        plot(points, len(idx), args.png, model_name or "model")
         print(f"wrote {args.out} and {args.png}")
 
 
-def plot(points: list[dict], n: int, png: Path) -> None:
+def plot(points: list[dict], n: int, png: Path, model_name: str) -> None:
     """Test accuracy per kept epoch (subset) and at the end of each run (full test split) vs hours."""
     import matplotlib
 
@@ -85,7 +96,7 @@ def plot(points: list[dict], n: int, png: Path) -> None:
                color="black", zorder=3, label="end of run (full test split)")
     ax.axhline(92, color="grey", linestyle=":", linewidth=1)
     ax.set(xlabel="training hours on 2 CPU cores", ylabel="CIFAR-10 test accuracy (%)",
-           title="fast_cnn: pre-training (CE) then ALOE fine-tuning")
+           title=f"{model_name}: pre-training (CE) then ALOE fine-tuning; dotted: the 92% target")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
