@@ -9,7 +9,7 @@ The CPU recipe (2 cores; every stage resumable — run the script again and it c
    the 5,000-image calibration split. PRETRAIN_EPOCHS epochs (~3.4 min each on 2 quiet cores).
 1b. `pretrain_restart` (only when RESTART_EPOCHS > 0): a warm restart (SGDR) of the same recipe from the
    pre-trained weights: RESTART_EPOCHS more epochs, lr RESTART_LR with a short warm-up and cosine decay.
-   Measured (docs/results.md): 12 epochs 89.3% test accuracy, 20 more 89.6% (training accuracy 99.2%: the
+   Measured (docs/results.md): 12 epochs 89.3% test accuracy, 20 more 89.6% (training accuracy 99.3%: the
    network overfits, so more epochs barely pay).
 2. Fine-tune the last pretrained weights with ALOE for FINETUNE_EPOCHS epochs: the same recipe at batches
    of 128 inliers + 128 outliers (the outlier set minus the 10% of its classes held out for validation), both
@@ -59,6 +59,9 @@ SAVE_EVERY_STEPS = 25
 # Operational flags (not part of a run's recipe): `--resume` does not carry them over, so a resumed stage is
 # given them again from this one list (--keep-epoch-checkpoints: for the accuracy curve)
 OPERATIONAL_FLAGS = ["--no-progress", "--keep-epoch-checkpoints", "--save-every-steps", str(SAVE_EVERY_STEPS)]
+
+
+_FLIP_AVERAGE = ["--model-kwargs", json.dumps({"flip_average": True})]  # the served model averages mirror views
 
 
 def common_train_args(threads: int) -> list[str]:
@@ -111,7 +114,7 @@ def finetune_run(method: str, pretrained: Path, run: Path, args: argparse.Namesp
                         "--init-from", str(pretrained), "--epochs", str(args.finetune_epochs),
                         "--lr", str(args.finetune_lr), "--warmup-steps", "50", "--warmup-frac", "0",
                         "--batch-size", "128", "--outlier-batch-size", "128", "--upload-augment-p", "1",
-                        *(["--model-kwargs", json.dumps({"flip_average": True})] if getattr(args, "flip_average", False) else [])], log)
+                        *(_FLIP_AVERAGE if getattr(args, "flip_average", False) else [])], log)
 
 
 def evaluate_run(run: Path, out: Path, attacks: str, samples: int, log: Path, scores: str = "msp,energy",

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 OnCorrupt = Literal["fail", "skip"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
-_CACHE_FORMAT = 3  # 3: area resize (was bilinear). Bump when the decoding rule changes: old cache entries are then ignored
+_CACHE_FORMAT = 3  # bump when the decoding rule changes (3: the area resize): old cache entries are ignored
 
 # Named datasets -> file name pattern in the data directory.
 _IN_DISTRIBUTION = {"cifar10": "cifar10_{split}.npz"}
