@@ -149,6 +149,9 @@ def _f(v, digits: int = 2, suffix: str = "") -> str:
     return "-" if v is None else f"{v:,.{digits}f}{suffix}"
 
 
+_RECIPE_TEXT_FIELDS = ("batch_size", "outlier_batch_size", "upload_augment_p")
+
+
 def _recipe_text(results: list[dict]) -> str:
     """What the default rows ran: the recipe, batch sizes and upload augmentation (the same for every row)."""
     r = next((r for r in results if r["variant"] == "default"), results[0] if results else None)
@@ -162,7 +165,8 @@ def _recipe_text(results: list[dict]) -> str:
 def render_markdown(report: dict) -> str:
     env, results = report["environment"], report["results"]
     rel = relative_costs(results)
-    settings = "".join(f", {k} = {v}" for k, v in report.get("settings", {}).items())
+    # --set values the recipe text does not already give (it reads batch sizes and augmentation from the rows)
+    settings = "".join(f", {k} = {v}" for k, v in report.get("settings", {}).items() if k not in _RECIPE_TEXT_FIELDS)
     out = ["## Training benchmark", "", f"Command: `{report['command']}`", "",
            f"Machine: {env['cpu']}, {env['cores']} cores; torch {env['torch']}; GOMP_SPINCOUNT={env['gomp_spincount']}, "
            f"OMP_WAIT_POLICY={env['omp_wait_policy']}; load average at start {env['load_average_start']}. "

@@ -284,6 +284,7 @@ def test_train_recipe_and_settings_reach_every_run_and_the_report():
                                       "environment": {"cpu": "cpu", "cores": 2, "torch": "t", "gomp_spincount": "1",
                                                       "omp_wait_policy": "unset", "load_average_start": []}})
     assert "airbench recipe: batch 128 in + 128 out, 100% of images re-rendered as uploads" in md
+    assert "batch_size = 128" not in md  # said once, from the measured rows
 
 
 def test_batching_headroom_is_the_model_batch_ratio():
