@@ -242,6 +242,57 @@ def airbench(num_classes: int = 10, **kwargs: Any) -> OODNet:
     return AirbenchNet(num_classes=num_classes, **kwargs)
 
 
+# -- a classifier guarded by a detector -----------------------------------------------------------------------
+
+
+class GuardedNet(nn.Module):
+    """A classifier and a separate in-vs-out detector in one module (and so in one exported graph).
+
+    It is the classifier to everything that asks (`forward`, `features`, `head`, `mean`, `std`,
+    `num_classes`): accuracy, msp / energy / mahalanobis and their attacks see the classifier alone. The
+    detector (a 2-output model trained by `oodguard train --method disc`: output 0 "in-distribution", 1
+    "outlier") adds `detector_logits(x)`, whose margin logit(in) - logit(out) is the `detector` score. The two share no
+    weights, so the detector's robustness (it is trained adversarially at ε = 8/255) is not spent on the
+    classifier's accuracy, and the classifier's weights are exactly the ones it was trained with.
+    Built by `oodguard guard` from two runs; `model_config` holds both models' configs.
+    """
+
+    input_size = 32
+
+    def __init__(self, num_classes: int, classifier: dict[str, Any], detector: dict[str, Any]):
+        super().__init__()
+        if int(classifier.get("num_classes", num_classes)) != num_classes:
+            raise ValueError(f"guarded: num_classes {num_classes} differs from the classifier's {classifier['num_classes']}")
+        if int(detector.get("num_classes", 2)) != 2:
+            raise ValueError("guarded: the detector must have 2 outputs (in-distribution, outlier): a --method disc run")
+        self.classifier = create_model(**classifier)
+        self.detector = create_model(**detector)
+        self.mean, self.std = self.classifier.mean, self.classifier.std
+        self.num_classes = self.classifier.num_classes
+        self.feature_dim = self.classifier.feature_dim
+
+    @property
+    def head(self) -> nn.Linear:
+        return self.classifier.head
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier.features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(x)
+
+    def detector_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.detector(x)
+
+
+@register_architecture("guarded")
+def guarded(num_classes: int = 10, classifier: dict[str, Any] | None = None,
+            detector: dict[str, Any] | None = None) -> nn.Module:
+    if classifier is None or detector is None:
+        raise ValueError("guarded needs classifier= and detector= model configs (built by `oodguard guard`)")
+    return GuardedNet(num_classes, dict(classifier), dict(detector))
+
+
 # -- CIFAR ResNet-18 --------------------------------------------------------------------------------
 
 

@@ -2,7 +2,7 @@
 
 For an image x and a radius ε, let B = {x' : ||x' - x||∞ <= ε} ∩ [0, 1]^d (every image an attacker
 within ε could upload). `score_upper_bounds` returns, per image, U >= max_{x' in B} score(model(x')) for
-the scores in `CERTIFIABLE_SCORES` (msp, energy). An OOD image whose U is below the acceptance threshold
+the scores in `CERTIFIABLE_SCORES` (msp, energy, and a composed model's `detector`). An OOD image whose U is below the acceptance threshold
 is rejected whatever the attack, not only against the attacks tried; "guaranteed AUROC" (`evaluate_certified`)
 compares clean in-distribution scores with these worst cases.
 
@@ -22,7 +22,8 @@ Any other layer or operation raises `UnsupportedLayerError` naming it (never a s
 The last linear layer is bounded for the logit differences directly: lower(z_j - z_k) from W_j - W_k on the
 penultimate box, tighter than lower(z_j) - upper(z_k). Scores are monotone in these, so
   energy = T logsumexp(z / T)   <= T logsumexp(upper(z) / T),
-  msp    = max_k 1 / Σ_j exp((z_j - z_k) / T) <= max_k 1 / Σ_j exp(lower(z_j - z_k) / T).
+  msp    = max_k 1 / Σ_j exp((z_j - z_k) / T) <= max_k 1 / Σ_j exp(lower(z_j - z_k) / T),
+  detector = d_in - d_out                     <= -lower(d_out - d_in)   (the detector's own two logits d).
 
 Floating point: the boxes are computed in float64 and widened outward after every operation that rounds
 (by 2(n + 8)·2^-53 times a bound on the magnitude of the terms summed, n the fan-in; Higham's γ_n for a
@@ -58,7 +59,8 @@ from torch import fx, nn
 
 log = logging.getLogger(__name__)
 
-CERTIFIABLE_SCORES = ("msp", "energy")
+CLASSIFIER_CERTIFIABLE = ("msp", "energy")  # bounded through the classifier
+CERTIFIABLE_SCORES = (*CLASSIFIER_CERTIFIABLE, "detector")  # detector: through a composed model's detector
 NOT_CERTIFIABLE = {
     "odin": "its input pre-processing is a gradient step: not a layer IBP can bound",
     "mahalanobis": "a quadratic form of the features: not bounded here (IBP through it is near-vacuous)",
@@ -539,6 +541,8 @@ def score_bound_from_logits(bounds: LogitBounds, name: str, temperature: float =
     """Upper bound (N,) float64 of score `name` over every logit vector the bounds allow."""
     if name == "energy":
         s = temperature * torch.logsumexp(bounds.upper / temperature, dim=1)
+    elif name == "detector":  # bounds of the detector's logits (column 0 in-distribution, 1 outlier)
+        s = -bounds.diff_lower[:, 1, 0]
     elif name == "msp":
         # msp = max_k 1 / Σ_j exp((z_j - z_k) / T), decreasing in every difference
         s = torch.exp(-torch.logsumexp(bounds.diff_lower / temperature, dim=1)).amax(dim=1)
@@ -548,12 +552,24 @@ def score_bound_from_logits(bounds: LogitBounds, name: str, temperature: float =
     return s + SCORE_SLACK * (1.0 + s.abs())
 
 
-def score_upper_bounds(certifier: IntervalBounds, x: torch.Tensor, eps: float, names: list[str],
-                       temperature: float = 1.0) -> dict[str, torch.Tensor]:
-    """{score: (N,) float64 upper bound of the score over the eps-ball of each image of x}."""
+def score_upper_bounds(certifier: IntervalBounds | None, x: torch.Tensor, eps: float, names: list[str],
+                       temperature: float = 1.0, detector: IntervalBounds | None = None) -> dict[str, torch.Tensor]:
+    """{score: (N,) float64 upper bound of the score over the eps-ball of each image of x}. `certifier` bounds
+    the classifier (msp, energy), `detector` a composed model's detector (`IntervalBounds(model.detector)`)."""
+    out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        bounds = certifier.logit_bounds(input_box(x, eps))
-        return {n: score_bound_from_logits(bounds, n, temperature) for n in names}
+        box = input_box(x, eps)
+        classifier_scores = [n for n in names if n != "detector"]
+        if classifier_scores:
+            if certifier is None:
+                raise ValueError(f"bounding {', '.join(classifier_scores)} needs the classifier's IntervalBounds")
+            bounds = certifier.logit_bounds(box)
+            out.update({n: score_bound_from_logits(bounds, n, temperature) for n in classifier_scores})
+        if "detector" in names:
+            if detector is None:
+                raise ValueError("bounding the detector score needs the detector's IntervalBounds")
+            out["detector"] = score_bound_from_logits(detector.logit_bounds(box), "detector")
+    return {n: out[n] for n in names}
 
 
 # -- evaluation -------------------------------------------------------------------------------------------
@@ -591,8 +607,10 @@ def evaluate_certified(model: nn.Module, test_images: np.ndarray, clean_in: dict
 
     names = [n for n in clean_in if n in CERTIFIABLE_SCORES]
     if not names:
-        raise ValueError(f"--certify bounds {' and '.join(CERTIFIABLE_SCORES)} only; add one to --scores")
-    certifier = IntervalBounds(model)
+        raise ValueError(f"--certify bounds {', '.join(CERTIFIABLE_SCORES)} only; add one to --scores")
+    # the classifier and the detector are bounded separately (only what the scores need is traced)
+    certifier = IntervalBounds(model) if any(n != "detector" for n in names) else None
+    detector = IntervalBounds(model.detector) if "detector" in names else None
     in_idx = subset_indices(len(test_images), samples, seed)
     device = next(model.parameters()).device
     results: dict[str, dict[str, dict[str, Any]]] = {n: {} for n in names}
@@ -606,7 +624,7 @@ def evaluate_certified(model: nn.Module, test_images: np.ndarray, clean_in: dict
             chunks: dict[str, list[np.ndarray]] = {n: [] for n in names}
             for _, x in tqdm(data.iterate_batches(images, batch_size), total=-(-len(images) // batch_size),
                              desc=f"{key} [{row}]", leave=False, unit="batch"):
-                for n, ub in score_upper_bounds(certifier, x.to(device), eps, names, temperature).items():
+                for n, ub in score_upper_bounds(certifier, x.to(device), eps, names, temperature, detector).items():
                     chunks[n].append(ub.cpu().numpy())
             for n in names:
                 ub = np.concatenate(chunks[n])

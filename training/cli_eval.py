@@ -1,4 +1,5 @@
-"""`oodguard evaluate`, `oodguard export`, `oodguard calibrate`: from a trained run to a served bundle.
+"""`oodguard evaluate`, `oodguard export`, `oodguard calibrate`: from a trained run to a served bundle;
+`oodguard guard`: a classifier run and a detector run composed into one.
 
     oodguard evaluate runs/NAME --ood tinyimagenet --ood gaussian --attack none,paper --max-samples 1000
     oodguard export runs/NAME                       # -> runs/NAME/export/model.onnx (+ export.json)
@@ -189,8 +190,9 @@ def _print_shifts(shifts: dict) -> None:
 def export(
     run_dir: Path = typer.Argument(..., help="Training run directory."),
     scores: Optional[list[str]] = typer.Option(
-        None, "--scores", help="Comma-separated exported scores: msp, energy, mahalanobis (ODIN is not exportable: "
-        "its input pre-processing needs gradients). Default: msp,energy,mahalanobis."),
+        None, "--scores", help="Comma-separated exported scores: msp, energy, mahalanobis, detector (a composed "
+        "run, `oodguard guard`). ODIN is not exportable: its input pre-processing needs gradients. Default: "
+        "msp,energy,mahalanobis (and detector for a composed run)."),
     out: Optional[Path] = typer.Option(None, "--out", help="ONNX file. Default RUN_DIR/export/model.onnx."),
     parity_samples: int = typer.Option(256, "--parity-samples", min=256,
                                        help="Real images for the onnxruntime-vs-torch parity gate."),
@@ -309,8 +311,29 @@ def calibrate(
         _out.print(f"archive: {built.tarball}", markup=False)
 
 
+def guard(
+    classifier: Path = typer.Option(..., "--classifier", help="Classifier run directory (msp / oe / adv / aoe / aloe)."),
+    detector: Path = typer.Option(..., "--detector", help="Detector run directory (`oodguard train --method disc`)."),
+    out: Path = typer.Option(..., "--out", help="New run directory for the composed model."),
+    detector_checkpoint: Optional[Path] = typer.Option(
+        None, "--detector-checkpoint", help="A checkpoint of the detector run other than its last (e.g. "
+        "DETECTOR/checkpoints/epoch_012.pt, the epoch its per-epoch validation chose)."),
+) -> None:
+    """Compose a classifier and an in-vs-out detector into one run: evaluate, export and calibrate it as usual;
+    the detector's margin is its `detector` score (exported by default)."""
+    from .compose import compose_guarded
+
+    try:
+        path = compose_guarded(classifier, detector, out, detector_checkpoint)
+    except _input_errors() as exc:
+        _fail(str(exc))
+    _out.print(f"wrote {path}: {classifier} guarded by {detector} (score 'detector'); next: oodguard evaluate "
+               f"{path} --scores energy,detector", markup=False)
+
+
 def register(app: typer.Typer) -> None:
     """Add `evaluate`, `export` and `calibrate` to the root `oodguard` app."""
     app.command("evaluate")(evaluate)
     app.command("export")(export)
     app.command("calibrate")(calibrate)
+    app.command("guard")(guard)

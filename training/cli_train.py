@@ -1,7 +1,7 @@
-"""`oodguard train`: train a classifier with msp / oe / adv / aoe / aloe into a run directory.
+"""`oodguard train`: train a classifier (msp / oe / adv / aoe / aloe) or an in-vs-out detector (disc) into a run directory.
 
 Torch is imported inside the command, so `oodguard --help` (and the service) work without it.
-Every option defaults to the chosen recipe (`--recipe cpu`, the default, `airbench`, `fast` or `paper`); an
+Every option defaults to the chosen recipe (`--recipe cpu`, the default, `airbench`, `fast`, `robust_disc` or `paper`); an
 explicit flag always wins. Under `torchrun --nproc-per-node N -m oodguard.cli train ...` it trains
 data-parallel (gloo on CPU, nccl on CUDA).
 """
@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import typer
 
-from .config import METHODS, RECIPES, TrainConfig
+from .config import METHODS, RECIPES, USES_OUTLIERS, TrainConfig
 
 _DEFAULTS = TrainConfig()
 _EXIT_CODES = {"interrupted": 130, "terminated": 143}  # clean stop after a signal, checkpoint saved
@@ -69,8 +69,9 @@ def train_command(
     recipe: str = typer.Option("cpu", "--recipe", help="Defaults to start from: 'cpu' (small_cnn, fast on 2 cores, "
                                "use with --time-budget), 'airbench' (airbench94's network and hyper-parameters, 12 "
                                "epochs of batch 1000: the default model's pre-training, ~50 min on 2 cores), 'fast' "
-                               "(fast_cnn, 18 epochs of batch 256, label smoothing) or 'paper' (DenseNet-BC-100, "
-                               "100 epochs: a GPU job)."),
+                               "(fast_cnn, 18 epochs of batch 256, label smoothing), 'robust_disc' (--method disc: a small_cnn in-vs-out "
+                               "detector, fast adversarial training at ε = 8/255 on both sides) or 'paper' "
+                               "(DenseNet-BC-100, 100 epochs: a GPU job)."),
     data: Optional[str] = _opt("--data", key="data", help="In-distribution data: 'cifar10', a directory holding "
                                "cifar10_{train,test}.npz, an .npz, or a labelled image folder (class sub-folders)."),
     outliers: Optional[str] = _opt("--outliers", key="outliers", help="Outlier-exposure data: 'tinyimagenet', a directory "
@@ -155,12 +156,17 @@ def train_command(
                                                   key="keep_epoch_checkpoints", help="Keep checkpoints/epoch_XXX.pt too."),
     eval_test: Optional[bool] = _opt("--eval-test/--no-eval-test", key="eval_test",
                                      help="Measure test accuracy at the end."),
+    disc_val_samples: Optional[int] = _opt("--disc-val-samples", key="disc_val_samples",
+                                           help="disc: calibration-split images and held-out outliers (each) of the "
+                                           "per-epoch validation, clean and under PGD-10 at --eps (0: off)."),
 ) -> None:
     """Train a classifier (ALOE and baselines) into a run directory; prints images/s at the end.
 
     Methods: msp = CE(f(x), y); oe = CE + λ·OE(f(x_out)); adv = CE(f(x_adv), y);
     aoe = CE(f(x_adv), y) + λ·OE(f(x_out)); aloe = CE(f(x_adv), y) + λ·OE(f(x_out_adv)),
     where x_adv / x_out_adv are L∞ PGD (--eps, --attack-steps, --step-size) maximising CE / the OE loss.
+    disc = CE(d(x_adv), in) + λ·CE(d(x_out_adv), out): a two-output in-vs-out detector (not a classifier),
+    each side attacked toward the other's output (--recipe robust_disc).
     Example (2 CPU cores, 2 minutes): oodguard train --method aloe --data ../shared/datasets
     --outliers ../shared/datasets --time-budget 120 --out runs/smoke
     """
@@ -178,7 +184,7 @@ def train_command(
         attack_steps=attack_steps, step_size=_pixels(step_size, "--step-size"), random_start=random_start,
         attack_bn=attack_bn, device=device, amp=amp, channels_last=channels_last, compile=compile, threads=threads,
         log_every=log_every, progress=progress, save_every_epochs=save_every_epochs, save_every_steps=save_every_steps,
-        keep_epoch_checkpoints=keep_epoch_checkpoints, eval_test=eval_test,
+        keep_epoch_checkpoints=keep_epoch_checkpoints, eval_test=eval_test, disc_val_samples=disc_val_samples,
     )
     if model_kwargs is not None:
         try:
@@ -248,8 +254,8 @@ def _print_summary(cfg: TrainConfig, r: Any) -> None:
         f"oodguard train: {cfg.method}/{cfg.model} stopped ({r.stopped}) at step {r.step}/{r.total_steps} "
         f"({r.epoch:.2f} epochs) after {r.train_seconds:.1f} s of training",
         f"  images/s: {r.images_per_s:.1f} in-distribution ({r.all_images_per_s:.1f} incl. outliers), "
-        f"batch {cfg.batch_size}" + (f"+{cfg.outlier_batch_size}" if cfg.method in ("oe", "aoe", "aloe") else ""),
-        f"  test accuracy: {acc}",
+        f"batch {cfg.batch_size}" + (f"+{cfg.outlier_batch_size}" if cfg.method in USES_OUTLIERS else ""),
+        f"  test accuracy: {acc}" if cfg.method != "disc" else "  detector: per-epoch validation AUROC (clean, PGD) in log.jsonl",
         f"  run: {r.run_dir} (checkpoint {Path(r.run_dir) / 'checkpoints' / 'last.pt'})",
     ]
     if r.stopped in _EXIT_CODES:
@@ -259,4 +265,4 @@ def _print_summary(cfg: TrainConfig, r: Any) -> None:
 
 def register(app: typer.Typer) -> None:
     """Add `train` to the root `oodguard` app."""
-    app.command("train", short_help="Train a classifier with msp / oe / adv / aoe / aloe (see --method).")(train_command)
+    app.command("train", short_help="Train a classifier (msp / oe / adv / aoe / aloe) or a detector (disc); see --method.")(train_command)

@@ -53,10 +53,12 @@ from .scores import (
     MahalanobisParams,
     ScoreContext,
     attack_objective,
+    check_model_scores,
     check_score_names,
     compute_scores,
     fit_mahalanobis,
     scored_forward,
+    worst_case_plan,
 )
 from .shifts import FORMS, check_forms, group_of_form, render_form, render_group, render_mixed
 
@@ -97,6 +99,9 @@ ATTACK_NOTES = {
     "mahalanobis": "end to end (through the penultimate features)",
     "odin": "BPDA: the pre-processing step is held constant in the backward pass (forward exact); "
     "not a fully end-to-end gradient",
+    "detector": "end to end through the detector; worst-case protocols attack the score itself from as many "
+    "starts as the other scores get objectives x restarts (restart 0 from the image, the rest random points of "
+    "the ball): the surrogates act on the classifier's logits, which do not move this score",
 }
 
 
@@ -211,9 +216,10 @@ def _score_batches(model: nn.Module, images: np.ndarray, names: list[str], ctx: 
                 continue
             for n in names:
                 if attack.worst_case:
+                    objectives, restarts = worst_case_plan(n, attack.objectives, attack.restarts)
                     x_adv, _ = pgd_worst_case(scored_forward(model, n, ctx), x, direction=sign,
-                                              objectives=attack.objectives, eps=attack.eps, steps=attack.steps,
-                                              step_size=attack.step_size, restarts=attack.restarts,
+                                              objectives=objectives, eps=attack.eps, steps=attack.steps,
+                                              step_size=attack.step_size, restarts=restarts,
                                               random_start=attack.random_start, seed=seed * 7919 + start)
                 else:
                     x_adv = pgd_with(attack, lambda xa, n=n: sign * attack_objective(model, xa, n, ctx), x, generator)
@@ -314,6 +320,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig, out_dir: str | Path | Non
     run = RunData.open(run_dir, data_dir=cfg.data_dir)
     device = resolve_device(cfg.device)
     model, _ = run.load_model()
+    check_model_scores(model, cfg.scores)
     model.to(device).eval()
     for p in model.parameters():  # attacks differentiate w.r.t. the input only
         p.requires_grad_(False)

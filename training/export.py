@@ -3,7 +3,7 @@
 Graph contract (what the service reads, see service/manifest.py):
     input  `image`   float32 (N, 3, 32, 32) in [0, 1], dynamic batch; normalisation is inside the graph
     output `logits`  (N, K);  `probs` softmax (N, K);  one (N,) output per exported score, named after it
-           (`msp`, `energy`, `mahalanobis`), higher = more in-distribution.
+           (`msp`, `energy`, `mahalanobis`, `detector` for a composed model), higher = more in-distribution.
 
 The scores are computed by `ScoringModule`, which calls the very functions of `scores.py` that
 evaluation and the attacks use. ODIN is not exportable: its input pre-processing needs a gradient.
@@ -36,7 +36,15 @@ from . import data
 from .evaluate import EVAL_DIR, MAHALANOBIS_NPZ, fit_mahalanobis_for_run, git_commit, load_eval
 from .ood_sets import subsample
 from .run_dir import RunData, write_json_atomic
-from .scores import SCORES, MahalanobisParams, ScoreContext, check_score_names, forward_with_features
+from .scores import (
+    SCORES,
+    MahalanobisParams,
+    ScoreContext,
+    check_model_scores,
+    check_score_names,
+    forward_outputs,
+    has_detector,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +68,10 @@ class ScoringModule(nn.Module):
         super().__init__()
         self.model = model
         self.score_names = check_score_names(list(scores), exportable_only=True)
+        try:
+            check_model_scores(model, self.score_names)
+        except ValueError as exc:
+            raise ExportError(str(exc)) from None
         self.temperature = float(ctx.temperature)
         if "mahalanobis" in self.score_names:
             if ctx.mahalanobis is None:
@@ -77,10 +89,10 @@ class ScoringModule(nn.Module):
         return ScoreContext(temperature=self.temperature, mahalanobis=maha)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits, features = forward_with_features(self.model, image)
+        out = forward_outputs(self.model, image, self.score_names)
         ctx = self._context()
-        outputs = [logits, torch.softmax(logits, dim=1)]
-        outputs += [SCORES[name].from_outputs(logits, features, ctx) for name in self.score_names]
+        outputs = [out.logits, torch.softmax(out.logits, dim=1)]
+        outputs += [SCORES[name].from_outputs(out, ctx) for name in self.score_names]
         return tuple(outputs)
 
 
@@ -183,9 +195,11 @@ def export_run(run_dir: str | Path, scores: list[str] | None = None, out: str | 
     """Export a run's model + scores to ONNX at `out` (default RUN_DIR/export/model.onnx), with the parity gate."""
     if parity_samples < 256:
         raise ValueError(f"the parity gate needs at least 256 images, got {parity_samples}")
-    scores = check_score_names(list(scores or DEFAULT_EXPORT_SCORES), exportable_only=True)
     run = RunData.open(run_dir, data_dir=data_dir)
     model, _ = run.load_model()
+    # a composed model (classifier + detector) exports its detector's score too unless told otherwise
+    defaults = [*DEFAULT_EXPORT_SCORES, "detector"] if has_detector(model) else list(DEFAULT_EXPORT_SCORES)
+    scores = check_score_names(list(scores or defaults), exportable_only=True)
     maha, maha_source = (None, None)
     if "mahalanobis" in scores:
         maha, maha_source = load_or_fit_mahalanobis(model, run, fit_samples, seed)

@@ -26,7 +26,7 @@ from .attacks import pgd_worst_case
 from .ood_metrics import ood_metrics
 from .ood_sets import subsample, subset_indices
 from .run_dir import RunData
-from .scores import ScoreContext, scored_forward
+from .scores import ScoreContext, scored_forward, worst_case_plan
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +38,12 @@ def _attacked_images(model, name: str, ctx: ScoreContext, images: np.ndarray, di
     from .evaluate import ATTACK_PROTOCOLS
 
     attack = ATTACK_PROTOCOLS[SELECTION_ATTACK]
+    objectives, restarts = worst_case_plan(name, attack.objectives, attack.restarts)
     out = []
     for start, x in data.iterate_batches(images, batch_size):
-        x_adv, _ = pgd_worst_case(scored_forward(model, name, ctx), x, direction=direction, objectives=attack.objectives,
+        x_adv, _ = pgd_worst_case(scored_forward(model, name, ctx), x, direction=direction, objectives=objectives,
                                   eps=attack.eps, steps=attack.steps, step_size=attack.step_size,
-                                  restarts=attack.restarts, random_start=attack.random_start, seed=seed * 7919 + start)
+                                  restarts=restarts, random_start=attack.random_start, seed=seed * 7919 + start)
         out.append(x_adv.cpu().numpy())
     return np.concatenate(out)
 

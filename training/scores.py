@@ -16,8 +16,12 @@ wrapper (`export.ScoringModule`) calls them inside the traced graph.
                            split (Lee et al., single layer, no input pre-processing, no logistic-regression
                            ensemble). A monotone transform of -min_c d^2 (same rankings and metrics) that
                            keeps float32 torch and onnxruntime within 1e-4 even far from the data.
+- `detector`               logit(in) - logit(out) of a separate in-vs-out detector (`architectures.GuardedNet`,
+                           trained by `oodguard train --method disc`): the robust score of issue 14. It does not
+                           look at the classifier at all, so attacking the classifier cannot move it.
 
-`SCORES` maps a name to a `ScoreDef` saying how to compute it from (logits, features) and what it needs.
+`SCORES` maps a name to a `ScoreDef` saying how to compute it from one forward pass (`ModelOutputs`: logits,
+features, the detector's margin) and what it needs.
 """
 
 from __future__ import annotations
@@ -151,6 +155,12 @@ def odin(
         return msp(model(odin_preprocess(model, x, temperature, eps)), temperature)
 
 
+def detector_margin(detector_logits: torch.Tensor) -> torch.Tensor:
+    """(N, 2) in-vs-out detector logits (column 0 "in-distribution", 1 "outlier") -> (N,) logit(in) - logit(out):
+    the log-odds the detector gives "in-distribution"."""
+    return detector_logits[:, 0] - detector_logits[:, 1]
+
+
 # -- registry ---------------------------------------------------------------------------------------
 
 
@@ -164,50 +174,69 @@ class ScoreContext:
     mahalanobis: MahalanobisParams | None = None
 
 
-OutputsFn = Callable[[torch.Tensor, torch.Tensor, ScoreContext], torch.Tensor]
+@dataclass
+class ModelOutputs:
+    """One forward pass, as the scores see it: the classifier's logits (N, K), its penultimate features (N, D),
+    and the detector's margin (N,) when the model has a detector (`GuardedNet`), else None."""
+
+    logits: torch.Tensor | None
+    features: torch.Tensor | None
+    detector: torch.Tensor | None = None
+
+
+OutputsFn = Callable[[ModelOutputs, ScoreContext], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class ScoreDef:
-    """How to compute a score from one forward pass (logits, features) and what it needs.
+    """How to compute a score from one forward pass (`ModelOutputs`) and what it needs.
 
     `needs_input_preprocessing` (ODIN): the outputs must come from the model on the *pre-processed*
-    input (`odin_preprocess`), which needs gradients and so is not exportable.
+    input (`odin_preprocess`), which needs gradients and so is not exportable. `needs_detector`: the model
+    must have an in-vs-out detector (`GuardedNet`).
     """
 
     name: str
     from_outputs: OutputsFn
     needs_features: bool = False
+    needs_detector: bool = False
     needs_input_preprocessing: bool = False
     exportable: bool = True
     params: Callable[[ScoreContext], dict[str, float]] = field(default=lambda ctx: {})
 
 
-def _maha_from_outputs(logits: torch.Tensor, features: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
+def _maha_from_outputs(out: ModelOutputs, ctx: ScoreContext) -> torch.Tensor:
     if ctx.mahalanobis is None:
         raise ValueError("the mahalanobis score needs fitted MahalanobisParams (fit_mahalanobis on the train split)")
-    return mahalanobis(features, ctx.mahalanobis)
+    return mahalanobis(out.features, ctx.mahalanobis)
+
+
+def _detector_from_outputs(out: ModelOutputs, ctx: ScoreContext) -> torch.Tensor:
+    if out.detector is None:
+        raise ValueError("the detector score needs a model with an in-vs-out detector (`oodguard guard`)")
+    return out.detector
 
 
 SCORES: dict[str, ScoreDef] = {
     "msp": ScoreDef(
         "msp",
-        lambda z, f, ctx: msp(z, ctx.temperature),
+        lambda out, ctx: msp(out.logits, ctx.temperature),
         params=lambda ctx: {"temperature": ctx.temperature},
     ),
     "energy": ScoreDef(
         "energy",
-        lambda z, f, ctx: energy(z, ctx.temperature),
+        lambda out, ctx: energy(out.logits, ctx.temperature),
         params=lambda ctx: {"temperature": ctx.temperature},
     ),
     "odin": ScoreDef(
         "odin",
-        lambda z, f, ctx: msp(z, ctx.odin_temperature),
+        lambda out, ctx: msp(out.logits, ctx.odin_temperature),
         needs_input_preprocessing=True,
         exportable=False,
         params=lambda ctx: {"temperature": ctx.odin_temperature, "eps": ctx.odin_eps},
     ),
     "mahalanobis": ScoreDef("mahalanobis", _maha_from_outputs, needs_features=True),
+    "detector": ScoreDef("detector", _detector_from_outputs, needs_detector=True),
 }
 
 
@@ -230,6 +259,37 @@ def forward_with_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tens
     return model.head(features), features
 
 
+def has_detector(model: nn.Module) -> bool:
+    return callable(getattr(model, "detector_logits", None))
+
+
+def check_model_scores(model: nn.Module, names: list[str]) -> None:
+    """ValueError naming the first score this model cannot compute (a detector score without a detector)."""
+    for name in names:
+        if SCORES[name].needs_detector and not has_detector(model):
+            raise ValueError(f"score {name!r} needs a model with an in-vs-out detector: compose one with "
+                             "`oodguard guard --classifier RUN --detector RUN` (the detector from --method disc)")
+
+
+def forward_outputs(model: nn.Module, x: torch.Tensor, names: list[str], classifier: bool = True) -> ModelOutputs:
+    """One forward pass with what the scores `names` need: the detector runs only when one of them uses it, the
+    classifier unless `classifier=False` and none of them uses it (an attack on the detector score alone)."""
+    logits = features = None
+    if classifier or any(not SCORES[n].needs_detector for n in names):
+        logits, features = forward_with_features(model, x)
+    detector = detector_margin(model.detector_logits(x)) if any(SCORES[n].needs_detector for n in names) else None
+    return ModelOutputs(logits, features, detector)
+
+
+def worst_case_plan(name: str, objectives: tuple[str, ...], restarts: int) -> tuple[tuple[str, ...], int]:
+    """(objectives, restarts) of the worst-case attack on score `name`. The surrogates act on the classifier's
+    logits; a detector score does not depend on them, so its attack spends the same gradient budget on the
+    score itself from more starts (restart 0 from the image, the others from random points of the ball)."""
+    if SCORES[name].needs_detector and objectives:
+        return ("score",), restarts * len(objectives)
+    return objectives, restarts
+
+
 def attack_objective(model: nn.Module, x: torch.Tensor, name: str, ctx: ScoreContext) -> torch.Tensor:
     """Score `name` of x, differentiable in x: what the evaluation attacks push down (inliers) or up (outliers).
 
@@ -239,11 +299,7 @@ def attack_objective(model: nn.Module, x: torch.Tensor, name: str, ctx: ScoreCon
     sdef = SCORES[name]
     if sdef.needs_input_preprocessing:
         x = x + (odin_preprocess(model, x, ctx.odin_temperature, ctx.odin_eps) - x).detach()
-    if sdef.needs_features:
-        logits, features = forward_with_features(model, x)
-    else:
-        logits, features = model(x), None
-    return sdef.from_outputs(logits, features, ctx)
+    return sdef.from_outputs(forward_outputs(model, x, [name], classifier=False), ctx)
 
 
 # Surrogate objectives of the worst-case attack, besides the score itself: each a function of the logits,
@@ -262,9 +318,12 @@ def scored_forward(model: nn.Module, name: str, ctx: ScoreContext):
         sdef = SCORES[name]
         if sdef.needs_input_preprocessing:  # ODIN: its BPDA value; the surrogates from the plain logits
             score, logits = attack_objective(model, x, name, ctx), model(x)
+        elif sdef.needs_detector:  # the classifier's surrogates cannot move it: the score alone (worst_case_plan)
+            score = sdef.from_outputs(forward_outputs(model, x, [name], classifier=False), ctx)
+            return score, {"score": score}
         else:
-            logits, features = forward_with_features(model, x)
-            score = sdef.from_outputs(logits, features, ctx)
+            out = forward_outputs(model, x, [name])
+            score, logits = sdef.from_outputs(out, ctx), out.logits
         return score, {"score": score, **{k: f(logits.float()) for k, f in ATTACK_SURROGATES.items()}}
 
     return forward
@@ -275,12 +334,12 @@ def compute_scores(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Logits and every requested score for a batch, with one shared forward pass (plus ODIN's own)."""
     with torch.no_grad():
-        logits, features = forward_with_features(model, x)
+        outputs = forward_outputs(model, x, names)
         out: dict[str, torch.Tensor] = {}
         for name in names:
             sdef = SCORES[name]
             if sdef.needs_input_preprocessing:
                 out[name] = odin(model, x, ctx.odin_temperature, ctx.odin_eps)
             else:
-                out[name] = sdef.from_outputs(logits, features, ctx)
-    return logits, out
+                out[name] = sdef.from_outputs(outputs, ctx)
+    return outputs.logits, out

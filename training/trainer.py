@@ -39,15 +39,26 @@ from . import distributed as ddp
 from .architectures import create_model
 from .attacks import pgd_linf
 from .augment import UploadAugment
-from .config import ATTACKS_INLIERS, ATTACKS_OUTLIERS, USES_OUTLIERS, TrainConfig, config_from_dict
+from .config import (
+    ATTACKS_INLIERS,
+    ATTACKS_OUTLIERS,
+    DISC_CLASSES,
+    DISC_IN,
+    DISC_OUT,
+    USES_OUTLIERS,
+    TrainConfig,
+    config_from_dict,
+)
 from .data import (
-    BatchStream, ImageSet, calibration_split, load_in_distribution, load_outliers, outlier_holdout, to_tensor,
+    BatchStream, ImageSet, calibration_split, held_out_outliers, load_in_distribution, load_outliers, outlier_holdout,
+    to_tensor,
 )
 from .loop_parts import (
     BudgetFit, CosineSchedule, ProgressBar, StepMeter, StopSignals, accuracy, attack_bn, autocast, capture_rng_state,
     resolve_device, restore_rng_state, warn_if_cpu_is_contended,
 )
 from .losses import ce_per_sample, oe_loss, oe_loss_per_sample
+from .scores import detector_margin
 from .run_dir import (
     CHECKPOINT_FORMAT, append_log, check_run_dir, code_version, environment_info, last_checkpoint_path,
     load_checkpoint, load_initial_weights, prepare_run_dir, resolve_model_config, save_last_checkpoint,
@@ -61,7 +72,7 @@ _DATA_INIT_IMAGES = 5_000  # training images a model's data_init sees (airbench'
 # Knobs that may change on --resume without breaking bit-for-bit continuation.
 OPERATIONAL_KEYS = ("out", "resume", "overwrite", "time_budget", "stop_at_step", "threads", "progress",
                     "log_every", "eval_test", "device", "data_dir", "cache_dir", "keep_epoch_checkpoints",
-                    "save_every_steps")
+                    "save_every_steps", "disc_val_samples")
 
 
 @dataclass
@@ -111,10 +122,13 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
 
     # -- data: training split (calibration images held out), outliers — before anything is written ------
     train_set, outlier_set, split = _load_training_data(cfg)
+    disc_val = _disc_validation_set(cfg, split) if info.is_main else None
     if info.is_main:
         prepare_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite)
     ddp.barrier(info)
-    num_classes = len(train_set.classes) or int(train_set.labels.max()) + 1
+    # a detector (disc) has two outputs, in-distribution and outlier; a classifier one per class
+    classes = list(DISC_CLASSES) if cfg.method == "disc" else train_set.classes
+    num_classes = len(classes) or int(train_set.labels.max()) + 1
     in_stream, out_stream = _batch_streams(cfg, info, train_set, outlier_set, device)
     steps_per_epoch = in_stream.batches_per_epoch
 
@@ -148,7 +162,7 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
         if info.is_main:
             write_run_record(run_dir, {
                 "train": cfg.to_dict(), "model_config": raw_model.model_config, "num_classes": num_classes,
-                "classes": train_set.classes, "lineage": lineage, "code_version": code_version(),
+                "classes": classes, "lineage": lineage, "code_version": code_version(),
                 "environment": environment_info(device, threads, info, amp),
             }, split)
     model, attack_model = _wrap_for_training(cfg, raw_model, info, device)
@@ -169,6 +183,8 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
         while step < schedule.total_steps:
             t0 = time.perf_counter()
             x_in, y, x_out = _next_batch(in_stream, out_stream, device)
+            if cfg.method == "disc":  # the detector's target: every inlier is "in", whatever its class
+                y = torch.full_like(y, DISC_IN)
             x_in, x_out = _attack(cfg, raw_model, attack_model, x_in, y, x_out, attack_gen, device, amp)
             lr = _set_lr(optimizer, schedule.lr_at(step))
             logits, loss, ce, oe = _loss(cfg, model, x_in, y, x_out, device, amp)
@@ -191,10 +207,14 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
                 epoch = in_stream.epoch + 1 if end_of_epoch else round(step / steps_per_epoch, 4)
                 record = _epoch_record(meter, info, device, epoch, step, lr, seconds_before + loop_seconds,
                                        has_outliers=x_out is not None)
+                if disc_val is not None:
+                    record["disc_val"] = _disc_validate(cfg, raw_model, disc_val, device)
                 if info.is_main:
                     append_log(run_dir, record)
-                    log.info("epoch %s step %d loss %.4f acc %.4f %.0f img/s", record["epoch"], step, record["loss"],
-                             record["train_acc"], record["images_per_s"])
+                    log.info("epoch %s step %d loss %.4f acc %.4f %.0f img/s%s", record["epoch"], step, record["loss"],
+                             record["train_acc"], record["images_per_s"],
+                             "" if disc_val is None else " validation AUROC clean %.4f pgd %.4f" % (
+                                 record["disc_val"]["auroc_clean"], record["disc_val"]["auroc_pgd"]))
                 if end_of_epoch and (in_stream.epoch + 1) % cfg.save_every_epochs == 0:
                     _save(state, cfg, info, run_dir, step, seconds_before + loop_seconds, epoch=in_stream.epoch + 1)
                 meter.new_epoch()
@@ -210,7 +230,7 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
     ddp.broadcast_buffers(info, raw_model)  # every rank ends with rank 0's BN statistics (the saved model)
     _save(state, cfg, info, run_dir, step, seconds_before + loop_seconds)  # last.pt of a completed run: its final model
     test_acc = None
-    if cfg.eval_test and info.is_main and stopped not in ("interrupted", "terminated"):
+    if cfg.eval_test and cfg.method != "disc" and info.is_main and stopped not in ("interrupted", "terminated"):
         test_acc = _test_accuracy(cfg, raw_model, device)
     ddp.barrier(info)
 
@@ -411,6 +431,11 @@ def _attack(cfg: TrainConfig, raw_model: nn.Module, attack_model: nn.Module, x_i
     pgd = {"eps": cfg.eps, "steps": cfg.attack_steps, "step_size": cfg.step_size, "random_start": cfg.random_start,
            "generator": generator}
     with attack_bn(raw_model, cfg.attack_bn), autocast(device, amp):
+        if cfg.method == "disc":  # the detector: inliers pushed toward "outlier", outliers toward "in"
+            x_in = pgd_linf(lambda z: ce_per_sample(attack_model(z), y), x_in, **pgd)
+            out_target = torch.full((x_out.shape[0],), DISC_OUT, dtype=torch.long, device=x_out.device)
+            x_out = pgd_linf(lambda z: ce_per_sample(attack_model(z), out_target), x_out, **pgd)
+            return x_in, x_out
         if cfg.method in ATTACKS_INLIERS:
             x_in = pgd_linf(lambda z: ce_per_sample(attack_model(z), y), x_in, **pgd)
         if cfg.method in ATTACKS_OUTLIERS:
@@ -442,13 +467,17 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
 def _loss(cfg: TrainConfig, model: nn.Module, x_in: torch.Tensor, y: torch.Tensor, x_out: torch.Tensor | None,
           device: torch.device, amp: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits, loss, ce, oe): one joint forward over [inliers; outliers], loss = CE + λ·OE (CE alone without
-    outliers; oe is then 0)."""
+    outliers; oe is then 0). For `disc`, oe is the outliers' cross-entropy to the "outlier" output."""
     n_in = cfg.batch_size
     inputs = torch.cat([x_in, x_out]) if x_out is not None else x_in
     with autocast(device, amp):
         logits = model(inputs)
     ce = F.cross_entropy(logits[:n_in].float(), y, label_smoothing=cfg.label_smoothing)
-    oe = oe_loss(logits[n_in:]) if x_out is not None else torch.zeros((), device=device)
+    if cfg.method == "disc":
+        oe = F.cross_entropy(logits[n_in:].float(), torch.full_like(y[:1].expand(len(x_out)), DISC_OUT),
+                             label_smoothing=cfg.label_smoothing)
+    else:
+        oe = oe_loss(logits[n_in:]) if x_out is not None else torch.zeros((), device=device)
     loss = ce + cfg.lambda_oe * oe if x_out is not None else ce
     return logits, loss, ce, oe
 
@@ -494,6 +523,58 @@ def _save(state: _TrainState, cfg: TrainConfig, info: ddp.DistInfo, run_dir: Pat
     ckpt = state.checkpoint(cfg, info, step, train_seconds)
     if ckpt is not None:
         save_last_checkpoint(run_dir, ckpt, epoch_tag=epoch if cfg.keep_epoch_checkpoints else None)
+
+
+# -- the detector's validation (catastrophic-overfitting watch) ------------------------------------------------
+
+_DISC_VAL_ATTACK_STEPS = 10
+
+
+def _disc_validation_set(cfg: TrainConfig, split: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(calibration-split images, held-out-class outliers), `disc_val_samples` of each, seeded: validation data
+    only (neither is trained on), for `disc` runs; None otherwise."""
+    if cfg.method != "disc" or cfg.disc_val_samples <= 0:
+        return None
+    kw = {"data_dir": cfg.data_dir, "cache_dir": cfg.cache_dir, "on_corrupt": cfg.on_corrupt}
+    rng = np.random.default_rng(cfg.split_seed + 3)
+    full = load_in_distribution(cfg.data, "train", **kw)
+    cal = np.asarray(split["cal_indices"], dtype=np.int64)
+    held = held_out_outliers(load_outliers(cfg.outliers, **kw), split["outlier_holdout"])
+    if len(cal) == 0 or len(held) == 0:
+        log.warning("disc validation off: it needs a calibration split and held-out outlier classes")
+        return None
+    cal = np.sort(rng.choice(cal, min(cfg.disc_val_samples, len(cal)), replace=False))
+    out = np.sort(rng.choice(len(held), min(cfg.disc_val_samples, len(held)), replace=False))
+    return to_tensor(full.images[cal]), to_tensor(held.images[out])
+
+
+def _disc_validate(cfg: TrainConfig, model: nn.Module, val: tuple[torch.Tensor, torch.Tensor],
+                   device: torch.device) -> dict[str, float]:
+    """AUROC of the detector's margin (logit in - logit out), clean and under PGD-10 (step ε/4) at the training ε
+    on both sides, in eval mode. A clean AUROC that holds while the PGD one collapses is catastrophic overfitting."""
+    from .ood_metrics import ood_metrics
+
+    was_training = model.training
+    model.eval()
+    margins = {}
+    try:
+        for name, x, direction in (("in", val[0], -1.0), ("out", val[1], 1.0)):
+            clean, adv = [], []
+            for start in range(0, len(x), 250):
+                xb = x[start:start + 250].to(device)
+                margin = lambda z: detector_margin(model(z).float())  # noqa: E731
+                with torch.no_grad():
+                    clean.append(margin(xb))
+                xa = pgd_linf(lambda z: direction * margin(z), xb, eps=cfg.eps, steps=_DISC_VAL_ATTACK_STEPS,
+                              step_size=cfg.eps / 4, random_start=False)
+                with torch.no_grad():
+                    adv.append(margin(xa))
+            margins[name] = (torch.cat(clean).cpu().numpy(), torch.cat(adv).cpu().numpy())
+    finally:
+        model.train(was_training)
+    return {"auroc_clean": ood_metrics(margins["in"][0], margins["out"][0])["auroc"],
+            "auroc_pgd": ood_metrics(margins["in"][1], margins["out"][1])["auroc"],
+            "n_in": int(len(val[0])), "n_out": int(len(val[1])), "attack": f"PGD-{_DISC_VAL_ATTACK_STEPS} both sides"}
 
 
 # -- after the loop -------------------------------------------------------------------------------------

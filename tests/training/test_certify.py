@@ -22,7 +22,7 @@ from torch import fx, nn
 from oodguard.training.architectures import create_model
 from oodguard.training.attacks import pgd_linf, pgd_worst_case
 from oodguard.training.certify import (
-    CERTIFIABLE_SCORES,
+    CLASSIFIER_CERTIFIABLE,
     Box,
     IntervalBounds,
     UnsupportedLayerError,
@@ -153,7 +153,7 @@ def test_bound_contains_random_points(kind):
     model = _small(kind, seed=1)
     certifier = IntervalBounds(model)
     x = _images(1, seed=2)
-    ub = score_upper_bounds(certifier, x, EPS, list(CERTIFIABLE_SCORES))
+    ub = score_upper_bounds(certifier, x, EPS, list(CLASSIFIER_CERTIFIABLE))
     points = _ball_points(x, EPS, N_RANDOM, seed=0)
     assert float((points - x).abs().max()) <= EPS + 1e-7 and points.min() >= 0 and points.max() <= 1
     with torch.no_grad():
@@ -165,7 +165,7 @@ def test_bound_contains_random_points(kind):
 
 
 @pytest.mark.parametrize("kind", ["small_cnn", "fast_cnn", "airbench", "resnet18"])
-@pytest.mark.parametrize("score", CERTIFIABLE_SCORES)
+@pytest.mark.parametrize("score", CLASSIFIER_CERTIFIABLE)
 def test_bound_contains_pgd_points(kind, score):
     model = _small(kind, seed=3)
     certifier = IntervalBounds(model)
@@ -185,7 +185,7 @@ def test_bound_contains_pgd_points(kind, score):
 def test_bound_equals_the_score_at_zero_eps(kind):
     model = _small(kind, seed=5)
     x = _images(8, seed=6)
-    ub = score_upper_bounds(IntervalBounds(model), x, 0.0, list(CERTIFIABLE_SCORES))
+    ub = score_upper_bounds(IntervalBounds(model), x, 0.0, list(CLASSIFIER_CERTIFIABLE))
     with torch.no_grad():
         logits = model(x)
     for score, fn in SCORE_FNS.items():
@@ -200,8 +200,8 @@ def test_bound_grows_with_eps(kind):
     certifier = IntervalBounds(model)
     x = _images(4, seed=8)
     radii = [0.0, 0.25 / 255, 1 / 255, 2 / 255, 8 / 255]
-    bounds = [score_upper_bounds(certifier, x, e, list(CERTIFIABLE_SCORES)) for e in radii]
-    for score in CERTIFIABLE_SCORES:
+    bounds = [score_upper_bounds(certifier, x, e, list(CLASSIFIER_CERTIFIABLE)) for e in radii]
+    for score in CLASSIFIER_CERTIFIABLE:
         for smaller, larger in zip(bounds, bounds[1:]):
             assert bool((larger[score] >= smaller[score]).all()), score
         assert bool((bounds[-1][score] > bounds[0][score]).all()), score
@@ -259,8 +259,8 @@ def test_gelu_minimum_inside_the_box():
     largest there, not at either end of the box."""
     model = _Pixel(_linear([[4.0]], [-2.75]), nn.GELU(), _linear([[-10.0], [0.0]], [0.0, 0.0])).eval()
     eps = 0.1
-    ub = score_upper_bounds(IntervalBounds(model), torch.tensor([[0.5]]), eps, list(CERTIFIABLE_SCORES))
-    for score in CERTIFIABLE_SCORES:
+    ub = score_upper_bounds(IntervalBounds(model), torch.tensor([[0.5]]), eps, list(CLASSIFIER_CERTIFIABLE))
+    for score in CLASSIFIER_CERTIFIABLE:
         true_max = _max_over_grid(model, 0.5, eps, score)
         assert true_max <= float(ub[score][0]) <= true_max + 1e-3, score  # sound and (here) tight
     box = _gelu(Box(torch.tensor([-1.15], dtype=torch.float64), torch.tensor([-0.35], dtype=torch.float64)))
@@ -277,8 +277,8 @@ def test_batchnorm_with_negative_scale():
         bn.running_var.copy_(torch.tensor([0.5, 2.0]))
     model = _Pixel(_linear([[3.0], [-2.0]], [0.1, 0.2]), bn, _linear([[2.0, 0.0], [0.0, 0.0]], [0.0, 0.0])).eval()
     eps = 0.2
-    ub = score_upper_bounds(IntervalBounds(model), torch.tensor([[0.5]]), eps, list(CERTIFIABLE_SCORES))
-    for score in CERTIFIABLE_SCORES:
+    ub = score_upper_bounds(IntervalBounds(model), torch.tensor([[0.5]]), eps, list(CLASSIFIER_CERTIFIABLE))
+    for score in CLASSIFIER_CERTIFIABLE:
         true_max = _max_over_grid(model, 0.5, eps, score)
         assert true_max <= float(ub[score][0]) <= true_max + 1e-3, score
 
