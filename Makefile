@@ -16,7 +16,7 @@ SERVE_STAMP := $(SERVE_VENV)/.installed-$(shell cat pyproject.toml $(LOCK_SERVE)
 PIP_LOCKED := -m pip install -q --require-hashes --no-deps -r
 PIP_PROJECT := -m pip install -q --no-deps --no-build-isolation
 
-.PHONY: install test tools serve install-serve clean bench-serve bench-train train-default train-default-gpu lock mutation
+.PHONY: install test tools serve install-serve clean bench-serve bench-train train-default train-default-gpu train-robust lock mutation
 
 $(STAMP): pyproject.toml $(LOCK_DEV)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -84,6 +84,9 @@ bench-train: $(STAMP) ## training benchmark -> docs/bench/train.json, docs/bench
 
 train-default: $(STAMP) ## the CPU recipe (airbench, 89.1%): train (~2.3 h on 2 quiet cores, resumable) + evaluate + export + calibrate into models/default
 	$(VENV)/bin/python scripts/train_default.py $(TRAIN_DEFAULT_ARGS)
+
+train-robust: $(STAMP) ## models/robust: the default classifier + an in-vs-out detector adversarially trained at 8/255 (~1 h on 2 cores, resumable) + evaluate + calibrate
+	$(VENV)/bin/python scripts/train_robust.py $(TRAIN_ROBUST_ARGS)
 
 GPU_RUNS ?= $(HOME)/oodguard-runs/default-gpu
 train-default-gpu: $(STAMP) ## the shipped bundle: 4 + 6 min of training on one CUDA GPU (scripts/train_gpu.sh), then evaluate + calibrate (48 min on 2 cores)

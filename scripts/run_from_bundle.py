@@ -29,6 +29,7 @@ from torch import nn
 from oodguard.service.bundle import make_session
 from oodguard.training import data
 from oodguard.training.architectures import create_model
+from oodguard.training.config import TrainConfig
 from oodguard.training.data import calibration_split, load_outliers, outlier_holdout, to_tensor
 from oodguard.training.run_dir import CHECKPOINT_FORMAT, save_last_checkpoint, write_json_atomic, write_run_record
 
@@ -85,11 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     full = data.load_in_distribution(train_cfg["data"], "train", data_dir=args.data_dir)
     if full.sha256 != manifest["lineage"]["datasets"].get(Path(full.source).name):
         raise SystemExit(f"{full.source}: not the data the bundle was trained on (sha256 differs)")
-    train_idx, cal_idx = calibration_split(len(full), int(train_cfg["calibration_size"]), int(train_cfg["split_seed"]))
-    outliers = load_outliers(train_cfg["outliers"], data_dir=args.data_dir)
-    _, held_out = outlier_holdout(outliers, float(train_cfg["outlier_holdout"]), int(train_cfg["split_seed"]))
+    defaults = TrainConfig()  # what a run that did not record a field was trained with
+    split_seed = int(train_cfg.get("split_seed", defaults.split_seed))
+    train_idx, cal_idx = calibration_split(len(full), int(train_cfg.get("calibration_size", defaults.calibration_size)),
+                                           split_seed)
+    outliers = load_outliers(train_cfg.get("outliers", defaults.outliers), data_dir=args.data_dir)
+    _, held_out = outlier_holdout(outliers, float(train_cfg.get("outlier_holdout", defaults.outlier_holdout)), split_seed)
     split = {"dataset": full.source, "dataset_sha256": full.sha256, "n_total": len(full),
-             "calibration_size": len(cal_idx), "seed": int(train_cfg["split_seed"]), "cal_indices": cal_idx.tolist(),
+             "calibration_size": len(cal_idx), "seed": split_seed, "cal_indices": cal_idx.tolist(),
              "train_size": len(train_idx),
              "outlier_holdout": {"source": outliers.source, "sha256": outliers.sha256, **held_out}}
 

@@ -104,6 +104,7 @@ class CalibrateConfig:
     calibration_forms: list[str] = field(default_factory=lambda: list(CALIBRATION_FORMS))
     validation_forms: list[str] = field(default_factory=lambda: list(DEFAULT_SHIFTS))  # realised TPR / FPR per form
     auto_samples: int = 500  # images per side attacked when choosing the score (--score auto)
+    auto_attack: str = "paper"  # the worst-case protocol the choice is made under: paper (1/255) or strong (8/255)
     tprs: list[float] = field(default_factory=lambda: list(DEFAULT_TPRS))
     default_tpr: float = 0.95
     per_class: bool = False  # also a class-conditional point per TPR (`tprXX_per_class`, per_class.py)
@@ -130,6 +131,8 @@ class CalibrateConfig:
         self.validation_forms = check_forms(self.validation_forms)
         if not self.calibration_forms:
             raise ValueError("--calibration-forms: give at least one form (e.g. stored)")
+        if self.auto_attack not in ("paper", "strong"):
+            raise ValueError(f"--auto-attack must be 'paper' or 'strong', got {self.auto_attack!r}")
         if self.auto_samples < 1:
             raise ValueError("--auto-samples must be >= 1")
         if self.version is None:
@@ -289,6 +292,7 @@ def _select_score(run: RunData, session, export_info: dict[str, Any], cal_images
     # the comparison is costly (attacks): reuse it while the model, the data and the settings are the same
     onnx_path = Path(cfg.onnx) if cfg.onnx else run.run_dir / EXPORT_DIR / ONNX_FILE
     key = {"onnx_sha256": sha256_file(onnx_path), "candidates": candidates, "auto_samples": cfg.auto_samples,
+           "auto_attack": cfg.auto_attack,
            "seed": cfg.seed, "calibration_forms": list(cfg.calibration_forms), "resize": TRAINING_RESIZE,
            "outlier_holdout": run.split.get("outlier_holdout", {}).get("classes")}
     cache = onnx_path.parent / SCORE_SELECTION_FILE
@@ -308,7 +312,7 @@ def _select_score(run: RunData, session, export_info: dict[str, Any], cal_images
         return run_onnx(session, images.astype(np.float32), cfg.batch_size, [name])[name]
 
     chosen, record = select_score(run, candidates, onnx_scores, model, ctx, cal_images, cfg.auto_samples,
-                                  cfg.batch_size, cfg.seed)
+                                  cfg.batch_size, cfg.seed, cfg.auto_attack)
     write_json_atomic(cache, {"key": key, "record": record})
     return chosen, record
 

@@ -223,6 +223,8 @@ def calibrate(
         None, "--calibration-forms", help="Upload forms the calibration images are rendered in, equal shares "
         "(comma-separated; see `oodguard evaluate --shifts`). Default: stored,png,jpeg_q50,jpeg_q95,upscale_x3,non_square."),
     auto_samples: int = typer.Option(500, "--auto-samples", min=1, help="Images per side attacked by --score auto."),
+    auto_attack: str = typer.Option("paper", "--auto-attack", help="The worst-case protocol --score auto compares "
+                                    "under: 'paper' (ε = 1/255) or 'strong' (ε = 8/255, 100 steps: a robust bundle's choice)."),
     tpr: Optional[list[str]] = typer.Option(None, "--tpr", help="Comma-separated TPR targets. Default 0.90,0.95,0.99."),
     default: float = typer.Option(0.95, "--default", help="The default operating point (one of --tpr)."),
     name: Optional[str] = typer.Option(None, "--name", help="Bundle name. Default <model>-<method>."),
@@ -253,7 +255,7 @@ def calibrate(
 
     cfg = CalibrateConfig(onnx=str(onnx) if onnx else None, score=score, default_tpr=default, name=name,
                           version=version, out=str(out) if out else None, ood=list(ood) if ood else None,
-                          max_samples=max_samples, batch_size=batch_size, auto_samples=auto_samples,
+                          max_samples=max_samples, batch_size=batch_size, auto_samples=auto_samples, auto_attack=auto_attack,
                           data_dir=str(data_dir) if data_dir else None, tarball=tarball)
     if calibration_forms:
         cfg.calibration_forms = _split_list(calibration_forms)

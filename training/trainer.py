@@ -474,8 +474,8 @@ def _loss(cfg: TrainConfig, model: nn.Module, x_in: torch.Tensor, y: torch.Tenso
         logits = model(inputs)
     ce = F.cross_entropy(logits[:n_in].float(), y, label_smoothing=cfg.label_smoothing)
     if cfg.method == "disc":
-        oe = F.cross_entropy(logits[n_in:].float(), torch.full_like(y[:1].expand(len(x_out)), DISC_OUT),
-                             label_smoothing=cfg.label_smoothing)
+        out_target = torch.full((len(x_out),), DISC_OUT, dtype=torch.long, device=y.device)
+        oe = F.cross_entropy(logits[n_in:].float(), out_target, label_smoothing=cfg.label_smoothing)
     else:
         oe = oe_loss(logits[n_in:]) if x_out is not None else torch.zeros((), device=device)
     loss = ce + cfg.lambda_oe * oe if x_out is not None else ce

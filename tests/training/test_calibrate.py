@@ -217,6 +217,14 @@ def test_score_auto_compares_every_exported_score_on_validation_data(auto_run, m
     assert again.manifest.metrics["score_selection"] == selection
 
 
+def test_score_auto_under_the_strong_attack_records_it_and_does_not_reuse_a_paper_choice(auto_run, tmp_path):
+    built = calibrate_run(auto_run, CalibrateConfig(score="auto", auto_attack="strong", auto_samples=4, max_samples=32,
+                                                    tarball=False, out=str(tmp_path / "bundle")))
+    selection = built.manifest.metrics["score_selection"]
+    assert selection["attack"] == "strong" and selection["rule"].startswith("lowest FPR95 under the strong")
+    assert all(r["attacked"]["n_in"] == 4 for r in selection["candidates"].values())
+
+
 def test_score_auto_without_held_out_outliers_is_a_clear_error(tmp_path, tiny_data_dir):
     run = make_run(tmp_path / "run", tiny_data_dir)
     export_run(run, ["msp", "energy"])

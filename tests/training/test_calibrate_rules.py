@@ -94,6 +94,7 @@ def test_rates_per_upload_form_are_the_forms_own():
         ({"calibration_forms": ["sepia"]}, "unknown upload form"),
         ({"validation_forms": ["sepia"]}, "unknown upload form"),
         ({"auto_samples": 0}, r"^--auto-samples must be >= 1$"),
+        ({"auto_attack": "fast"}, r"^--auto-attack must be 'paper' or 'strong', got 'fast'$"),
     ],
 )
 def test_config_refuses(kwargs, message):

@@ -1,0 +1,82 @@
+"""scripts/train_robust.py's choice of the detector epoch, and scripts/run_from_bundle.py (a run directory
+rebuilt from a bundle's graph: the same function, the same calibration split)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    return module
+
+
+def test_the_detector_epoch_is_chosen_by_validation_auroc_under_attack(tmp_path):
+    train_robust = _load("train_robust")
+    run = tmp_path / "detector"
+    (run / "checkpoints").mkdir(parents=True)
+    records = [{"epoch": 1, "disc_val": {"auroc_clean": 0.90, "auroc_pgd": 0.40}},
+               {"epoch": 2, "disc_val": {"auroc_clean": 0.80, "auroc_pgd": 0.55}},  # the most robust
+               {"epoch": 3, "disc_val": {"auroc_clean": 0.95, "auroc_pgd": 0.50}},
+               {"epoch": 3.5, "disc_val": {"auroc_clean": 0.99, "auroc_pgd": 0.99}},  # a partial epoch: no checkpoint
+               {"event": "end"}]
+    (run / "log.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    for epoch in (1, 2, 3):
+        (run / "checkpoints" / f"epoch_{epoch:03d}.pt").write_bytes(b"")
+    path, record = train_robust.best_epoch_checkpoint(run)
+    assert path.name == "epoch_002.pt" and record["disc_val"]["auroc_pgd"] == 0.55
+    (run / "checkpoints" / "epoch_002.pt").unlink()  # only epochs with a checkpoint can be chosen
+    assert train_robust.best_epoch_checkpoint(run)[0].name == "epoch_003.pt"
+
+
+def test_run_from_bundle_rebuilds_the_same_model_and_split(tmp_path, tiny_data_dir):
+    from oodguard.cli import app
+    from oodguard.training.run_dir import load_model_from_run, load_split
+
+    from ..training._eval_helpers import float_images, make_run
+
+    run = make_run(tmp_path / "run", tiny_data_dir)
+    config = json.loads((run / "config.json").read_text())
+    config["train"].update(split_seed=0, outlier_holdout=0.1)  # what `oodguard train` records
+    (run / "config.json").write_text(json.dumps(config))
+    runner = CliRunner()
+    for args in (["export", str(run), "--scores", "energy"],
+                 ["calibrate", str(run), "--score", "energy", "--out", str(tmp_path / "bundle"), "--no-tarball",
+                  "--max-samples", "32"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+    done = subprocess.run([sys.executable, str(SCRIPTS / "run_from_bundle.py"), str(tmp_path / "bundle"), "--out",
+                           str(tmp_path / "rebuilt"), "--data-dir", str(tiny_data_dir)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    original, _ = load_model_from_run(run)
+    rebuilt, rebuilt_config = load_model_from_run(tmp_path / "rebuilt")
+    x = float_images(16)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), original(x), atol=1e-4, rtol=0)
+    assert load_split(tmp_path / "rebuilt")["cal_indices"] == load_split(run)["cal_indices"]
+    assert rebuilt_config["rebuilt_from_bundle"]["parity_max_abs_logit_diff"] <= 1e-4
+    again = subprocess.run([sys.executable, str(SCRIPTS / "run_from_bundle.py"), str(tmp_path / "bundle"), "--out",
+                            str(tmp_path / "rebuilt")], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "exists" in again.stderr  # never over an existing directory
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
