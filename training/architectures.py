@@ -47,14 +47,19 @@ def register_architecture(name: str) -> Callable[[Callable[..., OODNet]], Callab
     return deco
 
 
+_COMPOSED = {"guarded"}  # built from trained models by `oodguard guard`, never trained themselves
+
+
 def list_architectures() -> list[str]:
-    return sorted(_ARCHITECTURES)
+    """The trainable architectures (`--model`); `create_model` also builds the composed `guarded`."""
+    return sorted(set(_ARCHITECTURES) - _COMPOSED)
 
 
 def create_model(name: str, num_classes: int = 10, **kwargs: Any) -> OODNet:
     """Build a registered model; unknown names raise ValueError listing the valid ones."""
     if name not in _ARCHITECTURES:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(list_architectures())}")
+    # (guarded is not listed: it is composed by `oodguard guard`, not trained)
     if int(num_classes) < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     model = _ARCHITECTURES[name](num_classes=int(num_classes), **kwargs)

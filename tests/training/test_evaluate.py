@@ -13,7 +13,11 @@ from oodguard.training.evaluate import ATTACK_PROTOCOLS, EvalConfig, evaluate_ru
 from oodguard.training.ood_metrics import METRIC_KEYS
 from oodguard.training.ood_sets import SYNTHETIC_SETS, load_ood_set, synthetic_images
 from oodguard.training.run_dir import RunData
-from oodguard.training.scores import SCORES, ScoreContext, attack_objective, fit_mahalanobis
+from oodguard.training.scores import SCORES as ALL_SCORES
+from oodguard.training.scores import ScoreContext, attack_objective, fit_mahalanobis
+
+# a classifier's scores (the detector's need a composed model: test_detector.py)
+SCORES = [n for n in ALL_SCORES if not ALL_SCORES[n].needs_detector]
 
 from ._eval_helpers import float_images, make_run, tiny_model
 

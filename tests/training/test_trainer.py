@@ -22,7 +22,7 @@ def test_each_method_runs_and_its_loss_falls(method, tiny_config):
     assert result.stopped == "completed" and result.step == 24 and len(losses) == 24
     assert all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-4:]) < 0.85 * np.mean(losses[:4]), losses
-    assert result.images_per_s > 0 and result.test_accuracy is not None
+    assert result.images_per_s > 0 and (result.test_accuracy is None) == (method == "disc")  # a detector has no classes
 
 
 def test_oe_methods_flatten_outlier_predictions(tiny_config, tiny_data_dir, tmp_path):
