@@ -131,6 +131,15 @@ def calibrate(run: Path, staging: Path, args: argparse.Namespace, log: Path) -> 
                          "--out", str(staging), "--no-tarball"], log)
 
 
+def install_bundle(staging: Path, bundle: Path, log: Path) -> None:
+    """Verify the staged bundle, replace `bundle` with it, verify the copy."""
+    run_oodguard(["bundle", "verify", str(staging)], log)
+    if bundle.exists():
+        shutil.rmtree(bundle)
+    shutil.copytree(staging, bundle)
+    run_oodguard(["bundle", "verify", str(bundle)], log)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(Path.home() / "oodguard-runs" / "default"), help="Directory for the runs.")
@@ -181,11 +190,7 @@ def main() -> None:
                                               "--shifts", "all"])
     timings["calibrate"] = calibrate(shipped, staging, args, log)  # reuses the score choice; adds attacked FPRs
     bundle = ROOT / args.bundle
-    run_oodguard(["bundle", "verify", str(staging)], log)
-    if bundle.exists():
-        shutil.rmtree(bundle)
-    shutil.copytree(staging, bundle)
-    run_oodguard(["bundle", "verify", str(bundle)], log)
+    install_bundle(staging, bundle, log)
 
     results = {"recipe": vars(args), "timings_s": timings, "runs": {}}
     for name in (*stages, *methods):

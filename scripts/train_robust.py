@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_default import ROOT, _train, run_oodguard  # noqa: E402  (the same stage runner as the default bundle)
+from train_default import ROOT, _train, install_bundle, run_oodguard  # noqa: E402  (the same stage runner as the default bundle)
 
 OOD_SETS = ("tinyimagenet", "gaussian", "uniform")
 
@@ -100,11 +100,7 @@ def main() -> None:
          "--out", str(guarded / "eval")], log)
     timings["calibrate"] = run_oodguard(calibrate, log)  # reuses the choice; adds the attacked FPRs
     bundle = ROOT / args.bundle
-    run_oodguard(["bundle", "verify", str(staging)], log)
-    if bundle.exists():
-        shutil.rmtree(bundle)
-    shutil.copytree(staging, bundle)
-    run_oodguard(["bundle", "verify", str(bundle)], log)
+    install_bundle(staging, bundle, log)
 
     results = {"recipe": vars(args), "timings_s": timings, "detector_checkpoint": checkpoint.name,
                "detector_validation": [json.loads(line) for line in (detector / "log.jsonl").read_text().splitlines()],

@@ -131,7 +131,9 @@ class CalibrateConfig:
         self.validation_forms = check_forms(self.validation_forms)
         if not self.calibration_forms:
             raise ValueError("--calibration-forms: give at least one form (e.g. stored)")
-        if self.auto_attack not in ("paper", "strong"):
+        from .score_selection import SELECTION_ATTACKS
+
+        if self.auto_attack not in SELECTION_ATTACKS:
             raise ValueError(f"--auto-attack must be 'paper' or 'strong', got {self.auto_attack!r}")
         if self.auto_samples < 1:
             raise ValueError("--auto-samples must be >= 1")

@@ -146,7 +146,9 @@ class EvalConfig:
         self.shifts = check_forms(self.shifts)
         if any(not 0.0 < e <= 1.0 for e in self.certify):
             raise ValueError(f"--certify radii must be in (0, 1] (pixel units, e.g. 1/255), got {self.certify}")
-        if self.certify and not {"msp", "energy", "detector"} & set(self.scores):
+        from .certify import CERTIFIABLE_SCORES
+
+        if self.certify and not set(CERTIFIABLE_SCORES) & set(self.scores):
             raise ValueError("--certify bounds msp, energy and (a composed run's) detector only; add one to --scores")
         if self.certify_samples is not None and self.certify_samples < 1:
             raise ValueError(f"--certify-samples must be >= 1, got {self.certify_samples}")

@@ -121,8 +121,7 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
         check_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite)
 
     # -- data: training split (calibration images held out), outliers — before anything is written ------
-    train_set, outlier_set, split = _load_training_data(cfg)
-    disc_val = _disc_validation_set(cfg, split) if info.is_main else None
+    train_set, outlier_set, split, disc_val = _load_training_data(cfg)
     if info.is_main:
         prepare_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite)
     ddp.barrier(info)
@@ -207,7 +206,7 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
                 epoch = in_stream.epoch + 1 if end_of_epoch else round(step / steps_per_epoch, 4)
                 record = _epoch_record(meter, info, device, epoch, step, lr, seconds_before + loop_seconds,
                                        has_outliers=x_out is not None)
-                if disc_val is not None:
+                if disc_val is not None and info.is_main:  # rank 0 validates (the others wait at the next collective)
                     record["disc_val"] = _disc_validate(cfg, raw_model, disc_val, device)
                 if info.is_main:
                     append_log(run_dir, record)
@@ -261,8 +260,10 @@ def _resumed_config(cfg: TrainConfig) -> TrainConfig:
     return replace(stored, model_kwargs=model_kwargs, **operational)
 
 
-def _load_training_data(cfg: TrainConfig) -> tuple[ImageSet, ImageSet | None, dict[str, Any]]:
-    """(training images minus the calibration split [and subset], outliers or None, split record)."""
+def _load_training_data(cfg: TrainConfig) -> tuple[ImageSet, ImageSet | None, dict[str, Any],
+                                                   tuple[torch.Tensor, torch.Tensor] | None]:
+    """(training images minus the calibration split [and subset], outliers or None, split record, the detector's
+    validation images or None)."""
     kw = {"data_dir": cfg.data_dir, "cache_dir": cfg.cache_dir, "on_corrupt": cfg.on_corrupt}
     full = load_in_distribution(cfg.data, "train", **kw)
     if cfg.calibration_size >= len(full) // 2:
@@ -277,13 +278,14 @@ def _load_training_data(cfg: TrainConfig) -> tuple[ImageSet, ImageSet | None, di
         train_idx = np.sort(np.random.default_rng(cfg.split_seed + 1).choice(train_idx, cfg.subset, replace=False))
         split["subset_indices"] = train_idx.tolist()
     split["train_size"] = len(train_idx)
-    outliers = None
+    outliers = disc_val = None
     if cfg.method in USES_OUTLIERS:
         outliers = load_outliers(cfg.outliers, **kw)
         keep, held_out = outlier_holdout(outliers, cfg.outlier_holdout, cfg.split_seed)
         split["outlier_holdout"] = {"source": outliers.source, "sha256": outliers.sha256, **held_out}
+        disc_val = _disc_validation_set(cfg, full, cal_idx, held_out_outliers(outliers, split["outlier_holdout"]))
         outliers = outliers.subset(keep)
-    return full.subset(train_idx), outliers, split
+    return full.subset(train_idx), outliers, split, disc_val
 
 
 def _batch_streams(cfg: TrainConfig, info: ddp.DistInfo, train_set: ImageSet, outlier_set: ImageSet | None,
@@ -530,16 +532,13 @@ def _save(state: _TrainState, cfg: TrainConfig, info: ddp.DistInfo, run_dir: Pat
 _DISC_VAL_ATTACK_STEPS = 10
 
 
-def _disc_validation_set(cfg: TrainConfig, split: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(calibration-split images, held-out-class outliers), `disc_val_samples` of each, seeded: validation data
-    only (neither is trained on), for `disc` runs; None otherwise."""
+def _disc_validation_set(cfg: TrainConfig, full: ImageSet, cal: np.ndarray,
+                         held: ImageSet) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(calibration-split images of `full`, held-out-class outliers `held`), `disc_val_samples` of each, seeded:
+    validation data only (neither is trained on), for `disc` runs; None otherwise."""
     if cfg.method != "disc" or cfg.disc_val_samples <= 0:
         return None
-    kw = {"data_dir": cfg.data_dir, "cache_dir": cfg.cache_dir, "on_corrupt": cfg.on_corrupt}
     rng = np.random.default_rng(cfg.split_seed + 3)
-    full = load_in_distribution(cfg.data, "train", **kw)
-    cal = np.asarray(split["cal_indices"], dtype=np.int64)
-    held = held_out_outliers(load_outliers(cfg.outliers, **kw), split["outlier_holdout"])
     if len(cal) == 0 or len(held) == 0:
         log.warning("disc validation off: it needs a calibration split and held-out outlier classes")
         return None
