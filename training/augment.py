@@ -7,6 +7,8 @@ of any size that the service resizes to 32x32. So each training image (inliers a
 the same distribution, before the attack) is, with probability `p_apply`, re-rendered as a random upload
 (the rest pass as stored: the native form is also an upload, and the commonest):
 
+0. with probability `p_blur`, softened by a Gaussian blur of radius drawn from `blur_radius` (off by default) —
+   a soft photo, or a tool's smoothing; on both sides alike it keeps sharpness from telling the sets apart;
 1. with probability `p_rescale`, resized to a random upload size (each side 24..128 px, independently,
    so non-square too) with a random Pillow filter — what a user's tool did to it;
 2. stored as that upload: lossless (PNG-like: pixels unchanged) with probability `p_lossless`, else JPEG
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from .data import pil_to_array
 
@@ -44,10 +46,14 @@ class UploadAugment:
     max_side: int = 128
     p_lossless: float = 0.3  # probability the upload is lossless (PNG); else JPEG
     quality: tuple[int, int] = (20, 95)  # JPEG quality range (inclusive)
+    p_blur: float = 0.0  # probability of a Gaussian blur first (radius uniform in blur_radius, pixels)
+    blur_radius: tuple[float, float] = (0.3, 1.0)
 
     def __post_init__(self) -> None:
-        if not (0 <= self.p_apply <= 1 and 0 <= self.p_rescale <= 1 and 0 <= self.p_lossless <= 1):
-            raise ValueError("p_apply, p_rescale and p_lossless must be probabilities")
+        if not all(0 <= p <= 1 for p in (self.p_apply, self.p_rescale, self.p_lossless, self.p_blur)):
+            raise ValueError("p_apply, p_rescale, p_lossless and p_blur must be probabilities")
+        if not 0 < self.blur_radius[0] <= self.blur_radius[1]:
+            raise ValueError("blur radius range must be positive, low <= high")
         if not 1 <= self.min_side <= self.max_side:
             raise ValueError("need 1 <= min_side <= max_side")
         if not 1 <= self.quality[0] <= self.quality[1] <= 100:
@@ -57,15 +63,16 @@ class UploadAugment:
               workers: int = 1) -> np.ndarray:
         """uint8 (N, H, W, 3) -> uint8 (N, H, W, 3): each image re-rendered as a random upload; with a process
         `pool` of `workers`, in that many slices at once."""
-        # every random number up front, from the torch generator (resumable), one row per image
-        u = torch.rand(len(images), 7, generator=generator).numpy()
+        # every random number up front, from the torch generator (resumable), one row per image; the blur's two
+        # columns only when it is on, so runs without it draw exactly what they drew before it existed
+        u = torch.rand(len(images), 9 if self.p_blur > 0 else 7, generator=generator).numpy()
         if pool is None or workers <= 1 or len(images) < 2 * workers:
             return self.render(images, u)
         slices = np.array_split(np.arange(len(images)), workers)
         return np.concatenate(list(pool.map(self.render, [images[s] for s in slices], [u[s] for s in slices])))
 
     def render(self, images: np.ndarray, u: np.ndarray) -> np.ndarray:
-        """The uploads for the random rows `u` (N, 7) in [0, 1), one per image: deterministic given u."""
+        """The uploads for the random rows `u` (N, 7, or 9 with blur) in [0, 1), one per image: deterministic given u."""
         n, h, w, _ = images.shape
         out = np.empty_like(images)
         for i in range(n):
@@ -76,6 +83,9 @@ class UploadAugment:
         if u[6] >= self.p_apply:
             return pixels
         img = Image.fromarray(pixels)
+        if self.p_blur > 0 and u[7] < self.p_blur:
+            lo, hi = self.blur_radius
+            img = img.filter(ImageFilter.GaussianBlur(radius=float(lo + u[8] * (hi - lo))))
         if u[0] < self.p_rescale:
             span = self.max_side - self.min_side + 1
             upload = (self.min_side + int(u[1] * span), self.min_side + int(u[2] * span))

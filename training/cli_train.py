@@ -94,6 +94,11 @@ def train_command(
     upload_augment_p: Optional[float] = _opt("--upload-augment-p", key="upload_augment_p",
                                              help="Fraction of the images re-rendered as uploads (the rest pass as "
                                              "stored), inliers and outliers alike."),
+    upload_quality_min: Optional[int] = _opt("--upload-quality-min", key="upload_quality_min",
+                                             help="Lowest JPEG quality of an upload (drawn uniformly up to 95)."),
+    upload_blur_p: Optional[float] = _opt("--upload-blur-p", key="upload_blur_p",
+                                          help="Fraction of the uploads softened by a Gaussian blur (radius 0.3-1 px) "
+                                          "first, inliers and outliers alike: sharpness cannot tell them apart."),
     crop_pad: Optional[int] = _opt("--crop-pad", key="crop_pad", help="Random translation of up to N pixels (+ flip)."),
     label_smoothing: Optional[float] = _opt("--label-smoothing", key="label_smoothing",
                                             help="Label smoothing of the in-distribution cross-entropy."),
@@ -174,7 +179,8 @@ def train_command(
         method=method, model=model, data=_existing_path_or_name(data), outliers=_existing_path_or_name(outliers),
         data_dir=data_dir, cache_dir=cache_dir, on_corrupt=on_corrupt, subset=subset,
         calibration_size=calibration_size, split_seed=split_seed, outlier_holdout=outlier_holdout,
-        upload_augment=upload_augment, upload_augment_p=upload_augment_p, crop_pad=crop_pad, label_smoothing=label_smoothing, out=str(out), resume=resume, overwrite=overwrite,
+        upload_augment=upload_augment, upload_augment_p=upload_augment_p, upload_quality_min=upload_quality_min,
+        upload_blur_p=upload_blur_p, crop_pad=crop_pad, label_smoothing=label_smoothing, out=str(out), resume=resume, overwrite=overwrite,
         init_from=str(Path(init_from).resolve()) if init_from else None,
         seed=seed, epochs=epochs, max_steps=max_steps, time_budget=time_budget,
         fit_schedule_to_budget=fit_schedule_to_budget, stop_at_step=stop_at_step, batch_size=batch_size,

@@ -75,7 +75,42 @@ def test_upload_augment_draws_every_form():
     assert len(np.unique(np.round(diffs[diffs > 0], 4))) > 30  # many JPEG qualities / subsamplings, not one
 
 
-@pytest.mark.parametrize("bad", [dict(p_rescale=1.5), dict(p_apply=-0.1), dict(min_side=0), dict(quality=(90, 20))])
+def test_upload_blur_softens_at_its_rate_and_leaves_runs_without_it_unchanged():
+    """Blur lowers the high-frequency energy of the images it touches, at rate p_blur; with p_blur 0 the
+    draws (so the pixels of a resumed old run) are exactly those of the augmentation before blur existed."""
+    x = np.random.default_rng(5).integers(0, 256, (400, 32, 32, 3), dtype=np.uint8)  # noise: all high frequency
+    lossless = dict(p_rescale=0.0, p_lossless=1.0)
+    y = UploadAugment(p_blur=0.5, **lossless).apply(x, torch.Generator().manual_seed(3))
+    blurred = np.array([not np.array_equal(a, b) for a, b in zip(x, y)])
+    assert 0.4 < blurred.mean() < 0.6
+
+    def roughness(im):
+        return np.abs(np.diff(im.astype(int), axis=1)).mean()
+
+    assert all(roughness(b) < 0.85 * roughness(a) for a, b, hit in zip(x, y, blurred) if hit)  # radius 0.3: ~0.8
+    g1 = torch.Generator().manual_seed(8)
+    np.testing.assert_array_equal(UploadAugment(p_blur=0.0).apply(x[:50], g1),
+                                  UploadAugment().apply(x[:50], torch.Generator().manual_seed(8)))
+    g2 = torch.Generator().manual_seed(8)
+    torch.rand(50, 7, generator=g2)  # what the augmentation drew before blur existed: 7 numbers per image
+    assert torch.equal(torch.rand(4, generator=g1), torch.rand(4, generator=g2))
+
+
+def test_upload_quality_floor_is_respected():
+    """quality=(q, q): every JPEG upload is exactly that quality (compare with a direct encode)."""
+    x = _images(20)
+    y = UploadAugment(p_rescale=0.0, p_lossless=0.0, quality=(10, 10)).apply(x, torch.Generator().manual_seed(0))
+    for a, b in zip(x, y):
+        candidates = []
+        for sub in (2, 0):
+            buf = io.BytesIO()
+            Image.fromarray(a).save(buf, format="JPEG", quality=10, subsampling=sub)
+            candidates.append(np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")))
+        assert any(np.array_equal(b, c) for c in candidates)
+
+
+@pytest.mark.parametrize("bad", [dict(p_rescale=1.5), dict(p_apply=-0.1), dict(min_side=0), dict(quality=(90, 20)),
+                                 dict(p_blur=2.0), dict(blur_radius=(0.0, 1.0)), dict(blur_radius=(1.0, 0.5))])
 def test_upload_augment_rejects_bad_settings(bad):
     with pytest.raises(ValueError):
         UploadAugment(**bad)

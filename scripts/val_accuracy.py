@@ -1,0 +1,66 @@
+"""Validation accuracy of trained runs: the calibration split (never trained on), with and without flips.
+
+Recipe choices (augmentation strength, epochs, flip averaging) are made on these numbers, not on the test
+set; `--test` adds the CIFAR-10 test accuracy for reporting. Each run's final weights (checkpoints/last.pt)
+are measured on the images of its own calibration split (split.json), one view and flip-averaged.
+
+    python scripts/val_accuracy.py ~/oodguard-runs/exp/ab_p0 ~/oodguard-runs/default/pretrain --test \
+        --out docs/bench/val_accuracy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def main() -> None:
+    from oodguard.training.data import load_in_distribution
+    from oodguard.training.loop_parts import accuracy
+    from oodguard.training.run_dir import load_model_from_run, load_split
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path, help="Run directories.")
+    ap.add_argument("--test", action="store_true", help="Also measure CIFAR-10 test accuracy (reporting only).")
+    ap.add_argument("--out", type=Path, default=None, help="Write the numbers to this JSON file too.")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+
+    train = load_in_distribution("cifar10", "train")
+    test = load_in_distribution("cifar10", "test") if args.test else None
+    rows = []
+    for run in args.runs:
+        run = run.expanduser()
+        split = load_split(run)
+        if "cal_indices" not in split:
+            raise SystemExit(f"{run}: split.json records no calibration split")
+        cal = np.asarray(split["cal_indices"])
+        model, config = load_model_from_run(run, map_location="cpu")
+        train_cfg = config.get("train", {})
+        row = {"run": str(run), "method": train_cfg.get("method"), "model": train_cfg.get("model"),
+               "epochs": train_cfg.get("epochs"), "upload_augment_p": train_cfg.get("upload_augment_p"),
+               "validation_images": int(len(cal))}
+        for flip in (False, True):
+            model.flip_average = flip
+            tag = "flip" if flip else "one_view"
+            row[f"validation_accuracy_{tag}"] = accuracy(model, train.images[cal], train.labels[cal], device)
+            if test is not None:
+                row[f"test_accuracy_{tag}"] = accuracy(model, test.images, test.labels, device)
+        rows.append(row)
+        print(f"{run}: validation {100 * row['validation_accuracy_one_view']:.2f}% "
+              f"(flip-averaged {100 * row['validation_accuracy_flip']:.2f}%, n={len(cal)})"
+              + ("" if test is None else f"  test {100 * row['test_accuracy_one_view']:.2f}% "
+                 f"(flip-averaged {100 * row['test_accuracy_flip']:.2f}%, n={len(test.labels)})"), flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
