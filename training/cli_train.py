@@ -98,7 +98,7 @@ def train_command(
                                              help="Lowest JPEG quality of an upload (drawn uniformly up to 95)."),
     upload_blur_p: Optional[float] = _opt("--upload-blur-p", key="upload_blur_p",
                                           help="Fraction of the uploads softened by a Gaussian blur (radius 0.3-1 px) "
-                                          "first, inliers and outliers alike: sharpness cannot tell them apart."),
+                                          "first, inliers and outliers alike (off; its measured effect: docs/results.md)."),
     crop_pad: Optional[int] = _opt("--crop-pad", key="crop_pad", help="Random translation of up to N pixels (+ flip)."),
     label_smoothing: Optional[float] = _opt("--label-smoothing", key="label_smoothing",
                                             help="Label smoothing of the in-distribution cross-entropy."),
