@@ -3,7 +3,7 @@
 For each run, `--n` calibration-split images (never trained on) and `--n` images of the held-out outlier
 classes (never trained on) are uploaded in every form of training/shifts.py and decoded as the service
 decodes them; the served model (flip averaging as configured) scores them with `--score`. Each form is judged
-at its own TPR95 threshold (what the form-conditional bundle does), so the FPR column is what that form lets
+at its own TPR95 threshold, set by calibrate's rule (`threshold_for_tpr`, what the form-conditional bundle does), so the FPR column is what that form lets
 through; the spread of FPR across forms is issue 12's "no form may move the score" on validation data, never
 on a test set.
 
@@ -22,10 +22,12 @@ import torch
 
 
 def main() -> None:
+    from oodguard.training.calibrate import threshold_for_tpr
     from oodguard.training.data import iterate_batches
     from oodguard.training.ood_metrics import ood_metrics
     from oodguard.training.run_dir import RunData, RunDirError
     from oodguard.training import scores as score_fns
+    from oodguard.training.ood_sets import subset_indices
     from oodguard.training.shifts import FORMS, render_form
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -52,13 +54,13 @@ def main() -> None:
             cal, out = run.calibration_set(), run.outlier_validation_set()
         except RunDirError as e:
             raise SystemExit(f"form_validation: {e}") from None
-        cal_x = cal.images[np.sort(np.random.default_rng(0).permutation(len(cal))[: args.n])]
-        out_x = out.images[np.sort(np.random.default_rng(1).permutation(len(out))[: args.n])]
+        cal_x = cal.images[subset_indices(len(cal), args.n, seed=0)]
+        out_x = out.images[subset_indices(len(out), args.n, seed=1)]
         row = {"run": str(run_dir), "score": args.score, "flip_average": bool(getattr(model, "flip_average", False)),
                "n_in": int(len(cal_x)), "n_out": int(len(out_x)), "forms": {}}
         for form in forms:
             s_in, s_out = scores(model, render_form(cal_x, form)), scores(model, render_form(out_x, form))
-            threshold = np.quantile(s_in, 0.05)  # this form's own TPR95 point
+            threshold = threshold_for_tpr(np.sort(s_in), 0.95)  # this form's own TPR95 point
             m = ood_metrics(s_in, s_out)
             row["forms"][form] = {"fpr_at_own_tpr95": float((s_out >= threshold).mean()), "auroc": m["auroc"]}
             print(f"{run_dir.name:>14} {form:>11}: FPR at its TPR95 {100 * row['forms'][form]['fpr_at_own_tpr95']:5.1f}%"

@@ -22,9 +22,8 @@ import torch
 
 
 def main() -> None:
-    from oodguard.training.data import load_in_distribution
     from oodguard.training.loop_parts import accuracy
-    from oodguard.training.run_dir import load_model_from_run, load_split
+    from oodguard.training.run_dir import RunData, RunDirError
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path, help="Run directories.")
@@ -36,31 +35,30 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
 
-    train = load_in_distribution("cifar10", "train")
-    test = load_in_distribution("cifar10", "test") if args.test else None
     rows = []
-    for run in args.runs:
-        run = run.expanduser()
-        split = load_split(run)
-        if "cal_indices" not in split:
-            raise SystemExit(f"{run}: split.json records no calibration split")
-        cal = np.asarray(split["cal_indices"])
-        model, config = load_model_from_run(run, map_location="cpu")
+    for run_dir in args.runs:
+        try:  # the run's own data (its recorded spec, checked against split.json's sha256) and calibration split
+            run = RunData.open(run_dir.expanduser())
+            model, config = run.load_model()
+            cal = run.calibration_set()
+            test = run.test_set() if args.test else None
+        except RunDirError as e:
+            raise SystemExit(f"val_accuracy: {e}") from None
         train_cfg = config.get("train", {})
-        row = {"run": str(run), "method": train_cfg.get("method"), "model": train_cfg.get("model"),
+        row = {"run": str(run_dir), "method": train_cfg.get("method"), "model": train_cfg.get("model"),
                "epochs": train_cfg.get("epochs"), "upload_augment_p": train_cfg.get("upload_augment_p"),
                "validation_images": int(len(cal))}
         for flip in (False, True):
             model.flip_average = flip
             tag = "flip" if flip else "one_view"
-            row[f"validation_accuracy_{tag}"] = accuracy(model, train.images[cal], train.labels[cal], device)
+            row[f"validation_accuracy_{tag}"] = accuracy(model, cal.images, cal.labels, device)
             if test is not None:
                 row[f"test_accuracy_{tag}"] = accuracy(model, test.images, test.labels, device)
         if args.translate:
             model.flip_average = False
-            row["validation_accuracy_flip_translate"] = _flip_translate_accuracy(model, train.images[cal], train.labels[cal])
+            row["validation_accuracy_flip_translate"] = _flip_translate_accuracy(model, cal.images, cal.labels)
         rows.append(row)
-        print(f"{run}: validation {100 * row['validation_accuracy_one_view']:.2f}% "
+        print(f"{run_dir}: validation {100 * row['validation_accuracy_one_view']:.2f}% "
               f"(flip-averaged {100 * row['validation_accuracy_flip']:.2f}%, n={len(cal)})"
               + ("" if test is None else f"  test {100 * row['test_accuracy_one_view']:.2f}% "
                  f"(flip-averaged {100 * row['test_accuracy_flip']:.2f}%, n={len(test.labels)})")
