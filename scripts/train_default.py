@@ -35,7 +35,7 @@ Usage: python scripts/train_default.py [--out DIR] [--pretrain-epochs 12] [--res
 (the defaults are the CPU recipe of docs/results.md: ~2.3 h of training on 2 quiet cores, 89.1% test accuracy;
 --restart-epochs 0 saves ~70 min for ~0.3 points of pre-training accuracy; airbench95's widths, measured for issue 12:
 --widths 128,384,384 --pretrain-lr 1.1 --pretrain-epochs 15 --restart-epochs 0, 1.84 h of pre-training to 91.3% test
-accuracy flip-averaged, before a fine-tune of ~1-1.4 h)
+accuracy flip-averaged, then ~66 min of ALOE fine-tuning)
 """
 
 from __future__ import annotations
