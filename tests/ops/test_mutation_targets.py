@@ -5,19 +5,15 @@ would only print a warning and silently leave code unmutated)."""
 from __future__ import annotations
 
 import ast
-import importlib.util
-import sys
 from pathlib import Path
+
+from ._scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("mutation_script", ROOT / "scripts" / "mutation.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("mutation")
 
 
 def _defined(path: Path) -> set[str]:

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "render_results.py"
+from ._scripts import load_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("render_results", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("render_results")
 
 
 def _metrics(auroc: float, fpr: float, n: int = 10) -> dict:

@@ -4,24 +4,18 @@ flip averaging only the served fine-tune, and a malformed --widths is a CLI erro
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_default.py"
+from ._scripts import SCRIPTS, load_script
 
-
-def _module():
-    spec = importlib.util.spec_from_file_location("train_default", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+SCRIPT = SCRIPTS / "train_default.py"
 
 
 def _stage_args(monkeypatch, **overrides) -> dict[str, list[str]]:
-    mod = _module()
+    mod = load_script("train_default")
     seen: dict[str, list[str]] = {}
     monkeypatch.setattr(mod, "_train", lambda run, args, log: seen.setdefault(run.name, args) and 0.0)
     args = argparse.Namespace(threads=1, pretrain_epochs=15, pretrain_lr=None, widths=None, restart_epochs=3,

@@ -3,32 +3,19 @@ rebuilt from a bundle's graph: the same function, the same calibration split).""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(SCRIPTS))
-    return module
+from ._scripts import SCRIPTS, load_script
 
 
 def test_the_detector_epoch_is_chosen_by_validation_auroc_under_attack(tmp_path):
-    train_robust = _load("train_robust")
+    train_robust = load_script("train_robust")
     run = tmp_path / "detector"
     (run / "checkpoints").mkdir(parents=True)
     records = [{"epoch": 1, "disc_val": {"auroc_clean": 0.90, "auroc_pgd": 0.40}},

@@ -10,9 +10,7 @@ node's box, so a wrong rule is caught even where the final bound has slack to hi
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -355,10 +353,9 @@ def test_evaluate_reports_guaranteed_auroc(tmp_path, tiny_data_dir):
     md = (tmp_path / "eval" / "eval.md").read_text()
     assert "| gaussian | certified (IBP), ε = 1/255 (n = 40 + 40) |" in md
     # the docs table (scripts/render_results.py --certified): real sets first, noise marked
-    script = Path(__file__).resolve().parents[2] / "scripts" / "render_results.py"
-    spec = importlib.util.spec_from_file_location("render_results", script)
-    render = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(render)
+    from ..ops._scripts import load_script
+
+    render = load_script("render_results")
     table = render.render_certified(on_disk)
     g = report["results"]["energy"]["gaussian"][rows[1]]
     assert table.index("| tinyimagenet | 1/255 | 40 + 40 |") < table.index("| gaussian (synthetic) | 1/255 |")
