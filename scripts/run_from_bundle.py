@@ -9,8 +9,11 @@ within 1e-4 or nothing is written.
 
 Works for the conv / BN / activation / pooling / linear graphs of `fast_cnn` and `small_cnn`. Use: evaluate a
 shipped model under attack, or compose it with a detector (`oodguard guard`), when only the bundle is left.
+`--flip-average` rebuilds it as the test-time-flip-averaged model (same weights, parity checked before the option
+is set): how the shipped `default:20261201.2` was made from `default:20261201.1` (scripts/train_default.py
+--finetuned).
 
-    python scripts/run_from_bundle.py models/default --out ~/oodguard-runs/default-from-bundle
+    python scripts/run_from_bundle.py models/default --out ~/oodguard-runs/default-from-bundle [--flip-average]
 """
 
 from __future__ import annotations
@@ -72,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--out", type=Path, required=True, help="new run directory (must not exist)")
     parser.add_argument("--data-dir", default=None, help="where the named datasets live (default: ../shared/datasets)")
+    parser.add_argument("--flip-average", action="store_true",
+                        help="the rebuilt run's model averages each image's and its mirror image's features in eval "
+                             "mode (the model option `flip_average`; weights unchanged, checked for parity before)")
     args = parser.parse_args(argv)
     if args.out.exists():
         parser.error(f"--out {args.out} exists; choose a new directory")
@@ -105,12 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     if diff > PARITY_ATOL:
         raise SystemExit(f"rebuilt model differs from the bundle's graph by {diff:.2e} (> {PARITY_ATOL}): not written")
 
+    if args.flip_average:  # after the parity check: the bundle's graph is the single-view model
+        model_config["flip_average"] = True
+        train_cfg["model_kwargs"] = {**(train_cfg.get("model_kwargs") or {}), "flip_average": True}
+        config["model_config"] = model_config
     args.out.mkdir(parents=True)
     record = {**config, "train": {**train_cfg, "out": str(args.out)},
               "rebuilt_from_bundle": {"bundle": str(args.bundle), "name": manifest["name"], "version": manifest["version"],
                                       "onnx_sha256": manifest["files"]["model.onnx"],
                                       "original_checkpoint_sha256": manifest["lineage"].get("checkpoint_sha256"),
-                                      "parity_max_abs_logit_diff": diff}}
+                                      "parity_max_abs_logit_diff": diff, "flip_average_added": args.flip_average}}
     write_run_record(args.out, record, split)
     save_last_checkpoint(args.out, {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "model_config": model_config,
                                     "config": record["train"], "step": 0, "epoch": 0.0, "train_seconds": 0.0,

@@ -15,7 +15,7 @@ The CPU recipe (2 cores; every stage resumable — run the script again and it c
    of 128 inliers + 128 outliers (the outlier set minus the 10% of its classes held out for validation), both
    attacked with L∞ PGD at ε = 1/255 (2 steps of 1/255), every image of both sides re-rendered as an upload,
    λ = 0.5, lr FINETUNE_LR after 50 warm-up steps, cosine to 0. ALOE costs ~6 plain steps per inlier (two
-   attacks plus the joint step), which is why it fine-tunes. With --flip-average (the default) the run's model
+   attacks plus the joint step), which is why it fine-tunes. With --flip-average (the default) every stage's model
    averages each image's and its mirror image's features in eval mode: evaluation, attacks, the exported graph
    and the service all see that model; training is unchanged (one view, flips in the augmentation).
 3. `oodguard export` (msp, energy, mahalanobis in the graph), `oodguard calibrate --score auto` (the
@@ -30,6 +30,9 @@ Runs live in --out (default ~/oodguard-runs/default: outside the work tree, so a
 The shipped bundle's training ran on one GPU instead (`make train-default-gpu`: scripts/train_gpu.sh trains
 `pretrain` and `aloe` with wall-clock budgets, then this script, given the same --out and --restart-epochs 0,
 finds both completed and does steps 3-5).
+
+`--finetuned RUN` skips training and does steps 3-5 on RUN (how `default:20261201.2` was made: the GPU-trained
+`default:20261201.1` rebuilt with flip averaging by `scripts/run_from_bundle.py --flip-average`).
 
 Usage: python scripts/train_default.py [--out DIR] [--pretrain-epochs 12] [--restart-epochs 20] [--finetune-epochs 2]
 (the defaults are the CPU recipe of docs/results.md: ~2.3 h of training on 2 quiet cores, 89.1% test accuracy;
@@ -63,11 +66,13 @@ SAVE_EVERY_STEPS = 25
 OPERATIONAL_FLAGS = ["--no-progress", "--keep-epoch-checkpoints", "--save-every-steps", str(SAVE_EVERY_STEPS)]
 
 
-def model_kwargs_args(args: argparse.Namespace, flip_average: bool = False) -> list[str]:
+def model_kwargs_args(args: argparse.Namespace) -> list[str]:
     """`--model-kwargs` for a stage: the network's widths (every stage the same, or --init-from refuses the
-    weights) and, for the served fine-tune, flip averaging (the served model averages mirror views)."""
+    weights) and flip averaging (the served model averages mirror views). Flip averaging changes only eval
+    mode, so every stage gets it: training is the same, and each stage's logged test accuracy is the served
+    view's."""
     kwargs = {"widths": args.widths} if args.widths else {}
-    if flip_average:
+    if getattr(args, "flip_average", False):
         kwargs["flip_average"] = True
     return ["--model-kwargs", json.dumps(kwargs)] if kwargs else []
 
@@ -124,7 +129,7 @@ def finetune_run(method: str, pretrained: Path, run: Path, args: argparse.Namesp
                         "--init-from", str(pretrained), "--epochs", str(args.finetune_epochs),
                         "--lr", str(args.finetune_lr), "--warmup-steps", "50", "--warmup-frac", "0",
                         "--batch-size", "128", "--outlier-batch-size", "128", "--upload-augment-p", "1",
-                        *model_kwargs_args(args, flip_average=getattr(args, "flip_average", False))], log)
+                        *model_kwargs_args(args)], log)
 
 
 def evaluate_run(run: Path, out: Path, attacks: str, samples: int, log: Path, scores: str = "msp,energy",
@@ -175,7 +180,8 @@ def main() -> None:
     ap.add_argument("--finetune-epochs", type=int, default=2)
     ap.add_argument("--finetune-lr", type=float, default=0.05)
     ap.add_argument("--flip-average", action=argparse.BooleanOptionalAction, default=True,
-                    help="Serve the fine-tuned model with test-time flip averaging (in its graph; training unchanged).")
+                    help="Serve the model with test-time flip averaging (in its graph; every stage's model evaluates "
+                         "that way, training unchanged).")
     ap.add_argument("--methods", default="aloe", help="Fine-tuning methods; the first is shipped.")
     ap.add_argument("--eval-samples", type=int, default=2000, help="Images per set, clean and shifted.")
     ap.add_argument("--paper-samples", type=int, default=1000, help="Images per side under the paper attack.")
@@ -184,6 +190,9 @@ def main() -> None:
     ap.add_argument("--bundle", default="models/default", help="Where the shipped bundle goes.")
     ap.add_argument("--version", default=time.strftime("%Y%m%d", time.gmtime()), help="Bundle version.")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--finetuned", default=None,
+                    help="Ship this already fine-tuned run (e.g. rebuilt from a bundle by scripts/run_from_bundle.py) "
+                         "instead of training: steps 3-5 only, on it.")
     args = ap.parse_args()
 
     out = Path(args.out).expanduser().resolve()
@@ -192,18 +201,26 @@ def main() -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     timings: dict[str, float] = {}
 
-    pre = out / "pretrain"
-    timings["pretrain"] = pretrain_run(pre, args, log)
-    stages = ["pretrain"]
-    if args.restart_epochs > 0:
-        restarted = out / "pretrain_restart"
-        timings["pretrain_restart"] = restart_run(pre, restarted, args, log)
-        stages.append("pretrain_restart")
-        pre = restarted
-    for method in methods:
-        timings[f"finetune_{method}"] = finetune_run(method, pre, out / method, args, log)
+    stages: list[str] = []
+    if args.finetuned:
+        shipped = Path(args.finetuned).expanduser().resolve()
+        if not (shipped / "checkpoints" / "last.pt").is_file():
+            sys.exit(f"--finetuned {shipped}: not a run directory (no checkpoints/last.pt)")
+        runs = {"finetuned": shipped}
+    else:
+        pre = out / "pretrain"
+        timings["pretrain"] = pretrain_run(pre, args, log)
+        stages = ["pretrain"]
+        if args.restart_epochs > 0:
+            restarted = out / "pretrain_restart"
+            timings["pretrain_restart"] = restart_run(pre, restarted, args, log)
+            stages.append("pretrain_restart")
+            pre = restarted
+        for method in methods:
+            timings[f"finetune_{method}"] = finetune_run(method, pre, out / method, args, log)
+        shipped = out / methods[0]
+        runs = {name: out / name for name in (*stages, *methods)}
 
-    shipped = out / methods[0]
     staging = out / "bundle"
     timings["export"] = run_oodguard(["export", str(shipped), "--scores", "msp,energy,mahalanobis"], log)
     timings["select_and_calibrate"] = calibrate(shipped, staging, args, log)
@@ -218,8 +235,7 @@ def main() -> None:
     install_bundle(staging, bundle, log)
 
     results = {"recipe": vars(args), "timings_s": timings, "runs": {}}
-    for name in (*stages, *methods):
-        run = out / name
+    for name, run in runs.items():
         # each stage's own config (epochs or time budget, device): a stage trained by scripts/train_gpu.sh
         # says so here, whatever this invocation's flags were
         results["runs"][name] = {"train_end": json.loads((run / "summary.json").read_text()),
@@ -229,7 +245,7 @@ def main() -> None:
     results["bundle_metrics"] = json.loads((bundle / "manifest.json").read_text())["metrics"]
     (ROOT / "docs").mkdir(exist_ok=True)
     (ROOT / "docs" / "results-default.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    train_s = sum(results["runs"][n]["train_end"].get("train_seconds", 0.0) for n in (*stages, *methods))
+    train_s = sum(r["train_end"].get("train_seconds", 0.0) for r in results["runs"].values())
     print(f"training {train_s / 3600:.2f} h (pretrain + fine-tune, as logged); this invocation "
           f"{sum(timings.values()) / 60:.1f} min -> {bundle}")
 

@@ -9,6 +9,9 @@
 #      set minus its 10% held-out validation classes), both attacked by L-inf PGD at eps 1/255 (2 steps),
 #      lambda 0.5, lr 0.03 cosine to 0, the same augmentation on both sides.
 #
+# Both stages' models average each image's and its mirror image's features in eval mode (`flip_average`: training
+# unchanged, evaluation and the exported graph see the averaged model), as scripts/train_default.py's do.
+#
 # Export, calibration (--score auto) and evaluation need no GPU: run them on the CPU afterwards
 # (scripts/train_default.py with --out pointing at the same directory picks the finished stages up).
 #
@@ -29,7 +32,7 @@ device=${DEVICE:-cuda}
 
 common=(--model fast_cnn --data cifar10 --outliers tinyimagenet --data-dir "$data_dir" --seed 1
         --device "$device" --no-compile --no-progress --time-budget "$seconds" --fit-schedule
-        --epochs "$epochs_cap" --save-every-steps 200 ${EXTRA_ARGS:-})
+        --epochs "$epochs_cap" --save-every-steps 200 --model-kwargs '{"flip_average": true}' ${EXTRA_ARGS:-})
 
 # a stage that finished (its schedule completed, or it stopped cleanly at its budget) is kept: re-running the
 # recipe after a failed ALOE stage does not redo the pre-training. FORCE=1 trains it again; a stage that

@@ -1,5 +1,5 @@
-"""scripts/train_default.py: --widths reaches every training stage (or --init-from would refuse the weights),
-flip averaging only the served fine-tune, and a malformed --widths is a CLI error naming the problem."""
+"""scripts/train_default.py: --widths and flip averaging reach every training stage (or --init-from would refuse
+the weights; flip averaging changes only evaluation), and a malformed --widths is a CLI error naming the problem."""
 
 from __future__ import annotations
 
@@ -32,20 +32,20 @@ def _model_kwargs(stage: list[str]) -> dict | None:
     return json.loads(stage[stage.index("--model-kwargs") + 1]) if "--model-kwargs" in stage else None
 
 
-def test_widths_reach_every_stage_and_flip_averaging_only_the_fine_tune(monkeypatch):
+def test_widths_and_flip_averaging_reach_every_stage(monkeypatch):
     seen = _stage_args(monkeypatch, widths=[128, 384, 384], pretrain_lr=1.1)
-    assert _model_kwargs(seen["pretrain"]) == {"widths": [128, 384, 384]}
-    assert _model_kwargs(seen["restart"]) == {"widths": [128, 384, 384]}
-    assert _model_kwargs(seen["aloe"]) == {"widths": [128, 384, 384], "flip_average": True}
+    for stage in ("pretrain", "restart", "aloe"):
+        assert _model_kwargs(seen[stage]) == {"widths": [128, 384, 384], "flip_average": True}, stage
     pre = seen["pretrain"]
     assert pre[pre.index("--lr") + 1] == "1.1"
 
 
 def test_default_widths_leave_the_recipe_alone(monkeypatch):
     seen = _stage_args(monkeypatch)
-    assert _model_kwargs(seen["pretrain"]) is None and "--lr" not in seen["pretrain"]
-    assert _model_kwargs(seen["aloe"]) == {"flip_average": True}
-    assert _model_kwargs(_stage_args(monkeypatch, flip_average=False)["aloe"]) is None
+    assert "--lr" not in seen["pretrain"]
+    assert _model_kwargs(seen["pretrain"]) == _model_kwargs(seen["aloe"]) == {"flip_average": True}
+    unflipped = _stage_args(monkeypatch, flip_average=False)
+    assert _model_kwargs(unflipped["pretrain"]) is None and _model_kwargs(unflipped["aloe"]) is None
 
 
 def test_malformed_widths_is_a_cli_error():
@@ -54,3 +54,11 @@ def test_malformed_widths_is_a_cli_error():
                               timeout=60)
         assert done.returncode == 2
         assert "--widths" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_finetuned_must_be_a_run_directory(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "runs"), "--finetuned",
+                           str(tmp_path / "missing")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "--finetuned" in done.stderr and "not a run directory" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "runs" / "pretrain").exists()  # nothing trained in its place

@@ -1,5 +1,6 @@
 """scripts/train_robust.py's choice of the detector epoch, and scripts/run_from_bundle.py (a run directory
-rebuilt from a bundle's graph: the same function, the same calibration split)."""
+rebuilt from a bundle's graph: the same function, the same calibration split; with --flip-average, that function
+averaged over mirror views)."""
 
 from __future__ import annotations
 
@@ -62,6 +63,20 @@ def test_run_from_bundle_rebuilds_the_same_model_and_split(tmp_path, tiny_data_d
     again = subprocess.run([sys.executable, str(SCRIPTS / "run_from_bundle.py"), str(tmp_path / "bundle"), "--out",
                             str(tmp_path / "rebuilt")], capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "exists" in again.stderr  # never over an existing directory
+
+    # --flip-average: the same weights, served as the mean of the image's and its mirror image's logits
+    flipped_run = tmp_path / "rebuilt_flip"
+    done = subprocess.run([sys.executable, str(SCRIPTS / "run_from_bundle.py"), str(tmp_path / "bundle"), "--out",
+                           str(flipped_run), "--data-dir", str(tiny_data_dir), "--flip-average"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    flipped, flipped_config = load_model_from_run(flipped_run)
+    assert flipped.flip_average and flipped_config["model_config"]["flip_average"]
+    assert flipped_config["train"]["model_kwargs"]["flip_average"]
+    with torch.no_grad():
+        mirrored_mean = (rebuilt.head(rebuilt.features(x)) + rebuilt.head(rebuilt.features(torch.flip(x, dims=(3,))))) / 2
+        torch.testing.assert_close(flipped(x), mirrored_mean, atol=1e-5, rtol=0)
+        assert (flipped(x) - rebuilt(x)).abs().max() > 1e-3  # the option is not a no-op
 
 
 @pytest.fixture(autouse=True)
