@@ -206,7 +206,7 @@ def main() -> None:
         shipped = Path(args.finetuned).expanduser().resolve()
         if not (shipped / "checkpoints" / "last.pt").is_file():
             sys.exit(f"--finetuned {shipped}: not a run directory (no checkpoints/last.pt)")
-        runs = {"finetuned": shipped}
+        runs = {methods[0]: shipped}  # the shipped fine-tune, under its method's name as when trained here
     else:
         pre = out / "pretrain"
         timings["pretrain"] = pretrain_run(pre, args, log)
