@@ -200,26 +200,24 @@ def main() -> None:
     log = out / "train_default.log"
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     timings: dict[str, float] = {}
+    runs: dict[str, Path] = {}  # every run whose config and summary go into results-default.json, in stage order
 
-    stages: list[str] = []
     if args.finetuned:
         shipped = Path(args.finetuned).expanduser().resolve()
         if not (shipped / "checkpoints" / "last.pt").is_file():
             sys.exit(f"--finetuned {shipped}: not a run directory (no checkpoints/last.pt)")
-        runs = {methods[0]: shipped}  # the shipped fine-tune, under its method's name as when trained here
+        runs[methods[0]] = shipped  # the shipped fine-tune, under its method's name as when trained here
     else:
-        pre = out / "pretrain"
+        pre = runs["pretrain"] = out / "pretrain"
         timings["pretrain"] = pretrain_run(pre, args, log)
-        stages = ["pretrain"]
         if args.restart_epochs > 0:
-            restarted = out / "pretrain_restart"
+            restarted = runs["pretrain_restart"] = out / "pretrain_restart"
             timings["pretrain_restart"] = restart_run(pre, restarted, args, log)
-            stages.append("pretrain_restart")
             pre = restarted
         for method in methods:
-            timings[f"finetune_{method}"] = finetune_run(method, pre, out / method, args, log)
-        shipped = out / methods[0]
-        runs = {name: out / name for name in (*stages, *methods)}
+            runs[method] = out / method
+            timings[f"finetune_{method}"] = finetune_run(method, pre, runs[method], args, log)
+        shipped = runs[methods[0]]
 
     staging = out / "bundle"
     timings["export"] = run_oodguard(["export", str(shipped), "--scores", "msp,energy,mahalanobis"], log)
