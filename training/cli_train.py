@@ -161,6 +161,9 @@ def train_command(
                                                   key="keep_epoch_checkpoints", help="Keep checkpoints/epoch_XXX.pt too."),
     eval_test: Optional[bool] = _opt("--eval-test/--no-eval-test", key="eval_test",
                                      help="Measure test accuracy at the end."),
+    ema_decay: Optional[float] = _opt("--ema-decay", key="ema_decay",
+                                      help="Keep an exponential moving average of the weights (decay per step, e.g. "
+                                      "0.998) and make it the run's model; 0: off.", default_text="0 (off)"),
     disc_val_samples: Optional[int] = _opt("--disc-val-samples", key="disc_val_samples",
                                            help="disc: calibration-split images and held-out outliers (each) of the "
                                            "per-epoch validation, clean and under PGD-10 at --eps (0: off)."),
@@ -191,6 +194,7 @@ def train_command(
         attack_bn=attack_bn, device=device, amp=amp, channels_last=channels_last, compile=compile, threads=threads,
         log_every=log_every, progress=progress, save_every_epochs=save_every_epochs, save_every_steps=save_every_steps,
         keep_epoch_checkpoints=keep_epoch_checkpoints, eval_test=eval_test, disc_val_samples=disc_val_samples,
+        ema_decay=ema_decay,
     )
     if model_kwargs is not None:
         try:

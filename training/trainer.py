@@ -8,6 +8,7 @@ One step, following the reference ALOE code (see ../shared/ALOE.md) without its 
     logits <- f([x_in; x_out])                                     (one joint forward: BN sees both)
     loss   <- CE(logits_in, y) + λ·L_OE(logits_out)                (the OE term only for oe/aoe/aloe)
     SGD nesterov step, cosine learning rate per iteration
+    --ema-decay:  the weight average follows the new weights       (then it is the run's model)
 
 `_train` is: set-up → data → model, optimiser, schedule → resume (or start and record the run) → the loop
 (batch, attack, loss, optimiser step, bookkeeping, budget fit, stop check, epoch log + checkpoint) →
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import distributed as ddp
 from .architectures import create_model
@@ -88,7 +90,7 @@ class TrainResult:
     test_accuracy: float | None = None
     step_losses: list[float] = field(default_factory=list)  # this invocation's per-step losses
     config: TrainConfig | None = None  # the configuration actually run (the stored one on --resume)
-    model: nn.Module | None = None  # the trained model (unwrapped, train mode), as in last.pt
+    model: nn.Module | None = None  # the run's model (unwrapped, train mode; the weight average with --ema-decay), as in last.pt
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k not in ("step_losses", "config", "model")}
@@ -140,7 +142,7 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
     attack_gen = torch.Generator(device=device).manual_seed(cfg.seed * 31 + info.rank)
     # fp16 autocast needs loss scaling (bf16 does not)
     scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" and not torch.cuda.is_bf16_supported() else None
-    state = _TrainState(raw_model, optimizer, schedule, in_stream, out_stream, attack_gen, scaler,
+    state = _TrainState(raw_model, optimizer, schedule, in_stream, out_stream, attack_gen, scaler, _weight_average(cfg, raw_model),
                         data_sha256={"train": train_set.sha256, "outliers": outlier_set.sha256 if outlier_set else None})
 
     # -- resume, or start (from scratch or another run's weights) and record the run -------------------
@@ -188,6 +190,8 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
             lr = _set_lr(optimizer, schedule.lr_at(step))
             logits, loss, ce, oe = _loss(cfg, model, x_in, y, x_out, device, amp)
             _optimiser_step(optimizer, scaler, loss)
+            if state.ema is not None:
+                state.ema.update_parameters(raw_model)
             meter.record(loss, ce, oe, logits[:n_in], y, started=t0)  # no host sync here
             step += 1
             loop_seconds = time.perf_counter() - loop_start
@@ -207,7 +211,9 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
                 record = _epoch_record(meter, info, device, epoch, step, lr, seconds_before + loop_seconds,
                                        has_outliers=x_out is not None)
                 if disc_val is not None and info.is_main:  # rank 0 validates (the others wait at the next collective)
-                    record["disc_val"] = _disc_validate(cfg, raw_model, disc_val, device)
+                    record["disc_val"] = _disc_validate(cfg, state.delivered_model, disc_val, device)
+                    if state.ema is not None:  # the trained weights too: what the average buys, side by side
+                        record["disc_val_trained_weights"] = _disc_validate(cfg, raw_model, disc_val, device)
                 if info.is_main:
                     append_log(run_dir, record)
                     log.info("epoch %s step %d loss %.4f acc %.4f %.0f img/s%s", record["epoch"], step, record["loss"],
@@ -230,14 +236,14 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
     _save(state, cfg, info, run_dir, step, seconds_before + loop_seconds)  # last.pt of a completed run: its final model
     test_acc = None
     if cfg.eval_test and cfg.method != "disc" and info.is_main and stopped not in ("interrupted", "terminated"):
-        test_acc = _test_accuracy(cfg, raw_model, device)
+        test_acc = _test_accuracy(cfg, state.delivered_model, device)
     ddp.barrier(info)
 
     ips = meter.timed_images_per_s()
     result = TrainResult(
         run_dir=run_dir, step=step, total_steps=schedule.total_steps, epoch=step / steps_per_epoch, stopped=stopped,
         images_per_s=ips, all_images_per_s=ips * (n_in + n_out) / n_in, train_seconds=loop_seconds,
-        test_accuracy=test_acc, step_losses=meter.step_losses(), config=cfg, model=raw_model,
+        test_accuracy=test_acc, step_losses=meter.step_losses(), config=cfg, model=state.delivered_model,
     )
     if info.is_main:
         write_summary(run_dir, {"event": "end", **result.to_dict(), "method": cfg.method, "model": cfg.model,
@@ -337,6 +343,14 @@ def _build_model(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn
     return model
 
 
+def _weight_average(cfg: TrainConfig, model: nn.Module) -> AveragedModel | None:
+    """The exponential moving average of `model`'s weights and BN statistics (torch's own), or None when off.
+    Its first update copies the weights, so it may be made before a resume or an init_from loads them."""
+    if cfg.ema_decay <= 0:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+
+
 def _planned_total(cfg: TrainConfig, steps_per_epoch: int) -> int:
     return cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
 
@@ -352,7 +366,13 @@ class _TrainState:
     out_stream: BatchStream | None
     attack_gen: torch.Generator
     scaler: torch.amp.GradScaler | None
+    ema: AveragedModel | None  # the weight average (--ema-decay), or None
     data_sha256: dict[str, str | None]  # of the training and outlier files: --resume refuses other data
+
+    @property
+    def delivered_model(self) -> nn.Module:
+        """The run's model: the weight average when there is one, else the trained weights."""
+        return self.ema.module if self.ema is not None else self.model
 
     def checkpoint(self, cfg: TrainConfig, info: ddp.DistInfo, step: int, train_seconds: float) -> dict[str, Any] | None:
         """Every rank contributes its streams/RNG; rank 0 gets the full state (others: None)."""
@@ -362,16 +382,24 @@ class _TrainState:
         per_rank = ddp.gather_to_main(info, mine)
         if not info.is_main:
             return None
-        state = {"format": CHECKPOINT_FORMAT, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        # "model" is what every reader loads (evaluate, export, guard, init_from): the delivered model
+        state = {"format": CHECKPOINT_FORMAT, "model": self.delivered_model.state_dict(),
+                 "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.schedule.state_dict(), "step": step, "epoch": step / self.in_stream.batches_per_epoch,
                  "per_rank": per_rank, "model_config": self.model.model_config, "config": cfg.to_dict(),
                  "train_seconds": train_seconds, "world_size": info.world_size, "data_sha256": self.data_sha256}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
+        if self.ema is not None:  # the weights being trained, and how many updates the average has seen
+            state["trained_model"] = self.model.state_dict()
+            state["ema_updates"] = int(self.ema.n_averaged)
         return state
 
     def restore(self, state: dict[str, Any], rank: int) -> None:
-        self.model.load_state_dict(state["model"])
+        self.model.load_state_dict(state.get("trained_model", state["model"]))
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state["model"])
+            self.ema.n_averaged.fill_(int(state.get("ema_updates", 0)))
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["scheduler"])
         per_rank = state["per_rank"][rank]

@@ -35,6 +35,7 @@ def _error_of(result) -> str:
     (["--save-every-steps", "-5"], "save_every_steps must be >= 0"),
     (["--upload-blur-p", "1.5"], "upload_blur_p must be in [0, 1]"),
     (["--upload-quality-min", "0"], "upload_quality_min must be in 1..95"),
+    (["--ema-decay", "1"], "ema_decay must be in [0, 1) (0: off)"),
     (["--device", "tpu0"], "unknown device 'tpu0'; use auto, cpu, cuda or cuda:N"),
 ])
 def test_bad_arguments_fail_with_a_message(args, message, tmp_path):
