@@ -90,12 +90,16 @@ def train_command(
                                             "OOD data (recorded in split.json; used by calibrate --score auto)."),
     upload_augment: Optional[bool] = _opt("--upload-augment/--no-upload-augment", key="upload_augment",
                                           help="Re-render every training image (inliers and outliers alike) as a random "
-                                          "upload: JPEG of quality 20-95 or lossless, resized through 24-128 px."),
+                                          "upload: JPEG (quality --upload-quality-min..max, 20-95 by default) or lossless, resized "
+                                          "through 24-128 px."),
     upload_augment_p: Optional[float] = _opt("--upload-augment-p", key="upload_augment_p",
                                              help="Fraction of the images re-rendered as uploads (the rest pass as "
                                              "stored), inliers and outliers alike."),
     upload_quality_min: Optional[int] = _opt("--upload-quality-min", key="upload_quality_min",
-                                             help="Lowest JPEG quality of an upload (drawn uniformly up to 95)."),
+                                             help="Lowest JPEG quality of an upload (drawn uniformly up to "
+                                             "--upload-quality-max)."),
+    upload_quality_max: Optional[int] = _opt("--upload-quality-max", key="upload_quality_max",
+                                             help="Highest JPEG quality of an upload."),
     upload_blur_p: Optional[float] = _opt("--upload-blur-p", key="upload_blur_p",
                                           help="Fraction of the uploads softened by a Gaussian blur (radius 0.3-1 px) "
                                           "first, inliers and outliers alike (off; its measured effect: docs/results.md)."),
@@ -182,7 +186,7 @@ def train_command(
         method=method, model=model, data=_existing_path_or_name(data), outliers=_existing_path_or_name(outliers),
         data_dir=data_dir, cache_dir=cache_dir, on_corrupt=on_corrupt, subset=subset,
         calibration_size=calibration_size, split_seed=split_seed, outlier_holdout=outlier_holdout,
-        upload_augment=upload_augment, upload_augment_p=upload_augment_p, upload_quality_min=upload_quality_min,
+        upload_augment=upload_augment, upload_augment_p=upload_augment_p, upload_quality_min=upload_quality_min, upload_quality_max=upload_quality_max,
         upload_blur_p=upload_blur_p, crop_pad=crop_pad, label_smoothing=label_smoothing, out=str(out), resume=resume, overwrite=overwrite,
         init_from=str(Path(init_from).resolve()) if init_from else None,
         seed=seed, epochs=epochs, max_steps=max_steps, time_budget=time_budget,

@@ -94,7 +94,8 @@ class TrainConfig:
     # augmentation, identical for inliers and outliers, before the attack
     upload_augment: bool = True  # re-render each image as a random upload (see augment.UploadAugment)
     upload_augment_p: float = 1.0  # the fraction of images re-rendered (the rest pass as stored), both sides alike
-    upload_quality_min: int = 20  # the lowest JPEG quality an upload is drawn with (the highest is 95)
+    upload_quality_min: int = 20  # the lowest JPEG quality an upload is drawn with
+    upload_quality_max: int = 95  # the highest (a fine-tune may narrow the range to the forms it works on)
     upload_blur_p: float = 0.0  # the fraction of uploads softened by a Gaussian blur first (radius 0.3-1 px)
     crop_pad: int = 4  # random translation of up to this many pixels (zero padding), plus a random flip
     # run
@@ -197,8 +198,8 @@ class TrainConfig:
             problems.append("upload_augment_p must be in [0, 1] and warmup_frac in [0, 1)")
         if not 0 <= self.upload_blur_p <= 1:
             problems.append("upload_blur_p must be in [0, 1]")
-        if not 1 <= self.upload_quality_min <= 95:
-            problems.append("upload_quality_min must be in 1..95")
+        if not 1 <= self.upload_quality_min <= self.upload_quality_max <= 100:
+            problems.append("need 1 <= upload_quality_min <= upload_quality_max <= 100")
         if self.norm_bias_lr_scale <= 0:
             problems.append("norm_bias_lr_scale must be > 0")
         if not 0 <= self.label_smoothing < 1:

@@ -304,7 +304,7 @@ def _batch_streams(cfg: TrainConfig, info: ddp.DistInfo, train_set: ImageSet, ou
         # on a GPU, rendering the uploads on one core would bound the step; on the CPU it is a few percent
         workers = min(8, cores - 1)
         pool = _open_augment_pool(workers)
-    upload = UploadAugment(p_apply=cfg.upload_augment_p, quality=(cfg.upload_quality_min, 95),
+    upload = UploadAugment(p_apply=cfg.upload_augment_p, quality=(cfg.upload_quality_min, cfg.upload_quality_max),
                            p_blur=cfg.upload_blur_p) if cfg.upload_augment else None
     augment = {"crop_pad": cfg.crop_pad, "upload_augment": upload,
                "augment_pool": pool, "augment_workers": workers,

@@ -177,3 +177,19 @@ def test_group_renderings_land_in_their_group():
     assert all(r.shape == images.shape and r.dtype == np.uint8 for r in renders.values())
     assert len({r.tobytes() for r in renders.values()}) == len(FORM_GROUPS)  # each group its own forms
     np.testing.assert_array_equal(renders["larger"], render_group(images, "larger", seed=3))  # seeded
+
+
+def test_the_configured_quality_range_reaches_the_training_uploads(tiny_config, monkeypatch):
+    """--upload-quality-min/max are the range every training upload's JPEG quality is drawn from."""
+    from oodguard.training import trainer
+
+    made = []
+    real = trainer.UploadAugment
+
+    def recording(**kw):
+        made.append(real(**kw))
+        return made[-1]
+
+    monkeypatch.setattr(trainer, "UploadAugment", recording)
+    trainer.train(tiny_config(method="oe", max_steps=1, eval_test=False, upload_quality_min=25, upload_quality_max=40))
+    assert [u.quality for u in made] == [(25, 40)]  # one augmentation, for inliers and outliers alike

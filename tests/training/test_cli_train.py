@@ -34,7 +34,8 @@ def _error_of(result) -> str:
     (["--batch-size", "0"], "batch_size must be >= 1"),
     (["--save-every-steps", "-5"], "save_every_steps must be >= 0"),
     (["--upload-blur-p", "1.5"], "upload_blur_p must be in [0, 1]"),
-    (["--upload-quality-min", "0"], "upload_quality_min must be in 1..95"),
+    (["--upload-quality-min", "0"], "need 1 <= upload_quality_min <= upload_quality_max <= 100"),
+    (["--upload-quality-min", "60", "--upload-quality-max", "50"], "need 1 <= upload_quality_min <= upload_quality_max"),
     (["--ema-decay", "1"], "ema_decay must be in [0, 1) (0: off)"),
     (["--device", "tpu0"], "unknown device 'tpu0'; use auto, cpu, cuda or cuda:N"),
 ])
