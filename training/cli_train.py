@@ -90,8 +90,8 @@ def train_command(
                                             "OOD data (recorded in split.json; used by calibrate --score auto)."),
     upload_augment: Optional[bool] = _opt("--upload-augment/--no-upload-augment", key="upload_augment",
                                           help="Re-render every training image (inliers and outliers alike) as a random "
-                                          "upload: JPEG (quality --upload-quality-min..max, 20-95 by default) or lossless, resized "
-                                          "through 24-128 px."),
+                                          "upload: JPEG (quality --upload-quality-min..max, 20-95 by default) or "
+                                          "lossless, resized through 24-128 px."),
     upload_augment_p: Optional[float] = _opt("--upload-augment-p", key="upload_augment_p",
                                              help="Fraction of the images re-rendered as uploads (the rest pass as "
                                              "stored), inliers and outliers alike."),

@@ -90,7 +90,7 @@ class TrainResult:
     test_accuracy: float | None = None
     step_losses: list[float] = field(default_factory=list)  # this invocation's per-step losses
     config: TrainConfig | None = None  # the configuration actually run (the stored one on --resume)
-    model: nn.Module | None = None  # the run's model (unwrapped, train mode; the weight average with --ema-decay), as in last.pt
+    model: nn.Module | None = None  # the run's model as in last.pt (unwrapped, train mode; with --ema-decay the average)
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k not in ("step_losses", "config", "model")}
@@ -142,8 +142,8 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
     attack_gen = torch.Generator(device=device).manual_seed(cfg.seed * 31 + info.rank)
     # fp16 autocast needs loss scaling (bf16 does not)
     scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" and not torch.cuda.is_bf16_supported() else None
-    state = _TrainState(raw_model, optimizer, schedule, in_stream, out_stream, attack_gen, scaler, _weight_average(cfg, raw_model),
-                        data_sha256={"train": train_set.sha256, "outliers": outlier_set.sha256 if outlier_set else None})
+    state = _TrainState(raw_model, optimizer, schedule, in_stream, out_stream, attack_gen, scaler,
+                        _weight_average(cfg, raw_model), data_sha256={"train": train_set.sha256, "outliers": outlier_set.sha256 if outlier_set else None})
 
     # -- resume, or start (from scratch or another run's weights) and record the run -------------------
     if cfg.resume:
