@@ -143,7 +143,8 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
     # fp16 autocast needs loss scaling (bf16 does not)
     scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" and not torch.cuda.is_bf16_supported() else None
     state = _TrainState(raw_model, optimizer, schedule, in_stream, out_stream, attack_gen, scaler,
-                        _weight_average(cfg, raw_model), data_sha256={"train": train_set.sha256, "outliers": outlier_set.sha256 if outlier_set else None})
+                        _weight_average(cfg, raw_model),
+                        data_sha256={"train": train_set.sha256, "outliers": outlier_set.sha256 if outlier_set else None})
 
     # -- resume, or start (from scratch or another run's weights) and record the run -------------------
     if cfg.resume:
