@@ -7,7 +7,8 @@
    at ε = 8/255 on both sides, 8 epochs, every epoch validated under PGD-10 on the calibration split vs the
    held-out outlier classes). Resumable: run the script again and it continues where it stopped.
 3. The detector's epoch with the best validation AUROC under PGD-10 (validation data only; ties: the later
-   epoch) is composed with the classifier: `oodguard guard` -> OUT/robust.
+   epoch; a run with a weight average offers its trained weights too) is composed with the classifier:
+   `oodguard guard` -> OUT/guarded.
 4. `oodguard export` (energy, detector), `oodguard calibrate --score auto --auto-attack strong`: the served
    score chosen on validation data under the ε = 8/255 worst-case attack (energy: the default bundle's score).
 5. `oodguard evaluate` on the test sets: clean, `paper` and `strong` (Tiny-ImageNet), certified bounds at 1/255
@@ -37,15 +38,27 @@ OOD_SETS = ("tinyimagenet", "gaussian", "uniform")
 
 
 def best_epoch_checkpoint(run: Path) -> tuple[Path, dict]:
-    """The epoch checkpoint whose per-epoch validation (disc_val) has the highest AUROC under PGD-10."""
+    """The epoch checkpoint whose per-epoch validation (disc_val) has the highest AUROC under PGD-10. A run with
+    --ema-decay validates two models an epoch, the weight average (its "model") and the trained weights
+    (disc_val_trained_weights); when the trained weights win, they are written out as epoch_XXX_trained.pt, a
+    checkpoint whose "model" they are, and the record returned carries their validation as its disc_val."""
+    from oodguard.training.run_dir import load_checkpoint, save_checkpoint
+
     records = [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
                if "disc_val" in r and isinstance(r.get("epoch"), int)]
-    candidates = [(r["disc_val"]["auroc_pgd"], r["epoch"], r) for r in records
+    candidates = [(r[key]["auroc_pgd"], r["epoch"], key == "disc_val", r, key) for r in records
+                  for key in ("disc_val", "disc_val_trained_weights") if key in r
                   if (run / "checkpoints" / f"epoch_{r['epoch']:03d}.pt").is_file()]
     if not candidates:
         sys.exit(f"{run}: no epoch checkpoint with a validation record (trained without --keep-epoch-checkpoints?)")
-    _, epoch, record = max(candidates)
-    return run / "checkpoints" / f"epoch_{epoch:03d}.pt", record
+    *_, record, key = max(candidates, key=lambda c: c[:3])  # ties: the later epoch, then the average
+    path = run / "checkpoints" / f"epoch_{record['epoch']:03d}.pt"
+    if key == "disc_val":
+        return path, record
+    state = load_checkpoint(path)
+    trained = path.with_name(f"{path.stem}_trained.pt")
+    save_checkpoint(trained, {**state, "model": state["trained_model"], "chosen_from": f"{path.name}: trained_model"})
+    return trained, {**record, "disc_val": record[key], "weights": "trained"}
 
 
 def main() -> None:
@@ -77,7 +90,7 @@ def main() -> None:
     timings["detector"] = _train(detector, ["--recipe", "robust_disc", "--data", "cifar10", "--outliers", "tinyimagenet",
                                             "--epochs", str(args.epochs), "--threads", str(args.threads)], log)
     checkpoint, chosen = best_epoch_checkpoint(detector)
-    print(f"detector: epoch {chosen['epoch']} chosen on validation (AUROC clean {chosen['disc_val']['auroc_clean']:.4f}, "
+    print(f"detector: epoch {chosen['epoch']} ({chosen.get('weights', 'its model')}) chosen on validation (AUROC clean {chosen['disc_val']['auroc_clean']:.4f}, "
           f"PGD-10 {chosen['disc_val']['auroc_pgd']:.4f})")
 
     guarded = out / "guarded"

@@ -33,6 +33,29 @@ def test_the_detector_epoch_is_chosen_by_validation_auroc_under_attack(tmp_path)
     assert train_robust.best_epoch_checkpoint(run)[0].name == "epoch_003.pt"
 
 
+def test_with_a_weight_average_the_trained_weights_can_win_and_are_written_out(tmp_path):
+    train_robust = load_script("train_robust")
+    run = tmp_path / "detector"
+    (run / "checkpoints").mkdir(parents=True)
+    records = [{"epoch": 1, "disc_val": {"auroc_clean": 0.7, "auroc_pgd": 0.30},
+                "disc_val_trained_weights": {"auroc_clean": 0.8, "auroc_pgd": 0.45}},
+               {"epoch": 2, "disc_val": {"auroc_clean": 0.8, "auroc_pgd": 0.40},
+                "disc_val_trained_weights": {"auroc_clean": 0.9, "auroc_pgd": 0.50}}]  # the most robust
+    (run / "log.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    average, trained = {"w": torch.zeros(2)}, {"w": torch.ones(2)}
+    for epoch in (1, 2):
+        torch.save({"model": average, "trained_model": trained, "step": epoch}, run / "checkpoints" / f"epoch_{epoch:03d}.pt")
+    path, record = train_robust.best_epoch_checkpoint(run)
+    assert path.name == "epoch_002_trained.pt" and record["weights"] == "trained"
+    assert record["disc_val"]["auroc_pgd"] == 0.50 and record["epoch"] == 2
+    written = torch.load(path, weights_only=True)
+    assert torch.equal(written["model"]["w"], trained["w"])
+    assert written["step"] == 2  # the rest of the epoch's checkpoint, unchanged
+    records[1]["disc_val"]["auroc_pgd"] = 0.50  # a tie between the two: the average (the run's own model) wins
+    (run / "log.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    assert train_robust.best_epoch_checkpoint(run)[0].name == "epoch_002.pt"
+
+
 def test_run_from_bundle_rebuilds_the_same_model_and_split(tmp_path, tiny_data_dir):
     from oodguard.cli import app
     from oodguard.training.run_dir import load_model_from_run, load_split
