@@ -15,7 +15,9 @@ Recipes (`--recipe`):
   the images re-rendered as uploads. ~4.3 minutes an epoch on 2 cores.
 - `robust_disc`: the robust detector (issue 14; `--method disc`): a `small_cnn` with two outputs (in-distribution,
   outlier) adversarially trained at ε = 8/255 with PGD-3 (steps of 4/255, random start) on both sides, 8 epochs
-  of 128 + 128 images, validated every epoch under PGD-10 (`disc_val` in log.jsonl; every epoch's checkpoint is
+  of 128 + 128 images, the attack run on the model in eval mode (`attack_bn` "eval": each side's batch is all
+  inliers or all outliers, and train-mode BatchNorm normalised each by its own statistics, a different function
+  from the evaluated one: the inliers' margins correlated -0.02 with eval mode's), validated every epoch under PGD-10 (`disc_val` in log.jsonl; every epoch's checkpoint is
   kept so the composition can take the one validation chose). Composed with a classifier by `oodguard guard`.
 - `paper`: the ALOE paper's recipe (DenseNet-BC-100, 100 epochs, SGD nesterov lr 0.1 cosine per
   iteration to 1e-6, weight decay 1e-4, batches of 64 in + 128 out, PGD ε = 1/255, 2 steps of 1/255,
@@ -67,7 +69,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "robust_disc": {"method": "disc", "model": "small_cnn", "epochs": 8, "batch_size": 128, "outlier_batch_size": 128,
                     "lr": 0.1, "warmup_frac": 0.05, "min_lr": 0.0, "weight_decay": 5e-4, "lambda_oe": 1.0,
                     "eps": 8 / 255, "attack_steps": 3, "step_size": 4 / 255, "random_start": True,
-                    "crop_pad": 4, "channels_last": True, "keep_epoch_checkpoints": True},
+                    "attack_bn": "eval", "crop_pad": 4, "channels_last": True, "keep_epoch_checkpoints": True},
     "paper": {"model": "densenet100", "epochs": 100, "weight_decay": 1e-4, "channels_last": False, "seed": 1},
 }
 

@@ -91,7 +91,9 @@ def test_the_disc_training_attack_pushes_each_side_toward_the_other():
     adv_in, adv_out = _attack(cfg, model, model, x_in, y, x_out, torch.Generator().manual_seed(0),
                               torch.device("cpu"), amp=False)
     assert float((adv_in - x_in).abs().max()) <= EPS + 1e-6 and float((adv_out - x_out).abs().max()) <= EPS + 1e-6
-    # judged as the attack saw the model (train-mode BatchNorm: batch statistics, attack_bn "train")
+    # judged as the evaluation sees the model, in eval mode (the recipe attacks that function: attack_bn "eval")
+    assert cfg.attack_bn == "eval" and model.training  # the attack leaves the model in train mode
+    model.eval()
     with torch.no_grad():
         # inliers are made to look like outliers (margin down), outliers like inliers (margin up)
         assert float(detector_margin(model(adv_in)).mean()) < float(detector_margin(model(x_in)).mean())
