@@ -57,8 +57,22 @@ def best_epoch_checkpoint(run: Path) -> tuple[Path, dict]:
         return path, record
     state = load_checkpoint(path)
     trained = path.with_name(f"{path.stem}_trained.pt")
-    save_checkpoint(trained, {**state, "model": state["trained_model"], "chosen_from": f"{path.name}: trained_model"})
+    if not trained.is_file() or trained.stat().st_mtime < path.stat().st_mtime:  # else: written from this very epoch
+        save_checkpoint(trained, {**state, "model": state["trained_model"], "chosen_from": f"{path.name}: trained_model"})
     return trained, {**record, "disc_val": record[key], "weights": "trained"}
+
+
+def composed_from(guarded: Path, classifier: Path, checkpoint: Path) -> bool:
+    """Whether `guarded` is an exported composition of `classifier` and exactly this detector checkpoint."""
+    from oodguard.training.run_dir import sha256_file
+
+    try:
+        composed = json.loads((guarded / "config.json").read_text())["composed"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return ((guarded / "export" / "model.onnx").is_file()
+            and composed["classifier"]["run_dir"] == str(classifier)
+            and composed["detector"]["checkpoint_sha256"] == sha256_file(checkpoint))
 
 
 def main() -> None:
@@ -71,6 +85,9 @@ def main() -> None:
     ap.add_argument("--strong-samples", type=int, default=300, help="Images per side under the strong attack.")
     ap.add_argument("--certify-samples", type=int, default=500, help="Images per side for the certified rows.")
     ap.add_argument("--auto-samples", type=int, default=200, help="Images per side attacked by --score auto.")
+    ap.add_argument("--eval-scores", default="energy,detector",
+                    help="Scores the test-set evaluation measures (the served one is chosen on validation data "
+                    "whatever this says; 'detector' alone skips the classifier's energy under attack, the slow part).")
     ap.add_argument("--bundle", default="models/robust", help="Where the bundle goes.")
     ap.add_argument("--version", default=time.strftime("%Y%m%d", time.gmtime()), help="Bundle version.")
     ap.add_argument("--threads", type=int, default=2)
@@ -90,23 +107,26 @@ def main() -> None:
     timings["detector"] = _train(detector, ["--recipe", "robust_disc", "--data", "cifar10", "--outliers", "tinyimagenet",
                                             "--epochs", str(args.epochs), "--threads", str(args.threads)], log)
     checkpoint, chosen = best_epoch_checkpoint(detector)
-    print(f"detector: epoch {chosen['epoch']} ({chosen.get('weights', 'its model')}) chosen on validation (AUROC clean {chosen['disc_val']['auroc_clean']:.4f}, "
-          f"PGD-10 {chosen['disc_val']['auroc_pgd']:.4f})")
+    print(f"detector: epoch {chosen['epoch']} ({chosen.get('weights', 'its model')}) chosen on validation "
+          f"(AUROC clean {chosen['disc_val']['auroc_clean']:.4f}, PGD-10 {chosen['disc_val']['auroc_pgd']:.4f})")
 
     guarded = out / "guarded"
-    if guarded.exists():
-        shutil.rmtree(guarded)
-    run_oodguard(["guard", "--classifier", str(classifier), "--detector", str(detector),
-                  "--detector-checkpoint", str(checkpoint), "--out", str(guarded)], log)
+    if composed_from(guarded, classifier, checkpoint):  # an earlier invocation composed and exported this pair
+        print(f"{guarded}: composed from the same classifier and detector checkpoint, kept (with its score choice)")
+    else:
+        if guarded.exists():
+            shutil.rmtree(guarded)
+        run_oodguard(["guard", "--classifier", str(classifier), "--detector", str(detector),
+                      "--detector-checkpoint", str(checkpoint), "--out", str(guarded)], log)
+        timings["export"] = run_oodguard(["export", str(guarded), "--scores", "energy,detector"], log)
     staging = out / "bundle"
     calibrate = ["calibrate", str(guarded), "--score", "auto", "--auto-attack", "strong", "--auto-samples",
                  str(args.auto_samples), "--max-samples", str(args.eval_samples), "--name", "robust", "--version",
                  args.version, "--out", str(staging), "--no-tarball"]
-    timings["export"] = run_oodguard(["export", str(guarded), "--scores", "energy,detector"], log)
     timings["select_and_calibrate"] = run_oodguard(calibrate, log)
     ood = [arg for name in OOD_SETS for arg in ("--ood", name)]
     timings["evaluate"] = run_oodguard(
-        ["evaluate", str(guarded), *ood, "--attack", "none,paper,strong", "--scores", "energy,detector",
+        ["evaluate", str(guarded), *ood, "--attack", "none,paper,strong", "--scores", args.eval_scores,
          "--max-samples", str(args.eval_samples), "--attack-sets", "tinyimagenet",
          "--attack-samples", f"paper={args.paper_samples},strong={args.strong_samples}",
          "--certify", "1/255,2/255", "--certify-samples", str(args.certify_samples), "--shifts", "all",

@@ -56,6 +56,27 @@ def test_with_a_weight_average_the_trained_weights_can_win_and_are_written_out(t
     assert train_robust.best_epoch_checkpoint(run)[0].name == "epoch_002.pt"
 
 
+def test_a_composition_of_the_same_runs_is_kept_and_any_change_rebuilds_it(tmp_path):
+    """train_robust.py keeps OUT/guarded (and the score choice cached in its export) on a second invocation only
+    when it composes the same classifier run and byte-identical detector weights."""
+    from oodguard.service.bundle import sha256_file
+
+    train_robust = load_script("train_robust")
+    classifier, checkpoint, guarded = tmp_path / "classifier", tmp_path / "epoch_007.pt", tmp_path / "guarded"
+    checkpoint.write_bytes(b"weights")
+    (guarded / "export").mkdir(parents=True)
+    (guarded / "config.json").write_text(json.dumps({"composed": {
+        "classifier": {"run_dir": str(classifier)}, "detector": {"checkpoint_sha256": sha256_file(checkpoint)}}}))
+    assert not train_robust.composed_from(guarded, classifier, checkpoint)  # not exported yet
+    (guarded / "export" / "model.onnx").write_bytes(b"onnx")
+    assert train_robust.composed_from(guarded, classifier, checkpoint)
+    assert not train_robust.composed_from(guarded, tmp_path / "other", checkpoint)
+    checkpoint.write_bytes(b"other weights")
+    assert not train_robust.composed_from(guarded, classifier, checkpoint)
+    (guarded / "config.json").write_text("{}")  # not a composition at all
+    assert not train_robust.composed_from(guarded, classifier, checkpoint)
+
+
 def test_run_from_bundle_rebuilds_the_same_model_and_split(tmp_path, tiny_data_dir):
     from oodguard.cli import app
     from oodguard.training.run_dir import load_model_from_run, load_split
