@@ -17,8 +17,9 @@ Recipes (`--recipe`):
   outlier) adversarially trained at ε = 8/255 with PGD-3 (steps of 4/255, random start) on both sides, 8 epochs
   of 128 + 128 images, the attack run on the model in eval mode (`attack_bn` "eval": each side's batch is all
   inliers or all outliers, and train-mode BatchNorm normalised each by its own statistics, a different function
-  from the evaluated one: the inliers' margins correlated -0.02 with eval mode's), validated every epoch under PGD-10 (`disc_val` in log.jsonl; every epoch's checkpoint is
-  kept so the composition can take the one validation chose). Composed with a classifier by `oodguard guard`.
+  from the evaluated one: the inliers' margins correlated -0.02 with eval mode's), validated every epoch under
+  PGD-10 (`disc_val` in log.jsonl; every epoch's checkpoint is kept so the composition can take the one
+  validation chose). Composed with a classifier by `oodguard guard`.
 - `paper`: the ALOE paper's recipe (DenseNet-BC-100, 100 epochs, SGD nesterov lr 0.1 cosine per
   iteration to 1e-6, weight decay 1e-4, batches of 64 in + 128 out, PGD ε = 1/255, 2 steps of 1/255,
   λ = 0.5, seed 1). A GPU job: `oodguard train --recipe paper --method aloe --out runs/paper`.
@@ -130,7 +131,8 @@ class TrainConfig:
     # exponential moving average of the weights and BN statistics, updated every step (0: off). With it on, the
     # average is the run's model (checkpoint "model": evaluated, exported, validated); the trained weights stay
     # in the checkpoint for --resume. Why: adversarial training's weights wander from step to step (the robust
-    # validation AUROC of a detector swung 29-43 between epochs), and the average smooths that out.
+    # validation AUROC of a detector swung 29-43 between epochs), and an average smooths that out. Measured on the
+    # detector it trailed the trained weights at every epoch (docs/results.md), so no recipe turns it on.
     ema_decay: float = 0.0
     # training attack (pixel units; paper: ε = 1/255, 2 steps of 1/255, no random start)
     eps: float = 1 / 255
