@@ -55,9 +55,9 @@ def best_epoch_checkpoint(run: Path) -> tuple[Path, dict]:
     path = run / "checkpoints" / f"epoch_{record['epoch']:03d}.pt"
     if key == "disc_val":
         return path, record
-    state = load_checkpoint(path)
     trained = path.with_name(f"{path.stem}_trained.pt")
     if not trained.is_file() or trained.stat().st_mtime < path.stat().st_mtime:  # else: written from this very epoch
+        state = load_checkpoint(path)
         save_checkpoint(trained, {**state, "model": state["trained_model"], "chosen_from": f"{path.name}: trained_model"})
     return trained, {**record, "disc_val": record[key], "weights": "trained"}
 

@@ -6,13 +6,20 @@
 - `client`: `make_client()` with default settings.
 - `run_app(app, coro_fn)`: run `await coro_fn(httpx.AsyncClient)` against an app inside its
   lifespan, on one event loop (for concurrency tests).
+- `serving_shipped(bundle)`: a started `TestClient` serving a bundle of models/ with production settings and
+  no OODGUARD_* environment (for module-scoped fixtures); `bundle_verify(bundle)`: `oodguard bundle verify`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import subprocess
+import sys
 import warnings
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -80,3 +87,21 @@ def run_app(app, coro_fn, timeout: float = 60.0):
                 return await asyncio.wait_for(coro_fn(ac), timeout)
 
     return asyncio.run(_main())
+
+
+@contextlib.contextmanager
+def serving_shipped(bundle: Path) -> Iterator[TestClient]:
+    """A started TestClient serving `bundle` as `oodguard serve` would, with the developer's OODGUARD_* environment
+    set aside meanwhile (module scope: monkeypatch is per test)."""
+    saved = {k: os.environ.pop(k) for k in [k for k in os.environ if k.startswith("OODGUARD_") and k != "OODGUARD_CACHE_DIR"]}
+    try:
+        with TestClient(create_app(Settings(bundle=bundle, decode_threads=1, request_timeout_s=60.0))) as c:
+            yield c
+    finally:
+        os.environ.update(saved)
+
+
+def bundle_verify(bundle: Path) -> subprocess.CompletedProcess:
+    """`oodguard bundle verify BUNDLE` in a subprocess, one thread."""
+    return subprocess.run([sys.executable, "-m", "oodguard.cli", "bundle", "verify", str(bundle)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})

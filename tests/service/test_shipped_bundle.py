@@ -13,23 +13,15 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from oodguard.service.app import create_app
 from oodguard.service.manifest import load_manifest
-from oodguard.service.settings import Settings
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    from fastapi.testclient import TestClient
+from .conftest import bundle_verify, serving_shipped
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "models" / "default"
@@ -49,12 +41,8 @@ REJECTED_CIFAR = {"cifar_cat.jpg"}  # README: "about one in twenty is rejected b
 
 @pytest.fixture(scope="module")
 def client():
-    saved = {k: os.environ.pop(k) for k in [k for k in os.environ if k.startswith("OODGUARD_") and k != "OODGUARD_CACHE_DIR"]}
-    try:
-        with TestClient(create_app(Settings(bundle=BUNDLE, decode_threads=1, request_timeout_s=60.0))) as c:
-            yield c
-    finally:
-        os.environ.update(saved)
+    with serving_shipped(BUNDLE) as c:
+        yield c
 
 
 def _predict(client, path: Path) -> dict:
@@ -76,10 +64,7 @@ def _approx(expected):
 
 @pytest.mark.slow
 def test_bundle_verify_passes_on_the_shipped_bundle():
-    proc = subprocess.run(
-        [sys.executable, "-m", "oodguard.cli", "bundle", "verify", str(BUNDLE)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = bundle_verify(BUNDLE)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     manifest = load_manifest(BUNDLE)
     assert f"bundle {manifest.name}:{manifest.version} OK" in proc.stdout
