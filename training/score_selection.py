@@ -35,7 +35,7 @@ SELECTION_ATTACK = "paper"
 SELECTION_ATTACKS = ("paper", "strong")  # worst-case protocols of evaluate.ATTACK_PROTOCOLS a choice may be made under
 
 
-def _attacked_images(model, name: str, ctx: ScoreContext, images: np.ndarray, direction: float, batch_size: int,
+def attacked_images(model, name: str, ctx: ScoreContext, images: np.ndarray, direction: float, batch_size: int,
                      seed: int, attack_name: str = SELECTION_ATTACK) -> np.ndarray:
     from .evaluate import ATTACK_PROTOCOLS
 
@@ -75,8 +75,8 @@ def select_score(run: RunData, candidates: list[str], onnx_scores: Callable[[np.
     for name in candidates:
         clean = ood_metrics(onnx_scores(as_float(cal_images), name), onnx_scores(as_float(val_out.images), name))
         log.info("score %s: attacking %d + %d validation images", name, len(cal_sub), len(out_sub))
-        adv_in = _attacked_images(model, name, ctx, cal_sub, -1.0, batch_size, seed, attack)
-        adv_out = _attacked_images(model, name, ctx, out_sub, +1.0, batch_size, seed + 1, attack)
+        adv_in = attacked_images(model, name, ctx, cal_sub, -1.0, batch_size, seed, attack)
+        adv_out = attacked_images(model, name, ctx, out_sub, +1.0, batch_size, seed + 1, attack)
         attacked = ood_metrics(onnx_scores(adv_in, name), onnx_scores(adv_out, name))
         record["candidates"][name] = {"clean": clean, "attacked": attacked}
     chosen = min(candidates, key=lambda n: (record["candidates"][n]["attacked"]["fpr_at_95_tpr"],

@@ -53,3 +53,26 @@ def test_form_validation_judges_each_form_at_its_own_tpr95_and_needs_held_out_ou
         assert 0.0 <= form["fpr_at_own_tpr95"] <= 1.0 and 0.0 <= form["auroc"] <= 1.0
     worst = max(f["fpr_at_own_tpr95"] for f in row["forms"].values())
     assert abs(row["fpr_spread_points"] - 100 * (worst - row["forms"]["stored"]["fpr_at_own_tpr95"])) < 1e-9
+
+
+def test_val_attack_attacks_both_validation_sides_and_needs_held_out_outliers(tmp_path, tiny_data_dir):
+    from ..training._eval_helpers import make_run
+
+    run = make_run(tmp_path / "run", tiny_data_dir, calibration_size=60)
+    missing = _script("val_attack.py", str(run), "--n", "20", data_dir=tiny_data_dir)
+    assert missing.returncode == 1 and "no held-out outlier classes" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    bad = _script("val_attack.py", str(run), "--n", "0", data_dir=tiny_data_dir)
+    assert bad.returncode == 1 and "--n must be >= 1" in bad.stderr
+
+    split = json.loads((run / "split.json").read_text())
+    split["outlier_holdout"] = {"source": str(tiny_data_dir / "tinyimagenet_outliers.npz"), "indices": list(range(50))}
+    (run / "split.json").write_text(json.dumps(split))
+    done = _script("val_attack.py", str(run), "--n", "20", "--threads", "1", "--out", str(tmp_path / "attack.json"),
+                   data_dir=tiny_data_dir)
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads((tmp_path / "attack.json").read_text())
+    assert row["n_in"] == 20 and row["n_out"] == 20 and row["attack"] == "paper"
+    # the worst-case attack pushes inliers down and outliers up: it never makes the two sets easier to tell apart
+    assert row["attacked"]["auroc"] <= row["clean"]["auroc"] + 1e-9
+    assert row["attacked"]["fpr_at_95_tpr"] >= row["clean"]["fpr_at_95_tpr"] - 1e-9
