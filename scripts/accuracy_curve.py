@@ -96,7 +96,7 @@ def plot(points: list[dict], n: int, png: Path, model_name: str) -> None:
                color="black", zorder=3, label="end of run (full test split)")
     ax.axhline(92, color="grey", linestyle=":", linewidth=1)
     ax.set(xlabel="training hours on 2 CPU cores", ylabel="CIFAR-10 test accuracy (%)",
-           title=f"{model_name}: pre-training (CE) then ALOE fine-tuning; dotted: the 92% target")
+           title=f"{model_name}: accuracy vs training hours\n(runs in training order; dotted: the 92% target)")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
