@@ -230,6 +230,9 @@ def _weights_config(model_config: dict[str, Any]) -> dict[str, Any]:
 def load_initial_weights(model, source: str | Path, split: dict[str, Any]) -> dict[str, Any]:
     """Copy the weights of `source` (a run directory or a .pt checkpoint) into `model` for fine-tuning.
 
+    The architecture must match; only the number of outputs may differ, and then every weight but the
+    output layer (`head`) is copied and the head keeps its fresh initialisation (recorded as "head").
+
     Refuses a run whose calibration split differs from this run's: the starting weights would have
     trained on images this run holds out for calibration. Returns a lineage record for config.json.
     """
@@ -252,12 +255,26 @@ def load_initial_weights(model, source: str | Path, split: dict[str, Any]) -> di
         path = source  # a bare checkpoint: the caller vouches for its training data
     state = load_checkpoint(path, map_location="cpu")
     theirs_config = resolve_model_config(dict(state["model_config"]), state["model"])
-    if _weights_config(theirs_config) != _weights_config(model.model_config):
+    theirs_body, mine_body = _weights_config(theirs_config), _weights_config(model.model_config)
+    record = {"checkpoint": str(path.resolve()), "sha256": sha256_file(path), "step": int(state.get("step", 0)),
+              "method": (state.get("config") or {}).get("method")}
+    if {k: v for k, v in theirs_body.items() if k != "num_classes"} != \
+            {k: v for k, v in mine_body.items() if k != "num_classes"}:
         raise RunDirError(f"--init-from {source}: its model {theirs_config} is not this run's {model.model_config} "
                           "(pass the same --model / --model-kwargs)")
-    model.load_state_dict(state["model"])
-    return {"checkpoint": str(path.resolve()), "sha256": sha256_file(path), "step": int(state.get("step", 0)),
-            "method": (state.get("config") or {}).get("method")}
+    if theirs_body.get("num_classes") == mine_body.get("num_classes"):
+        model.load_state_dict(state["model"])
+        return record
+    # Another number of outputs (a 10-class classifier starting a 2-output detector): the body transfers,
+    # the output layer starts fresh. Only the head may differ; anything else missing is an error.
+    body = {k: v for k, v in state["model"].items() if not k.startswith("head.")}
+    missing, unexpected = model.load_state_dict(body, strict=False)
+    if unexpected or any(not k.startswith("head.") for k in missing):
+        raise RunDirError(f"--init-from {source}: its weights do not fit this model beyond the output layer "
+                          f"(missing {missing}, unexpected {unexpected})")
+    record["head"] = (f"re-initialised: the source has {theirs_body.get('num_classes')} outputs, this model "
+                      f"{mine_body.get('num_classes')}")
+    return record
 
 
 # -- provenance: the code and machine that made the run ----------------------------------------------------

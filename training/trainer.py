@@ -157,7 +157,8 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
                    "outliers": outlier_set.describe() if outlier_set is not None else None}
         if cfg.init_from:  # fine-tuning: weights only; optimiser, schedule and data order start fresh
             lineage["init_from"] = load_initial_weights(raw_model, cfg.init_from, split)
-            log.info("initialised weights from %s", lineage["init_from"]["checkpoint"])
+            log.info("initialised weights from %s%s", lineage["init_from"]["checkpoint"],
+                     f" (output layer {lineage['init_from']['head']})" if "head" in lineage["init_from"] else "")
         elif hasattr(raw_model, "data_init"):  # data-dependent initialisation (airbench's whitening stem)
             sample = np.random.default_rng(cfg.seed).permutation(len(train_set))[:_DATA_INIT_IMAGES]
             raw_model.data_init(to_tensor(train_set.images[np.sort(sample)]).to(device))

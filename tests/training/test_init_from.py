@@ -52,6 +52,23 @@ def test_a_source_with_another_model_is_refused(tiny_config, tmp_path):
                           model_kwargs={"widths": [8, 16, 32], "stem": 8}, out=str(tmp_path / "ft")))
 
 
+def test_a_classifier_starts_a_detector_with_its_body_and_a_fresh_output_layer(tiny_config, tmp_path):
+    # a 10-class classifier's body starts a 2-output in-vs-out detector (`--method disc`): every weight but the
+    # head is the source's (a negligible lr keeps them), the head is new, and the lineage says so
+    train(tiny_config(method="msp", max_steps=4, eval_test=False, out=str(tmp_path / "pre")))
+    source = load_checkpoint(tmp_path / "pre" / "checkpoints" / "last.pt")
+    train(tiny_config(method="disc", max_steps=2, eval_test=False, lr=1e-9, min_lr=0.0, weight_decay=0.0,
+                      disc_val_samples=8, init_from=str(tmp_path / "pre"), out=str(tmp_path / "det")))
+    detector = load_checkpoint(tmp_path / "det" / "checkpoints" / "last.pt")
+    assert detector["model"]["head.weight"].shape[0] == 2 and source["model"]["head.weight"].shape[0] == 10
+    body = [k for k in source["model"] if not k.startswith("head.") and "running" not in k and "num_batches" not in k]
+    assert body
+    for k in body:
+        assert torch.allclose(source["model"][k], detector["model"][k], atol=1e-6), k
+    lineage = json.loads((tmp_path / "det" / "config.json").read_text())["lineage"]["init_from"]
+    assert lineage["head"] == "re-initialised: the source has 10 outputs, this model 2"
+
+
 def test_a_plain_source_may_start_a_flip_averaged_run(tiny_config, tmp_path):
     # flip_average changes prediction, not the weights: the same architecture fine-tunes into the served model
     train(tiny_config(method="msp", max_steps=2, eval_test=False, out=str(tmp_path / "pre")))
