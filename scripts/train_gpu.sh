@@ -18,8 +18,10 @@
 # Usage: scripts/train_gpu.sh pretrain|aloe SECONDS     (env: RUNS, default runs/gpu; DATA_DIR, default
 #        ../shared/datasets; EPOCHS_CAP, the most epochs the fitted schedule may plan, default 200;
 #        DEVICE, default cuda: cpu runs the same commands for a smoke test; EXTRA_ARGS, more `oodguard train`
-#        flags for both stages, e.g. the smoke test's --calibration-size for a small data directory; FORCE=1,
-#        train a stage again although it finished)
+#        flags for both stages, e.g. the smoke test's --calibration-size for a small data directory;
+#        MODEL_KWARGS, the model's --model-kwargs JSON for both stages, default {"flip_average": true}: put other
+#        architecture options here, not in EXTRA_ARGS, where a second --model-kwargs would replace this one and
+#        drop the flip averaging; FORCE=1, train a stage again although it finished)
 set -euo pipefail
 
 stage=${1:?usage: scripts/train_gpu.sh pretrain|aloe SECONDS}
@@ -29,10 +31,12 @@ data_dir=${DATA_DIR:-../shared/datasets}
 epochs_cap=${EPOCHS_CAP:-200}
 python=${PYTHON:-python3}
 device=${DEVICE:-cuda}
+default_model_kwargs='{"flip_average": true}'
+model_kwargs=${MODEL_KWARGS:-$default_model_kwargs}
 
 common=(--model fast_cnn --data cifar10 --outliers tinyimagenet --data-dir "$data_dir" --seed 1
         --device "$device" --no-compile --no-progress --time-budget "$seconds" --fit-schedule
-        --epochs "$epochs_cap" --save-every-steps 200 --model-kwargs '{"flip_average": true}' ${EXTRA_ARGS:-})
+        --epochs "$epochs_cap" --save-every-steps 200 --model-kwargs "$model_kwargs" ${EXTRA_ARGS:-})
 
 # a stage that finished (its schedule completed, or it stopped cleanly at its budget) is kept: re-running the
 # recipe after a failed ALOE stage does not redo the pre-training. FORCE=1 trains it again; a stage that

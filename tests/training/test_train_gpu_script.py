@@ -19,7 +19,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_both_stages_complete_and_aloe_starts_from_the_pretrained_weights(tiny_data_dir, tmp_path):
     env = {**os.environ, "RUNS": str(tmp_path), "DATA_DIR": str(tiny_data_dir), "DEVICE": "cpu",
            "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
-           "EXTRA_ARGS": "--calibration-size 40 --threads 1"}
+           "EXTRA_ARGS": "--calibration-size 40 --threads 1",
+           # architecture options go in MODEL_KWARGS, which keeps the flip averaging only if it says so
+           "MODEL_KWARGS": '{"flip_average": true, "widths": [16, 32, 32], "stem": 16}'}
     for stage in ("pretrain", "aloe"):
         proc = subprocess.run(["bash", str(ROOT / "scripts" / "train_gpu.sh"), stage, "3"], env=env,
                               capture_output=True, text=True, timeout=600)
@@ -35,6 +37,8 @@ def test_both_stages_complete_and_aloe_starts_from_the_pretrained_weights(tiny_d
     assert (train["batch_size"], train["outlier_batch_size"]) == (128, 128)
     pretrain = json.loads((tmp_path / "pretrain" / "config.json").read_text())["train"]
     assert pretrain["method"] == "msp" and pretrain["label_smoothing"] == 0.1 and pretrain["time_budget"] == 3
+    for stage_train in (pretrain, train):
+        assert stage_train["model_kwargs"] == {"flip_average": True, "widths": [16, 32, 32], "stem": 16}
 
     # run again: the finished stage is kept, its checkpoint untouched; FORCE=1 trains it again
     checkpoint = tmp_path / "pretrain" / "checkpoints" / "last.pt"
@@ -51,3 +55,18 @@ def test_an_unknown_stage_is_a_usage_error():
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "train_gpu.sh"), "finetune", "10"],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "unknown stage 'finetune'" in proc.stderr
+
+
+def test_both_stages_flip_average_by_default(tmp_path):
+    # the shipped recipe's model kwargs when MODEL_KWARGS is unset: the command lines, printed by a stand-in python
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("MODEL_KWARGS", "EXTRA_ARGS")}
+    for stage in ("pretrain", "aloe"):
+        proc = subprocess.run(["bash", str(ROOT / "scripts" / "train_gpu.sh"), stage, "60"],
+                              env={**env, "RUNS": str(tmp_path / "runs"), "PYTHON": str(fake)},
+                              capture_output=True, text=True, timeout=30)
+        args = proc.stdout.splitlines()
+        assert proc.returncode == 0 and args[args.index("--model-kwargs") + 1] == '{"flip_average": true}', proc.stdout
+        assert args.count("--model-kwargs") == 1
