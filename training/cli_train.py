@@ -111,7 +111,9 @@ def train_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous run's files in --out."),
     init_from: Optional[str] = _opt("--init-from", key="init_from",
                                     help="Fine-tune: start from the weights of this run directory (or .pt checkpoint); "
-                                    "optimiser and schedule start fresh. The run must share this run's calibration split."),
+                                    "optimiser and schedule start fresh. The run must share this run's calibration split and "
+                                    "architecture; with another number of outputs (a classifier starting a --method disc "
+                                    "detector) all but the output layer is copied."),
     seed: Optional[int] = _opt("--seed", key="seed", help="Seed for initialisation, data order, augmentation."),
     epochs: Optional[int] = _opt("--epochs", key="epochs", help="Schedule length in epochs."),
     max_steps: Optional[int] = _opt("--max-steps", key="max_steps", help="Schedule length in steps (overrides --epochs)."),
