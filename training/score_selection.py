@@ -36,7 +36,7 @@ SELECTION_ATTACKS = ("paper", "strong")  # worst-case protocols of evaluate.ATTA
 
 
 def attacked_images(model, name: str, ctx: ScoreContext, images: np.ndarray, direction: float, batch_size: int,
-                     seed: int, attack_name: str = SELECTION_ATTACK) -> np.ndarray:
+                    seed: int, attack_name: str = SELECTION_ATTACK) -> np.ndarray:
     from .evaluate import ATTACK_PROTOCOLS
 
     attack = ATTACK_PROTOCOLS[attack_name]
