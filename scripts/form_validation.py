@@ -21,13 +21,26 @@ import numpy as np
 import torch
 
 
+def validation_images(run_dir: Path, n: int, script: str):
+    """(model, n calibration-split images, n held-out-class outlier images) of a run: the seeded subsets every
+    validation script measures, so their numbers are on the same images. A run without them exits naming why."""
+    from oodguard.training.ood_sets import subset_indices
+    from oodguard.training.run_dir import RunData, RunDirError
+
+    try:
+        run = RunData.open(run_dir.expanduser())
+        model, _ = run.load_model()
+        cal, out = run.calibration_set(), run.outlier_validation_set()
+    except RunDirError as e:
+        raise SystemExit(f"{script}: {e}") from None
+    return model, cal.images[subset_indices(len(cal), n, seed=0)], out.images[subset_indices(len(out), n, seed=1)]
+
+
 def main() -> None:
     from oodguard.training.calibrate import threshold_for_tpr
     from oodguard.training.data import iterate_batches
     from oodguard.training.ood_metrics import ood_metrics
-    from oodguard.training.run_dir import RunData, RunDirError
     from oodguard.training import scores as score_fns
-    from oodguard.training.ood_sets import subset_indices
     from oodguard.training.shifts import FORMS, render_form
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -48,14 +61,7 @@ def main() -> None:
 
     results = []
     for run_dir in args.runs:
-        try:
-            run = RunData.open(run_dir.expanduser())
-            model, _ = run.load_model()
-            cal, out = run.calibration_set(), run.outlier_validation_set()
-        except RunDirError as e:
-            raise SystemExit(f"form_validation: {e}") from None
-        cal_x = cal.images[subset_indices(len(cal), args.n, seed=0)]
-        out_x = out.images[subset_indices(len(out), args.n, seed=1)]
+        model, cal_x, out_x = validation_images(run_dir, args.n, "form_validation")
         row = {"run": str(run_dir), "score": args.score, "flip_average": bool(getattr(model, "flip_average", False)),
                "n_in": int(len(cal_x)), "n_out": int(len(out_x)), "forms": {}}
         for form in forms:

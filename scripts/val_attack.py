@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from form_validation import validation_images  # noqa: E402  (the validation subsets form_validation measures)
+
 
 def main() -> None:
     from oodguard.training import data
     from oodguard.training.ood_metrics import ood_metrics
-    from oodguard.training.ood_sets import subset_indices
-    from oodguard.training.run_dir import RunData, RunDirError
     from oodguard.training.score_selection import SELECTION_ATTACKS, attacked_images
     from oodguard.training.scores import ScoreContext, scored_forward
 
@@ -52,15 +54,8 @@ def main() -> None:
 
     results = []
     for run_dir in args.runs:
-        try:
-            run = RunData.open(run_dir.expanduser())
-            model, _ = run.load_model()
-            cal, out = run.calibration_set(), run.outlier_validation_set()
-        except RunDirError as e:
-            raise SystemExit(f"val_attack: {e}") from None
+        model, cal_x, out_x = validation_images(run_dir, args.n, "val_attack")
         model.eval()
-        cal_x = cal.images[subset_indices(len(cal), args.n, seed=0)]
-        out_x = out.images[subset_indices(len(out), args.n, seed=1)]
         started = time.perf_counter()
         adv_in = attacked_images(model, args.score, ctx, cal_x, -1.0, args.batch_size, 0, args.attack)
         adv_out = attacked_images(model, args.score, ctx, out_x, +1.0, args.batch_size, 1, args.attack)
