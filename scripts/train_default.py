@@ -32,7 +32,9 @@ The shipped bundle's training ran on one GPU instead (`make train-default-gpu`: 
 finds both completed and does steps 3-5).
 
 `--finetuned RUN` skips training and does steps 3-5 on RUN (how `default:20261201.2` was made: the GPU-trained
-`default:20261201.1` rebuilt with flip averaging by `scripts/run_from_bundle.py --flip-average`).
+`default:20261201.1` rebuilt with flip averaging by `scripts/run_from_bundle.py --flip-average`; and how
+`make train-default-gpu` ships its third stage, the ALOE warm restart). docs/results-default.json then records RUN
+and the runs it was started from (`--init-from`, followed back while they are on disk).
 
 Usage: python scripts/train_default.py [--out DIR] [--pretrain-epochs 12] [--restart-epochs 20] [--finetune-epochs 2]
 (the defaults are the CPU recipe of docs/results.md: ~2.3 h of training on 2 quiet cores, 89.1% test accuracy;
@@ -132,6 +134,22 @@ def finetune_run(method: str, pretrained: Path, run: Path, args: argparse.Namesp
                         *model_kwargs_args(args)], log)
 
 
+def init_from_chain(run: Path) -> list[Path]:
+    """The runs `run` was started from (`--init-from`, followed back), oldest first, as far as they are still on
+    disk with their config and summary: e.g. the GPU recipe's pretrain and aloe stages for its restart."""
+    chain: list[Path] = []
+    seen = {run.resolve()}
+    while True:
+        source = json.loads((run / "config.json").read_text())["train"].get("init_from")
+        if not source:
+            return chain
+        run = Path(source).expanduser().resolve()
+        if run in seen or not ((run / "config.json").is_file() and (run / "summary.json").is_file()):
+            return chain
+        seen.add(run)
+        chain.insert(0, run)
+
+
 def evaluate_run(run: Path, out: Path, attacks: str, samples: int, log: Path, scores: str = "msp,energy",
                  extra: list[str] | None = None) -> float:
     """`oodguard evaluate` a run on the recipe's OOD sets into `out`; wall seconds."""
@@ -191,8 +209,9 @@ def main() -> None:
     ap.add_argument("--version", default=time.strftime("%Y%m%d", time.gmtime()), help="Bundle version.")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--finetuned", default=None,
-                    help="Ship this already fine-tuned run (e.g. rebuilt from a bundle by scripts/run_from_bundle.py) "
-                         "instead of training: steps 3-5 only, on it.")
+                    help="Ship this already fine-tuned run (e.g. rebuilt from a bundle by scripts/run_from_bundle.py, "
+                         "or scripts/train_gpu.sh's restart stage) instead of training: steps 3-5 only, on it; the "
+                         "results record it and the runs it was started from (--init-from, while on disk).")
     args = ap.parse_args()
 
     out = Path(args.out).expanduser().resolve()
@@ -206,7 +225,12 @@ def main() -> None:
         shipped = Path(args.finetuned).expanduser().resolve()
         if not (shipped / "checkpoints" / "last.pt").is_file():
             sys.exit(f"--finetuned {shipped}: not a run directory (no checkpoints/last.pt)")
-        runs[methods[0]] = shipped  # the shipped fine-tune, under its method's name as when trained here
+        # the stages it was trained from first (their configs and training hours belong to the shipped model's
+        # record too), then the shipped fine-tune under its method's name, as when trained here
+        for ancestor in init_from_chain(shipped):
+            key = ancestor.name if ancestor.name not in (*runs, methods[0]) else f"{ancestor.parent.name}/{ancestor.name}"
+            runs[key] = ancestor
+        runs[methods[0]] = shipped
     else:
         pre = runs["pretrain"] = out / "pretrain"
         timings["pretrain"] = pretrain_run(pre, args, log)

@@ -62,3 +62,26 @@ def test_finetuned_must_be_a_run_directory(tmp_path):
     assert done.returncode == 1
     assert "--finetuned" in done.stderr and "not a run directory" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "runs" / "pretrain").exists()  # nothing trained in its place
+
+
+def _fake_run(path: Path, init_from: Path | None) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"train": {"init_from": str(init_from) if init_from else None}}))
+    (path / "summary.json").write_text(json.dumps({"stopped": "completed"}))
+    return path
+
+
+def test_a_finetuned_run_is_recorded_with_the_runs_it_was_started_from(tmp_path):
+    # the GPU recipe's chain: pretrain -> aloe -> restart (shipped); pretrain itself came from a run that is gone
+    mod = load_script("train_default")
+    pretrain = _fake_run(tmp_path / "gpu" / "pretrain", init_from=tmp_path / "gone")
+    aloe = _fake_run(tmp_path / "gpu" / "aloe", init_from=pretrain)
+    restart = _fake_run(tmp_path / "gpu" / "restart", init_from=aloe)
+    assert mod.init_from_chain(restart) == [pretrain, aloe]
+    assert mod.init_from_chain(pretrain) == []  # its source is not on disk: the chain ends there
+    # a run directory without a summary (a stage that never finished) ends the chain too
+    (pretrain / "summary.json").unlink()
+    assert mod.init_from_chain(restart) == [aloe]
+    # a run pointing at itself does not loop
+    looped = _fake_run(tmp_path / "looped", init_from=tmp_path / "looped")
+    assert mod.init_from_chain(looped) == []
