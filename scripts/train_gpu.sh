@@ -12,7 +12,7 @@
 #      budget: the shipped model's restart ran 1 epoch on 2 CPU cores, 18.5 min, which a GPU runs in seconds),
 #      lr 0.01 cosine to 0 after 20 warm-up steps. One more cosine cycle at a lower rate lowered the validation
 #      FPR95 under the `paper` attack from 16.0% to 6.2%; three epochs cost 0.24 points of validation accuracy
-#      against one and rejected no better in any upload form (docs/results.md).
+#      against one and rejected held-out outliers no better in eight of nine upload forms (docs/results.md).
 #
 # Both stages' models average each image's and its mirror image's features in eval mode (`flip_average`: training
 # unchanged, evaluation and the exported graph see the averaged model), as scripts/train_default.py's do.
