@@ -28,8 +28,8 @@ The CPU recipe (2 cores; every stage resumable — run the script again and it c
 
 Runs live in --out (default ~/oodguard-runs/default: outside the work tree, so a fresh checkout resumes).
 The shipped bundle's training ran on one GPU instead (`make train-default-gpu`: scripts/train_gpu.sh trains
-`pretrain` and `aloe` with wall-clock budgets, then this script, given the same --out and --restart-epochs 0,
-finds both completed and does steps 3-5).
+`pretrain` and `aloe` with wall-clock budgets and a one-epoch `restart` of the ALOE stage, then this script,
+given `--finetuned` that restart run, does steps 3-5).
 
 `--finetuned RUN` skips training and does steps 3-5 on RUN (how `default:20261201.2` was made: the GPU-trained
 `default:20261201.1` rebuilt with flip averaging by `scripts/run_from_bundle.py --flip-average`; and how

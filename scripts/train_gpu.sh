@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The default model's recipe on one GPU: the same two stages as `make train-default` (scripts/train_default.py),
 # each given a wall-clock budget instead of a number of epochs (--time-budget with the cosine schedule fitted
-# to it), so a lent GPU with minutes of time on it gives a complete schedule, not a truncated one.
+# to it), so a lent GPU with minutes of time on it gives a complete schedule, not a truncated one; then a
+# warm restart of the ALOE stage, given in epochs.
 #
 #   1. pretrain SECONDS: fast_cnn, plain cross-entropy, `--recipe fast` (batches of 256, SGD nesterov lr 0.2,
 #      label smoothing 0.1, flip + 2-px translations, upload-form augmentation on every image).
@@ -14,17 +15,17 @@
 #      FPR95 under the `paper` attack from 16.0% to 6.2%; three epochs cost 0.24 points of validation accuracy
 #      against one and rejected held-out outliers no better in eight of nine upload forms (docs/results.md).
 #
-# Both stages' models average each image's and its mirror image's features in eval mode (`flip_average`: training
+# Every stage's model averages each image's and its mirror image's features in eval mode (`flip_average`: training
 # unchanged, evaluation and the exported graph see the averaged model), as scripts/train_default.py's do.
 #
 # Export, calibration (--score auto) and evaluation need no GPU: run them on the CPU afterwards
-# (scripts/train_default.py with --out pointing at the same directory picks the finished stages up).
+# (scripts/train_default.py --finetuned RUNS/restart, as `make train-default-gpu` does).
 #
 # Usage: scripts/train_gpu.sh pretrain|aloe SECONDS, or restart EPOCHS     (env: RUNS, default runs/gpu; DATA_DIR, default
 #        ../shared/datasets; EPOCHS_CAP, the most epochs the fitted schedule may plan, default 200;
 #        DEVICE, default cuda: cpu runs the same commands for a smoke test; EXTRA_ARGS, more `oodguard train`
-#        flags for both stages, e.g. the smoke test's --calibration-size for a small data directory;
-#        MODEL_KWARGS, the model's --model-kwargs JSON for both stages, default {"flip_average": true}: put other
+#        flags for every stage, e.g. the smoke test's --calibration-size for a small data directory;
+#        MODEL_KWARGS, the model's --model-kwargs JSON for every stage, default {"flip_average": true}: put other
 #        architecture options here, not in EXTRA_ARGS, where a second --model-kwargs would replace this one and
 #        drop the flip averaging; FORCE=1, train a stage again although it finished)
 set -euo pipefail
