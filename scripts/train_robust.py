@@ -15,7 +15,7 @@
    and 2/255; calibrate again (the choice is reused) so the manifest carries the attacked FPRs; verify; copy to
    models/robust; write docs/results-robust.json.
 
-Usage: python scripts/train_robust.py [--out DIR] [--classifier RUN] [--epochs 8]
+Usage: python scripts/train_robust.py [--out DIR] [--classifier RUN] [--epochs 8] [--detector-kwargs JSON]
 GPU one-liner for a wider detector (same recipe, CUDA, bf16 autocast):
     oodguard train --recipe robust_disc --device cuda --model-kwargs '{"widths": [64, 128, 256]}' --epochs 30 \
         --out runs/detector && python scripts/train_robust.py --out runs  (finds runs/detector completed)
@@ -80,6 +80,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path.home() / "oodguard-runs" / "robust"), help="Directory for the runs.")
     ap.add_argument("--classifier", default=None, help="Classifier run directory (default: rebuilt from models/default).")
     ap.add_argument("--epochs", type=int, default=8, help="Detector training epochs.")
+    ap.add_argument("--detector-kwargs", default=None,
+                    help="The detector's model arguments as JSON, e.g. '{\"widths\": [48, 96, 192]}' (default: the "
+                    "recipe's small_cnn, widths 32/64/128).")
     ap.add_argument("--eval-samples", type=int, default=1000, help="Images per set, clean.")
     ap.add_argument("--paper-samples", type=int, default=500, help="Images per side under the paper attack.")
     ap.add_argument("--strong-samples", type=int, default=300, help="Images per side under the strong attack.")
@@ -105,7 +108,9 @@ def main() -> None:
 
     detector = out / "detector"
     timings["detector"] = _train(detector, ["--recipe", "robust_disc", "--data", "cifar10", "--outliers", "tinyimagenet",
-                                            "--epochs", str(args.epochs), "--threads", str(args.threads)], log)
+                                            "--epochs", str(args.epochs), "--threads", str(args.threads),
+                                            *(["--model-kwargs", args.detector_kwargs] if args.detector_kwargs else [])],
+                           log)
     checkpoint, chosen = best_epoch_checkpoint(detector)
     print(f"detector: epoch {chosen['epoch']} ({chosen.get('weights', 'its model')}) chosen on validation "
           f"(AUROC clean {chosen['disc_val']['auroc_clean']:.4f}, PGD-10 {chosen['disc_val']['auroc_pgd']:.4f})")
