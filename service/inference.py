@@ -31,7 +31,7 @@ from .preprocess import ImageLimits, declared_pixels, load_images, open_images
 from .registry import ModelRegistry
 from .request_body import read_images
 from .settings import Settings
-from .upload_form import form_groups
+from .upload_form import DEFAULT_GROUPS, UploadForm, read_upload_forms
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +142,9 @@ class InferenceService:
             result = await self.infer(images, ticket)
         return result.model, self.score(result, top_k, operating_point, forms)
 
-    async def decode(self, blobs: list[bytes], spec: InputSpec) -> tuple[np.ndarray, list[str]]:
-        """A request's encoded images -> (float32 (N, 3, H, W), each image's upload-form group read from its
-        header: upload_form.py); refusals are counted by code.
+    async def decode(self, blobs: list[bytes], spec: InputSpec) -> tuple[np.ndarray, list[UploadForm]]:
+        """A request's encoded images -> (float32 (N, 3, H, W), each image's upload form read from its header:
+        upload_form.py); refusals are counted by code.
 
         Where, by what the request costs: small images on the event loop, large ones in worker
         processes (heavy_decode.py), the rest in the decode threads. Handing a CIFAR-size JPEG to a
@@ -162,7 +162,7 @@ class InferenceService:
                 images, forms = await loop.run_in_executor(self.decode_pool, self._decode_unless_heavy, blobs, spec)
                 return (images if images is not None else await self.heavy_decoder.decode(blobs, spec)), forms
             opened = open_images(blobs, self.limits)
-            forms = form_groups(opened, spec)
+            forms = read_upload_forms(opened, spec)
             if declared_pixels(opened) <= settings.inline_decode_max_pixels:
                 return load_images(opened, spec), forms
             if self._is_heavy(opened):
@@ -180,10 +180,10 @@ class InferenceService:
             img.close()
         return True
 
-    def _decode_unless_heavy(self, blobs: list[bytes], spec: InputSpec) -> tuple[np.ndarray | None, list[str]]:
+    def _decode_unless_heavy(self, blobs: list[bytes], spec: InputSpec) -> tuple[np.ndarray | None, list[UploadForm]]:
         """In a decode thread: (the tensor, or None when the headers say the request is for the workers; the forms)."""
         opened = open_images(blobs, self.limits)
-        forms = form_groups(opened, spec)
+        forms = read_upload_forms(opened, spec)
         return (None if self._is_heavy(opened) else load_images(opened, spec)), forms
 
     # -- every protocol -----------------------------------------------------------------------------
@@ -199,10 +199,12 @@ class InferenceService:
             self.metrics.inference_errors.inc()
             raise OodguardError("unavailable", "timeout", f"inference took longer than {self.settings.request_timeout_s}s") from None
 
-    def score(self, result: BatchResult, top_k: int, operating_point: str | None, forms: list[str] | None = None) -> Scored:
+    def score(self, result: BatchResult, top_k: int, operating_point: str | None,
+              forms: list[UploadForm] | None = None) -> Scored:
         """Predictions of the model that answered (a hot-swap may have happened meanwhile), recorded in the metrics.
 
-        `forms`: each image's upload-form group (None: tensors sent already decoded, the `native` group)."""
+        `forms`: each image's upload form (None: tensors sent already decoded), mapped to the form groups of
+        the model that answered: its thresholds and p-values are its own groups'."""
         return self._score(result, top_k, operating_point, required=True, forms=forms)
 
     def verdict(self, result: BatchResult, operating_point: str | None, required: bool) -> dict[str, np.ndarray] | None:
@@ -222,11 +224,13 @@ class InferenceService:
         }
 
     def _score(self, result: BatchResult, top_k: int, operating_point: str | None, required: bool,
-               forms: list[str] | None = None) -> Scored | None:
+               forms: list[UploadForm] | None = None) -> Scored | None:
         served = result.model
+        # the groups of the model that answered; a bundle without forms reports the default groups in the metrics
+        groups = None if forms is None else (served.form_groups or DEFAULT_GROUPS).groups_of(forms)
         try:
             op = resolve_operating_point(served.manifest, operating_point, swapped=True)
-            scored = score_outputs(served, result.outputs, top_k, op, forms)
+            scored = score_outputs(served, result.outputs, top_k, op, groups)
         except NonFiniteOutput as exc:
             if not required:
                 return None
@@ -236,7 +240,7 @@ class InferenceService:
             if not required:
                 return None
             raise
-        self.metrics.observe_predictions(scored.scores, scored.p_values, scored.accepted, served.sha256, forms)
+        self.metrics.observe_predictions(scored.scores, scored.p_values, scored.accepted, served.sha256, groups)
         return scored
 
 

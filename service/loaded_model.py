@@ -38,6 +38,7 @@ class LoadedModel:
         # form-conditional bundles: each upload-form group's own calibration scores (upload_form.py)
         self.form_calibration = None if form_calibration is None else {
             group: np.asarray(scores, dtype=np.float64) for group, scores in form_calibration.items()}
+        self.form_groups = manifest.form_groups  # how an upload's form maps to those groups (upload_form.py)
         self.output_names: list[str] = [o.name for o in session.get_outputs()]
         self.input_name: str = manifest.input.name
         self.loaded_at = time.time()

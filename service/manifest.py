@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .upload_form import FORM_GROUPS, FORM_RULE
+from .upload_form import FORM_RULE_V1, FORM_RULES, V1_GROUPS, FormGroups
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -115,7 +115,7 @@ class CalibrationInfo(_Strict):
     split: str = "held-out calibration split of the training set"
     seed: int | None = None
     # Form-conditional (Mondrian) calibration: one calibration per upload-form group, under `form_rule`
-    # (upload_form.FORM_RULE); then thresholds and p-values are the image's own group's.
+    # (upload_form.FORM_RULES); then thresholds and p-values are the image's own group's.
     form_rule: str | None = None
     forms: dict[str, FormCalibration] | None = None
 
@@ -206,8 +206,8 @@ class BundleManifest(_Strict):
         return self
 
     def _check_forms(self) -> None:
-        """Form groups are all or nothing: every group this oodguard reads, and a threshold for each on every
-        point that is not class-conditional; a bundle calibrated under another rule is refused."""
+        """Form groups are all or nothing: the groups of a known rule (upload_form.py), and a threshold for each
+        on every point that is not class-conditional; a bundle calibrated under another rule is refused."""
         forms = self.calibration.forms
         if forms is None:
             if self.calibration.form_rule is not None:
@@ -216,11 +216,17 @@ class BundleManifest(_Strict):
                 if op.form_thresholds is not None:
                     raise ValueError(f"operating point {op.name!r} has form_thresholds but the calibration has no forms")
             return
-        if self.calibration.form_rule != FORM_RULE:
-            raise ValueError(f"calibration.form_rule {self.calibration.form_rule!r} is not the rule this oodguard "
-                             f"reads ({FORM_RULE!r}): its form groups would not mean the same")
-        if set(forms) != set(FORM_GROUPS):
-            raise ValueError(f"calibration.forms must have exactly the groups {list(FORM_GROUPS)}, got {sorted(forms)}")
+        rule = self.calibration.form_rule
+        if rule not in FORM_RULES:
+            raise ValueError(f"calibration.form_rule {rule!r} is not a rule this oodguard reads ({', '.join(FORM_RULES)}): "
+                             "its form groups would not mean the same")
+        groups = FormGroups.from_names(forms)
+        if rule == FORM_RULE_V1 and groups != V1_GROUPS:
+            raise ValueError(f"calibration.forms must have exactly the groups {list(V1_GROUPS.names)} under {rule}, "
+                             f"got {sorted(forms)}")
+        if rule != FORM_RULE_V1 and not groups.covers_every_quality():
+            raise ValueError(f"calibration.forms: under {rule} the JPEG quality bands must cover every quality 1-100, "
+                             f"got {sorted(forms)}")
         files = [f.file for f in forms.values()]
         if len(set(files)) != len(files) or CALIBRATION_FILE in files:
             raise ValueError("calibration.forms: every group needs its own file, not calibration.npy")
@@ -228,10 +234,16 @@ class BundleManifest(_Strict):
             if op.class_thresholds is not None:
                 if op.form_thresholds is not None:
                     raise ValueError(f"operating point {op.name!r}: class_thresholds and form_thresholds are exclusive")
-            elif op.form_thresholds is None or set(op.form_thresholds) != set(FORM_GROUPS):
-                raise ValueError(f"operating point {op.name!r}: form_thresholds must have exactly the groups {list(FORM_GROUPS)}")
+            elif op.form_thresholds is None or set(op.form_thresholds) != set(forms):
+                raise ValueError(f"operating point {op.name!r}: form_thresholds must have exactly the groups {sorted(forms)}")
 
     # -- helpers ------------------------------------------------------------------------------
+    @property
+    def form_groups(self) -> FormGroups | None:
+        """The upload-form groups of a form-conditional bundle (upload_form.py), else None."""
+        forms = self.calibration.forms
+        return None if forms is None else FormGroups.from_names(forms)
+
     def operating_point(self, name: str | None = None) -> OperatingPoint:
         name = name or self.default_operating_point
         for op in self.operating_points:

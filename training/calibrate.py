@@ -10,7 +10,7 @@ only for the dataset's own 32x32 JPEGs; the realised TPR per form is recorded in
 Form-conditional calibration (on by default, `--no-form-calibration` to turn it off): one mix cannot hold
 every form at once (the served score accepts a JPEG of quality 50 less often, an upscaled upload more often,
 than the stored JPEG), so the split is also uploaded in each upload-form group's forms (service/upload_form.py:
-`native`, three JPEG quality bands, `smaller`, `larger`; shifts.GROUP_RENDERINGS) and scored: one sorted calibration per
+`native`, JPEG quality bands (`--jpeg-bands`), `smaller`, `larger`; shifts.group_rendering) and scored: one sorted calibration per
 group (`calibration_<group>.npy`) and one threshold per group and target (`form_thresholds`). This is
 group-conditional ("Mondrian") split conformal: the guarantee below holds within each group. The service
 reads an upload's group from its header and applies that group's threshold and p-values.
@@ -60,7 +60,7 @@ from oodguard.service.manifest import (
     ScoreSpec,
 )
 from oodguard.service.preprocess import TRAINING_RESIZE
-from oodguard.service.upload_form import FORM_GROUPS, FORM_RULE
+from oodguard.service.upload_form import DEFAULT_JPEG_BANDS, FORM_RULE, FormGroups
 
 from . import data
 from .evaluate import ATTACK_PROTOCOLS, CALIBRATION_FORMS, DEFAULT_SHIFTS, EVAL_DIR, git_commit, load_eval, set_key
@@ -69,7 +69,7 @@ from .ood_sets import load_ood_set, subsample
 from .package import BuiltBundle, build_bundle
 from .per_class import add_per_class_points, predictor
 from .run_dir import RunData, RunDirError, write_json_atomic
-from .shifts import GROUP_RENDERINGS, STORED_GROUP, check_forms, group_of_form, render_form, render_group, render_mixed
+from .shifts import check_forms, group_of_form, group_rendering, render_form, render_group, render_mixed
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,8 @@ class CalibrateConfig:
     per_class: bool = False  # also a class-conditional point per TPR (`tprXX_per_class`, per_class.py)
     # one calibration per upload-form group (service/upload_form.py): thresholds and p-values by the upload's form
     form_calibration: bool = True
+    # the JPEG quality bands of the form groups: (lowest, highest), covering 1-100 (upload_form.DEFAULT_JPEG_BANDS)
+    jpeg_bands: tuple[tuple[int, int], ...] = DEFAULT_JPEG_BANDS
     name: str | None = None
     version: str | None = None  # default: UTC timestamp
     out: str | None = None  # default RUN_DIR/bundle
@@ -187,9 +189,11 @@ def calibrate_run(run_dir: str | Path, cfg: CalibrateConfig) -> BuiltBundle:
     log.info("calibrated %s on %d held-out images: %s", cfg.score, cal_sorted.size,
              {operating_point_name(t): thr for t, thr in thresholds.items()})
     # form-conditional (Mondrian) calibration: the whole split uploaded in each group's forms, scored
+    groups = FormGroups(tuple(cfg.jpeg_bands))
+    stored_group = group_of_form("stored", groups=groups)  # the group the test and OOD files are in, as stored
     form_cal = None if not cfg.form_calibration else {
-        group: np.sort(served_scores(render_group(cal_set.images, group, cfg.seed)).astype(np.float32))
-        for group in FORM_GROUPS}
+        group: np.sort(served_scores(render_group(cal_set.images, group, cfg.seed, groups=groups)).astype(np.float32))
+        for group in groups.names}
     form_thresholds = None if form_cal is None else {
         t: {group: threshold_for_tpr(scores, t) for group, scores in form_cal.items()} for t in cfg.tprs}
 
@@ -210,7 +214,8 @@ def calibrate_run(run_dir: str | Path, cfg: CalibrateConfig) -> BuiltBundle:
     attacked = {tuple(k.split("__", 1)[1].rsplit("__", 1)): v for k, v in eval_raw.items()
                 if k.startswith(f"{cfg.score}__") and k.rsplit("__", 1)[1] in ATTACK_PROTOCOLS
                 and not k.endswith("__none")}
-    points, validation = _operating_points(thresholds, cal_sorted, test_scores, ood_scores, attacked, form_thresholds)
+    points, validation = _operating_points(thresholds, cal_sorted, test_scores, ood_scores, attacked, form_thresholds,
+                                           stored_group)
     if cfg.per_class:  # thresholds per predicted class, next to each global point (per_class.py)
         ood_images = {set_key(spec): load_ood_set(spec, cfg.max_samples, cfg.seed, data_dir=run.data_dir).images
                       for spec in cfg.ood or evaluated_sets or ["tinyimagenet", "gaussian"]}
@@ -227,13 +232,14 @@ def calibrate_run(run_dir: str | Path, cfg: CalibrateConfig) -> BuiltBundle:
         "operating_points": validation,
         # ~0.5 when the test split's conformal p-values are uniform, as they should be in-distribution
         "test_p_value_mean": float(np.mean(conformal_p_values(
-            cal_sorted if form_cal is None else form_cal[STORED_GROUP], test_scores))),
+            cal_sorted if form_cal is None else form_cal[stored_group], test_scores))),
         "attacked_source": "eval/scores.npz: torch scores of the evaluation's PGD inputs" if attacked else None,
         "calibration_forms": list(cfg.calibration_forms),
         "form_conditional": form_thresholds is not None,
         # realised TPR (test split) and FPR (real OOD sets) per upload form, at every operating point, each
         # form at the threshold the service applies to it (its group's, in a form-conditional bundle)
-        "forms": _per_form(served_scores, test_set.images, real_ood, thresholds, form_thresholds, cfg.validation_forms),
+        "forms": _per_form(served_scores, test_set.images, real_ood, thresholds, form_thresholds, cfg.validation_forms,
+                           groups),
     }}
     if score_selection is not None:
         metrics["score_selection"] = score_selection
@@ -265,7 +271,7 @@ def calibrate_run(run_dir: str | Path, cfg: CalibrateConfig) -> BuiltBundle:
             form_rule=FORM_RULE if form_cal is not None else None,
             forms=None if form_cal is None else {
                 group: FormCalibration(file=f"calibration_{group}.npy", size=int(scores.size),
-                                       rendering=GROUP_RENDERINGS[group]) for group, scores in form_cal.items()}),
+                                       rendering=group_rendering(group, groups)) for group, scores in form_cal.items()}),
         metrics=metrics,
         training={"method": method, "model": model_config.get("name"), "model_config": model_config, "config": config},
         lineage=Lineage(datasets={k: v for k, v in lineage.items() if v}, code_version=git_commit(),
@@ -321,10 +327,10 @@ def _select_score(run: RunData, session, export_info: dict[str, Any], cal_images
 
 def _per_form(served_scores, test_images: np.ndarray, real_ood: dict[str, data.ImageSet],
               thresholds: dict[float, float], form_thresholds: dict[float, dict[str, float]] | None,
-              forms: list[str]) -> dict[str, Any]:
+              forms: list[str], groups: FormGroups) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for form in forms:
-        group = group_of_form(form)
+        group = group_of_form(form, groups=groups)
         s_in = served_scores(render_form(test_images, form))
         s_out = {k: served_scores(render_form(v.images, form)) for k, v in real_ood.items()}
         applied = thresholds if form_thresholds is None else {t: g[group] for t, g in form_thresholds.items()}
@@ -338,7 +344,7 @@ def _per_form(served_scores, test_images: np.ndarray, real_ood: dict[str, data.I
 
 def _operating_points(thresholds: dict[float, float], cal_sorted: np.ndarray, test_scores: np.ndarray,
                       ood_scores: dict[str, np.ndarray], attacked: dict[tuple[str, str], np.ndarray],
-                      form_thresholds: dict[float, dict[str, float]] | None = None):
+                      form_thresholds: dict[float, dict[str, float]] | None = None, stored_group: str | None = None):
     """OperatingPoints (realised TPR on the test split, FPR per OOD set clean and attacked) + a detailed record.
 
     `thresholds`: the mixed-form calibration's. The rates are at what the service applies to the stored form
@@ -346,7 +352,7 @@ def _operating_points(thresholds: dict[float, float], cal_sorted: np.ndarray, te
     points, validation = [], {}
     for tpr, thr in thresholds.items():
         name = operating_point_name(tpr)
-        applied = thr if form_thresholds is None else form_thresholds[tpr][STORED_GROUP]
+        applied = thr if form_thresholds is None else form_thresholds[tpr][stored_group]
         fpr = {k: _accept_rate(v, applied) for k, v in ood_scores.items()}
         fpr.update({f"{s}/{a}": _accept_rate(v, applied) for (s, a), v in attacked.items() if s != "in"})
         realised = _accept_rate(test_scores, applied)

@@ -25,6 +25,27 @@ _out = Console(soft_wrap=True)
 _err = Console(stderr=True, soft_wrap=True)
 
 
+def _jpeg_bands(text: str) -> tuple[tuple[int, int], ...]:
+    """--jpeg-bands 'A-B,C-D,...' -> ((A, B), (C, D), ...), checked: integers, in 1-100, disjoint, covering 1-100."""
+    from oodguard.service.upload_form import FormGroups
+
+    bands = []
+    for part in _split_list([text]):
+        lo, sep, hi = part.partition("-")
+        if not (sep and lo.strip().isdigit() and hi.strip().isdigit()):
+            _fail(f"--jpeg-bands: {part!r} is not a band LOWEST-HIGHEST of JPEG qualities (e.g. 50-64)")
+        bands.append((int(lo), int(hi)))
+    try:
+        groups = FormGroups(tuple(bands))
+    except ValueError as exc:
+        _fail(f"--jpeg-bands: {exc}")
+    if not groups.covers_every_quality():
+        missing = [q for q in range(1, 101) if groups.band_of(q) is None]
+        _fail(f"--jpeg-bands must cover every JPEG quality 1-100; none covers {missing[0]}" +
+              (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return groups.bands
+
+
 def _split_list(values: list[str] | None) -> list[str]:
     """`--x a,b --x c` -> [a, b, c]."""
     out: list[str] = []
@@ -243,6 +264,10 @@ def calibrate(
                                           "per upload-form group (native, JPEG quality bands, smaller, larger: read from each "
                                           "upload's header), so each form is accepted at the target rate; off: one "
                                           "threshold for every form, from the --calibration-forms mix."),
+    jpeg_bands: Optional[str] = typer.Option(None, "--jpeg-bands", help="The JPEG quality bands of the form groups, "
+                                             "e.g. '1-9,10-48,49-64,65-100': they must cover 1-100. Default: the bands "
+                                             "chosen on the shipped model's validation data (scripts/choose_jpeg_bands.py "
+                                             "chooses them for another model)."),
 ) -> None:
     """Calibrate thresholds on the held-out split with onnxruntime and assemble a verified bundle.
 
@@ -263,6 +288,8 @@ def calibrate(
         cfg.tprs = _floats(_split_list(tpr), "--tpr")
     cfg.per_class = per_class
     cfg.form_calibration = form_calibration
+    if jpeg_bands:
+        cfg.jpeg_bands = _jpeg_bands(jpeg_bands)
     try:
         built = calibrate_run(run_dir, cfg)
     except BundleError as exc:  # the assembled bundle failed verification

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from oodguard.service.upload_form import FORM_GROUPS
+from oodguard.service.upload_form import DEFAULT_GROUPS
 
 from . import data
 from .attacks import AttackConfig, pgd_with, pgd_worst_case
@@ -254,9 +254,10 @@ def _evaluate_shifts(model: nn.Module, run: RunData, test: data.ImageSet, ood_se
     cal_scores, _ = _clean_scores(model, cal_mixed, cfg.scores, ctx, cfg.batch_size, "calibration [mixed forms]")
     thresholds = {n: threshold_for_tpr(np.sort(cal_scores[n]), 0.95) for n in cfg.scores}
     form_thresholds: dict[str, dict[str, float]] = {n: {} for n in cfg.scores}
-    for group in FORM_GROUPS:
-        group_scores, _ = _clean_scores(model, render_group(cal.images, group, cfg.seed), cfg.scores, ctx,
-                                        cfg.batch_size, f"calibration [{group}]")
+    # the default groups (a bundle calibrated by default), only those the evaluated forms fall in
+    for group in dict.fromkeys(group_of_form(form) for form in cfg.shifts):
+        group_scores, _ = _clean_scores(model, render_group(cal.images, group, cfg.seed, groups=DEFAULT_GROUPS),
+                                        cfg.scores, ctx, cfg.batch_size, f"calibration [{group}]")
         for n in cfg.scores:
             form_thresholds[n][group] = threshold_for_tpr(np.sort(group_scores[n]), 0.95)
     real_sets = {k: v for k, v in ood_sets.items() if not v[1].source.startswith("synthetic:")}

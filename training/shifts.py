@@ -15,6 +15,7 @@ each image in a random form of the group, `group_of_form` says which group the s
 from __future__ import annotations
 
 import io
+import zlib
 from collections.abc import Callable
 
 import numpy as np
@@ -22,7 +23,7 @@ from PIL import Image
 
 from oodguard.service.manifest import InputSpec
 from oodguard.service.preprocess import TRAINING_RESIZE, decode_image
-from oodguard.service.upload_form import FORM_GROUPS, JPEG_BAND_GROUPS, LARGER, NATIVE, SMALLER, form_group
+from oodguard.service.upload_form import DEFAULT_GROUPS, LARGER, NATIVE, SMALLER, FormGroups, UploadForm, read_upload_form
 
 
 def _png(img: Image.Image) -> bytes:
@@ -110,45 +111,70 @@ def render_mixed(images: np.ndarray, forms: list[str], seed: int = 0, spec: Inpu
 _LARGER_RANGE = (1.0, 4.0)  # resize factor per side of a `larger` upload (not both 1)
 _SMALLER_RANGE = (0.4, 1.0)  # ... of the side(s) a `smaller` upload shrinks
 _CODEC = "then PNG or JPEG of quality uniform in 50-95 (half each), decoded and resized back as the service does"
-GROUP_RENDERINGS: dict[str, str] = {
-    NATIVE: "half as stored (32x32 JPEG quality 75), half re-encoded as JPEG of quality uniform in 66-100",
-    **{group: f"JPEG of quality uniform in {lo}-{hi}" for group, (lo, hi) in JPEG_BAND_GROUPS.items()},
-    SMALLER: f"shrunk (bicubic) by a factor uniform in {_SMALLER_RANGE[0]}-{_SMALLER_RANGE[1]}: half both sides "
-             "by one factor, half one side only (the other kept, or enlarged by a factor in 1-2), " + _CODEC,
-    LARGER: f"enlarged (bicubic) by a factor uniform in 1.25-{_LARGER_RANGE[1]}: half both sides by one factor, "
-            f"half each side by its own factor in {_LARGER_RANGE[0]}-{_LARGER_RANGE[1]}, " + _CODEC,
-}
-# The shared sets' own files are 32x32 JPEGs of quality 75 (../shared/datasets/README.md): the native group.
-STORED_GROUP = NATIVE
+# The shared sets' own files are 32x32 JPEGs of quality 75 (../shared/datasets/README.md): uploaded as they
+# are, the service puts them in the group of that quality.
+STORED_QUALITY = 75
 
 
-def render_group(images: np.ndarray, group: str, seed: int = 0, spec: InputSpec | None = None) -> np.ndarray:
-    """uint8 (N, H, W, 3) -> the same images each uploaded in a random form of `group` (GROUP_RENDERINGS)
-    and decoded as the service does. Seeded: the same call gives the same images."""
-    if group not in FORM_GROUPS:
-        raise ValueError(f"unknown form group {group!r}; valid: {', '.join(FORM_GROUPS)}")
+def group_rendering(group: str, groups: FormGroups = DEFAULT_GROUPS) -> str:
+    """How `render_group` uploads the calibration split for `group` (the manifest's `rendering`)."""
+    if group == SMALLER:
+        return (f"shrunk (bicubic) by a factor uniform in {_SMALLER_RANGE[0]}-{_SMALLER_RANGE[1]}: half both sides "
+                "by one factor, half one side only (the other kept, or enlarged by a factor in 1-2), " + _CODEC)
+    if group == LARGER:
+        return (f"enlarged (bicubic) by a factor uniform in 1.25-{_LARGER_RANGE[1]}: half both sides by one factor, "
+                f"half each side by its own factor in {_LARGER_RANGE[0]}-{_LARGER_RANGE[1]}, " + _CODEC)
+    uncovered = _uncovered_qualities(groups)
+    if group == NATIVE:  # lossless uploads carry the stored pixels
+        if not uncovered:
+            return "the stored pixels, as a lossless upload (PNG) carries them"
+        return (f"half the stored pixels, half re-encoded as JPEG of a quality drawn uniformly from the {len(uncovered)} "
+                f"qualities in no band ({uncovered[0]}-{uncovered[-1]})")
+    lo, hi = _band(group, groups)
+    if lo <= STORED_QUALITY <= hi:
+        return f"half as stored (32x32 JPEG quality {STORED_QUALITY}), half re-encoded as JPEG of quality uniform in {lo}-{hi}"
+    return f"JPEG of quality {lo}" if lo == hi else f"JPEG of quality uniform in {lo}-{hi}"
+
+
+def render_group(images: np.ndarray, group: str, seed: int = 0, spec: InputSpec | None = None,
+                 groups: FormGroups = DEFAULT_GROUPS) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> the same images each uploaded in a random form of `group` of `groups`
+    (`group_rendering`) and decoded as the service does. Seeded: the same call gives the same images."""
+    if group not in groups.names:
+        raise ValueError(f"unknown form group {group!r}; valid: {', '.join(groups.names)}")
     spec = spec or InputSpec(height=images.shape[1], width=images.shape[2], resize=TRAINING_RESIZE)
-    rng = np.random.default_rng([seed, FORM_GROUPS.index(group)])
+    rng = np.random.default_rng([seed, zlib.crc32(group.encode())])
+    uncovered = _uncovered_qualities(groups)
+    band = None if group in (NATIVE, SMALLER, LARGER) else _band(group, groups)
     out = images.copy()
     for i, pixels in enumerate(images):
         img = Image.fromarray(pixels)
-        if group == NATIVE:
-            if rng.random() < 0.5:
-                continue  # as stored
-            blob = _jpeg(int(rng.integers(66, 101)))(img)
-        elif group in (SMALLER, LARGER):
+        if group in (SMALLER, LARGER):
             size = _resized_size(img.size, group, rng)
             resized = img.resize(size, Image.Resampling.BICUBIC)
             blob = _png(resized) if rng.random() < 0.5 else _jpeg(int(rng.integers(50, 96)))(resized)
+        elif group == NATIVE:
+            if not uncovered or rng.random() < 0.5:
+                continue  # the stored pixels, as a lossless upload carries them
+            blob = _jpeg(int(rng.choice(uncovered)))(img)
         else:
-            lo, hi = JPEG_BAND_GROUPS[group]
-            blob = _jpeg(int(rng.integers(lo, hi + 1)))(img)
+            if band[0] <= STORED_QUALITY <= band[1] and rng.random() < 0.5:
+                continue  # as stored: the stored JPEG itself
+            blob = _jpeg(int(rng.integers(band[0], band[1] + 1)))(img)
         out[i] = decode_image(blob, spec)
     return out
 
 
+def _band(group: str, groups: FormGroups) -> tuple[int, int]:
+    return next(band for band in groups.bands if group == groups.group_of(UploadForm(NATIVE, band[0])))
+
+
+def _uncovered_qualities(groups: FormGroups) -> list[int]:
+    return [q for q in range(1, 101) if groups.band_of(q) is None]
+
+
 def _resized_size(size: tuple[int, int], group: str, rng: np.random.Generator) -> tuple[int, int]:
-    """A random upload size of `group` (GROUP_RENDERINGS) for an image of `size`; its group is always `group`."""
+    """A random upload size of `group` (`group_rendering`) for an image of `size`; its group is always `group`."""
     w, h = size
     if group == SMALLER:
         if rng.random() < 0.5:
@@ -169,11 +195,11 @@ def _resized_size(size: tuple[int, int], group: str, rng: np.random.Generator) -
     return out if out != (w, h) else (w + 1, h)
 
 
-def group_of_form(form: str, spec: InputSpec | None = None) -> str:
-    """The form group the service reads from an upload in `form` (shifts.FORMS), from the bytes it would send."""
+def group_of_form(form: str, spec: InputSpec | None = None, groups: FormGroups = DEFAULT_GROUPS) -> str:
+    """The form group of `groups` the service puts an upload in `form` (shifts.FORMS) in, from the bytes it would send."""
     check_forms([form])
     if form == "stored":
-        return STORED_GROUP
+        return groups.group_of(UploadForm(NATIVE, STORED_QUALITY))
     spec = spec or InputSpec()
     sample = np.zeros((spec.height, spec.width, 3), dtype=np.uint8)
-    return form_group(Image.open(io.BytesIO(encode_form(sample, form))), spec)
+    return groups.group_of(read_upload_form(Image.open(io.BytesIO(encode_form(sample, form))), spec))

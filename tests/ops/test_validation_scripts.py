@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
@@ -76,3 +78,47 @@ def test_val_attack_attacks_both_validation_sides_and_needs_held_out_outliers(tm
     # the worst-case attack pushes inliers down and outliers up: it never makes the two sets easier to tell apart
     assert row["attacked"]["auroc"] <= row["clean"]["auroc"] + 1e-9
     assert row["attacked"]["fpr_at_95_tpr"] >= row["clean"]["fpr_at_95_tpr"] - 1e-9
+
+
+def _load_choose_jpeg_bands():
+    import importlib.util
+
+    sys.path.insert(0, str(SCRIPTS))
+    spec = importlib.util.spec_from_file_location("choose_jpeg_bands", SCRIPTS / "choose_jpeg_bands.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_jpeg_bands_split_where_the_score_treats_qualities_differently():
+    """A score that drops by a step at quality 50 (as re-encoding quality-75 files does) gets a band boundary
+    there; a smooth score needs no boundary at all; each band's pooled threshold keeps its target."""
+    bands = _load_choose_jpeg_bands()
+    base = np.random.default_rng(0).normal(size=2000)
+    stepped = {q: base - (1.0 if q >= 50 else 0.0) for q in range(1, 101)}
+    stepped["stored"] = base - 1.0
+    assert bands.choose_bands(stepped, 1.5, 75, 0.95) == [(1, 49), (50, 100)]
+    flat = {q: base for q in range(1, 101)} | {"stored": base}
+    assert bands.choose_bands(flat, 1.5, 75, 0.95) == [(1, 100)]
+    thr = bands.band_threshold(stepped, 50, 100, 75, 0.95)
+    assert abs(float(np.mean(stepped[60] >= thr)) - 0.95) < 0.005
+    # the pooled quantile weighs each part by its weight, not by its size
+    assert bands.pooled_threshold([np.zeros(10), np.ones(1000)], [0.5, 0.5], 0.95) == 0.0
+
+
+def test_choose_jpeg_bands_runs_on_validation_data_and_prints_the_bands(tmp_path, tiny_data_dir):
+    from ..training._eval_helpers import make_run
+
+    run = make_run(tmp_path / "run", tiny_data_dir, calibration_size=60)
+    split = json.loads((run / "split.json").read_text())
+    split["outlier_holdout"] = {"source": str(tiny_data_dir / "tinyimagenet_outliers.npz"), "indices": list(range(50))}
+    (run / "split.json").write_text(json.dumps(split))
+    done = _script("choose_jpeg_bands.py", str(run), "--n", "40", "--n-out", "20", "--threads", "1",
+                   "--out", str(tmp_path / "bands.json"), data_dir=tiny_data_dir)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "bands.json").read_text())
+    assert result["n_in"] == 40 and result["n_out"] == 20
+    covered = [q for lo, hi in result["bands"] for q in range(lo, hi + 1)]
+    assert covered == list(range(1, 101))  # the bands partition the qualities, lowest first
+    assert f"--jpeg-bands {','.join(f'{lo}-{hi}' for lo, hi in result['bands'])}" in done.stdout
+    assert {r["quality"] for r in result["per_quality"]["chosen"]} == set(range(1, 101)) | {"stored"}

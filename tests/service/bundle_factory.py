@@ -36,7 +36,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from oodguard.service.bundle import make_session, write_manifest
-from oodguard.service.upload_form import FORM_RULE
+from oodguard.service.upload_form import FORM_RULE, FORM_RULE_V1, V1_GROUPS, FormGroups
 from oodguard.service.manifest import (
     CALIBRATION_FILE,
     GOLDEN_FILE,
@@ -150,13 +150,15 @@ def make_tiny_bundle(
     description: str = "tiny colour classifier for tests",
     metrics: dict | None = None,
     form_calibration: dict[str, np.ndarray] | None = None,
+    form_rule: str | None = None,
 ) -> Path:
     """Write a complete bundle (model.onnx, calibration.npy, golden.npz, manifest.json) and return its dir.
 
     It passes `oodguard.service.bundle.verify_bundle`. Different `version`s (or `logit_scale`s) give
     different manifest sha256s; `logit_scale` also changes the model's outputs. `form_calibration`
-    ({group: scores} for every group of upload_form.FORM_GROUPS) makes it form-conditional: each point
-    then has one threshold per group, the same quantile of that group's scores.
+    ({group: scores} for every group of a rule: upload_form.DEFAULT_GROUPS, or V1_GROUPS) makes it
+    form-conditional: each point then has one threshold per group, the same quantile of that group's scores.
+    `form_rule`: default, the v1 rule for v1's groups and the current rule for any other.
     """
     if score not in ("msp", "energy"):
         raise ValueError(f"score must be 'msp' or 'energy', got {score!r}")
@@ -209,7 +211,8 @@ def make_tiny_bundle(
         operating_points=points,
         default_operating_point=default_operating_point,
         calibration=CalibrationInfo(size=calibration_size, seed=seed, forms=forms,
-                                    form_rule=FORM_RULE if forms is not None else None),
+                                    form_rule=None if forms is None else form_rule or (
+                                        FORM_RULE_V1 if FormGroups.from_names(forms) == V1_GROUPS else FORM_RULE)),
         metrics=metrics if metrics is not None else {"clean": {"auroc": 0.99}, "attacked": {"auroc": 0.9}},
         training={"method": "synthetic", "model": "tiny-colour"},
     )

@@ -12,7 +12,18 @@ from PIL import Image
 
 from oodguard.service.bundle import BundleError, conformal_p_values, verify_bundle, write_manifest
 from oodguard.service.manifest import FormCalibration, InputSpec, OperatingPoint, load_manifest
-from oodguard.service.upload_form import FORM_GROUPS, FORM_RULE, form_group, jpeg_quality, jpeg_quality_group
+from oodguard.service.upload_form import (
+    DEFAULT_GROUPS,
+    FORM_RULE,
+    FORM_RULE_V1,
+    V1_GROUPS,
+    FormGroups,
+    UploadForm,
+    jpeg_quality,
+    read_upload_form,
+)
+
+FORM_GROUPS = DEFAULT_GROUPS.names
 
 from .bundle_factory import encode_image, make_tiny_bundle
 
@@ -40,30 +51,49 @@ def test_a_non_standard_table_maps_to_the_nearest_quality_and_lossless_has_none(
     assert jpeg_quality(_open(encode_image(fmt="PNG"))) is None
 
 
-@pytest.mark.parametrize("blob, group", [
-    (encode_image(fmt="PNG"), "native"),
-    (encode_image(fmt="BMP"), "native"),
-    (encode_image(fmt="GIF"), "native"),
-    (encode_image(fmt="WEBP", quality=20), "native"),  # WebP's quality is not in its header
-    (encode_image(fmt="JPEG", quality=95), "native"),
-    (encode_image(fmt="JPEG", quality=66), "native"),
-    (encode_image(fmt="JPEG", quality=65), "jpeg_q46_65"),
-    (encode_image(fmt="JPEG", quality=50), "jpeg_q46_65"),
-    (encode_image(fmt="JPEG", quality=30), "jpeg_q16_45"),
-    (encode_image(fmt="JPEG", quality=10), "jpeg_q1_15"),
-    (encode_image(fmt="PNG", size=(16, 16)), "larger"),
-    (encode_image(fmt="JPEG", size=(8, 12), quality=30), "larger"),  # size first: the resize dominates
-    (encode_image(fmt="PNG", size=(4, 4)), "smaller"),
-    (encode_image(fmt="PNG", size=(16, 7)), "smaller"),  # one side short: information lost on that axis
+@pytest.mark.parametrize("blob, group, v1_group", [
+    (encode_image(fmt="PNG"), "native", "native"),
+    (encode_image(fmt="BMP"), "native", "native"),
+    (encode_image(fmt="GIF"), "native", "native"),
+    (encode_image(fmt="WEBP", quality=20), "native", "native"),  # WebP's quality is not in its header
+    (encode_image(fmt="JPEG", quality=95), "jpeg_q84_100", "native"),
+    (encode_image(fmt="JPEG", quality=75), "jpeg_q73_83", "native"),  # the shared sets' own files
+    (encode_image(fmt="JPEG", quality=66), "jpeg_q65_72", "native"),
+    (encode_image(fmt="JPEG", quality=65), "jpeg_q65_72", "jpeg_q46_65"),
+    (encode_image(fmt="JPEG", quality=50), "jpeg_q50_64", "jpeg_q46_65"),
+    (encode_image(fmt="JPEG", quality=48), "jpeg_q17_48", "jpeg_q46_65"),
+    (encode_image(fmt="JPEG", quality=30), "jpeg_q17_48", "jpeg_q16_45"),
+    (encode_image(fmt="JPEG", quality=10), "jpeg_q10_16", "jpeg_q1_15"),
+    (encode_image(fmt="PNG", size=(16, 16)), "larger", "larger"),
+    (encode_image(fmt="JPEG", size=(8, 12), quality=30), "larger", "larger"),  # size first: the resize dominates
+    (encode_image(fmt="PNG", size=(4, 4)), "smaller", "smaller"),
+    (encode_image(fmt="PNG", size=(16, 7)), "smaller", "smaller"),  # one side short: information lost on that axis
 ])
-def test_form_group_from_the_header(blob, group):
-    assert form_group(_open(blob), SPEC) == group
+def test_form_group_from_the_header_under_each_rule(blob, group, v1_group):
+    form = read_upload_form(_open(blob), SPEC)
+    assert DEFAULT_GROUPS.group_of(form) == group and V1_GROUPS.group_of(form) == v1_group
 
 
-def test_groups_cover_the_bands_and_unknown_quality_is_native():
-    assert FORM_GROUPS == ("native", "jpeg_q1_15", "jpeg_q16_45", "jpeg_q46_65", "smaller", "larger")
-    assert [jpeg_quality_group(q) for q in (1, 15, 16, 45, 46, 65, 66, 100, None)] == [
+def test_the_default_bands_cover_every_quality_and_v1s_leave_the_top_native():
+    assert DEFAULT_GROUPS.covers_every_quality() and not V1_GROUPS.covers_every_quality()
+    assert V1_GROUPS.names == ("native", "jpeg_q1_15", "jpeg_q16_45", "jpeg_q46_65", "smaller", "larger")
+    assert [DEFAULT_GROUPS.group_of(UploadForm("native", q)) for q in range(1, 101)].count("native") == 0
+    assert [V1_GROUPS.group_of(UploadForm("native", q)) for q in (1, 15, 16, 45, 46, 65, 66, 100, None)] == [
         "jpeg_q1_15", "jpeg_q1_15", "jpeg_q16_45", "jpeg_q16_45", "jpeg_q46_65", "jpeg_q46_65", "native", "native", "native"]
+    assert FormGroups.from_names(DEFAULT_GROUPS.names) == DEFAULT_GROUPS  # the names say the bands
+
+
+@pytest.mark.parametrize("names, message", [
+    (("native", "smaller", "larger", "jpeg_q1_50", "jpeg_q40_100"), "overlap at quality 40"),
+    (("native", "smaller", "larger", "jpeg_q0_50"), "must lie in 1-100"),
+    (("native", "smaller", "larger", "jpeg_q60_50"), "must lie in 1-100"),
+    (("native", "smaller", "larger", "jpeg_q1_101"), "must lie in 1-100"),
+    (("native", "smaller", "larger", "png"), "is none of"),
+    (("native", "larger", "jpeg_q1_100"), r"must include \['smaller'\]"),
+])
+def test_malformed_groups_are_refused(names, message):
+    with pytest.raises(ValueError, match=message):
+        FormGroups.from_names(names)
 
 
 # -- the manifest: all groups or none, under this rule ---------------------------------------------------
@@ -76,7 +106,7 @@ def _form_scores(shift: dict[str, float] | None = None, n: int = 100) -> dict[st
 @pytest.fixture(scope="module")
 def form_bundle(tmp_path_factory):
     # enlarged uploads are held to a much higher bar (their calibration scores sit at the top), JPEG q16-45 lower
-    scores = _form_scores({"larger": 0.6, "jpeg_q16_45": -0.35})
+    scores = _form_scores({"larger": 0.6, "jpeg_q17_48": -0.35})
     return make_tiny_bundle(tmp_path_factory.mktemp("forms") / "b", form_calibration=scores, calibration_size=100)
 
 
@@ -96,12 +126,15 @@ def test_a_form_conditional_manifest_round_trips_and_verifies(form_bundle):
     assert m.calibration.form_rule == FORM_RULE and set(m.calibration.forms) == set(FORM_GROUPS)
     assert set(report.form_calibration) == set(FORM_GROUPS)
     op = m.operating_point("tpr95")
-    assert op.form_thresholds["larger"] > op.form_thresholds["native"] > op.form_thresholds["jpeg_q16_45"]
+    assert op.form_thresholds["larger"] > op.form_thresholds["native"] > op.form_thresholds["jpeg_q17_48"]
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda r: r["calibration"].update(form_rule="size-only-v0"), "is not the rule this oodguard reads"),
-    (lambda r: r["calibration"]["forms"].pop("larger"), "must have exactly the groups"),
+    (lambda r: r["calibration"].update(form_rule="size-only-v0"), "is not a rule this oodguard reads"),
+    (lambda r: r["calibration"]["forms"].pop("larger"), r"must include \['larger'\]"),
+    (lambda r: r["calibration"]["forms"].pop("jpeg_q49_49"), "must cover every quality"),
+    (lambda r: r["calibration"].update(form_rule=FORM_RULE_V1), "must have exactly the groups"),
+    (lambda r: r["calibration"]["forms"].update(jpeg_q49_50=r["calibration"]["forms"].pop("jpeg_q49_49")), "overlap"),
     (lambda r: r["operating_points"][0]["form_thresholds"].pop("native"), "form_thresholds must have exactly"),
     (lambda r: r["operating_points"][0].pop("form_thresholds"), "form_thresholds must have exactly"),
     (lambda r: r["operating_points"][0].update(class_thresholds=[0.5, 0.5, 0.5]), "are exclusive"),
@@ -160,7 +193,7 @@ def test_each_upload_gets_its_groups_threshold_and_p_value(make_client, form_bun
     scores = {g: np.sort(np.load(form_bundle / f.file)) for g, f in m.calibration.forms.items()}
     red = (255, 0, 0)
     for blob, group in [(encode_image(red, fmt="PNG"), "native"), (encode_image(red, size=(16, 16)), "larger"),
-                        (encode_image(red, fmt="JPEG", quality=30), "jpeg_q16_45")]:
+                        (encode_image(red, fmt="JPEG", quality=30), "jpeg_q17_48")]:
         p = _predict(client, blob)
         assert p["upload_form"] == group
         assert p["threshold"] == pytest.approx(op.form_thresholds[group])
@@ -169,6 +202,17 @@ def test_each_upload_gets_its_groups_threshold_and_p_value(make_client, form_bun
     # the same red picture: accepted as a PNG, rejected when uploaded upscaled (its group's bar is higher)
     assert _predict(client, encode_image(red, fmt="PNG"))["decision"] == "accept"
     assert _predict(client, encode_image(red, size=(16, 16)))["decision"] == "reject"
+
+
+def test_a_bundle_calibrated_under_v1_is_served_under_v1(make_client, tmp_path):
+    """Bundles calibrated before the v2 rule keep their meaning: a JPEG above quality 65 is `native` there."""
+    scores = {g: np.linspace(0.40, 0.99, 100) for g in V1_GROUPS.names}
+    bundle = make_tiny_bundle(tmp_path / "v1", form_calibration=scores, calibration_size=100)
+    assert load_manifest(bundle).calibration.form_rule == FORM_RULE_V1
+    client = make_client(bundle=bundle)
+    red = (255, 0, 0)
+    assert _predict(client, encode_image(red, fmt="JPEG", quality=66))["upload_form"] == "native"
+    assert _predict(client, encode_image(red, fmt="JPEG", quality=30))["upload_form"] == "jpeg_q16_45"
 
 
 def test_a_bundle_without_forms_answers_as_before(client):
@@ -204,8 +248,8 @@ def test_image_thresholds_by_group_and_native_when_unknown():
 
     groups = {g: float(i) for i, g in enumerate(FORM_GROUPS)}
     op = OperatingPoint(name="t", target_tpr=0.95, threshold=9.0, form_thresholds=groups)
-    np.testing.assert_array_equal(image_thresholds(op, np.array([0, 1, 2]), ["larger", "native", "jpeg_q1_15"]),
-                                  [groups["larger"], groups["native"], groups["jpeg_q1_15"]])
+    np.testing.assert_array_equal(image_thresholds(op, np.array([0, 1, 2]), ["larger", "native", "jpeg_q1_3"]),
+                                  [groups["larger"], groups["native"], groups["jpeg_q1_3"]])
     np.testing.assert_array_equal(image_thresholds(op, np.array([0, 1])), [groups["native"]] * 2)
     plain = OperatingPoint(name="t", target_tpr=0.95, threshold=9.0)
     np.testing.assert_array_equal(image_thresholds(plain, np.array([0]), ["larger"]), [9.0])

@@ -162,8 +162,11 @@ def test_mixed_forms_share_the_images_equally_and_are_seeded():
 
 def test_group_renderings_land_in_their_group():
     """Every calibration image of a group is uploaded in a form the service puts in that group."""
-    from oodguard.service.upload_form import FORM_GROUPS, form_group
-    from oodguard.training.shifts import _resized_size, render_group
+    from oodguard.service.upload_form import DEFAULT_GROUPS, V1_GROUPS, read_upload_form
+    from oodguard.training.shifts import STORED_QUALITY, _resized_size, render_group
+
+    def group_of(blob: bytes, groups=DEFAULT_GROUPS) -> str:
+        return groups.group_of(read_upload_form(Image.open(io.BytesIO(blob)), InputSpec()))
 
     rng = np.random.default_rng(0)
     for group in ("smaller", "larger"):
@@ -171,12 +174,30 @@ def test_group_renderings_land_in_their_group():
             size = _resized_size((32, 32), group, rng)
             buf = io.BytesIO()
             Image.new("RGB", size).save(buf, format="PNG")
-            assert form_group(Image.open(io.BytesIO(buf.getvalue())), InputSpec()) == group, size
-    images = np.random.default_rng(1).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
-    renders = {g: render_group(images, g, seed=3) for g in FORM_GROUPS}
+            assert group_of(buf.getvalue()) == group, size
+    images = np.random.default_rng(1).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    renders = {g: render_group(images, g, seed=3) for g in DEFAULT_GROUPS.names}
     assert all(r.shape == images.shape and r.dtype == np.uint8 for r in renders.values())
-    assert len({r.tobytes() for r in renders.values()}) == len(FORM_GROUPS)  # each group its own forms
+    assert len({r.tobytes() for r in renders.values()}) == len(DEFAULT_GROUPS.names)  # each group its own forms
     np.testing.assert_array_equal(renders["larger"], render_group(images, "larger", seed=3))  # seeded
+    # bands cover every quality: native is the stored pixels as a lossless upload carries them
+    np.testing.assert_array_equal(renders["native"], images)
+    # the band of the stored quality: half the images as stored, the rest re-encoded in the band
+    stored_band = DEFAULT_GROUPS.group_of(read_upload_form(Image.open(io.BytesIO(_jpeg_bytes(images[0], STORED_QUALITY))),
+                                                          InputSpec()))
+    kept = [np.array_equal(a, b) for a, b in zip(renders[stored_band], images)]
+    assert 0 < sum(kept) < len(kept)
+    # under v1's bands (JPEG above 65 is native) native is half stored, half re-encoded at 66-100
+    v1_native = render_group(images, "native", seed=3, groups=V1_GROUPS)
+    assert 0 < sum(np.array_equal(a, b) for a, b in zip(v1_native, images)) < len(images)
+    with pytest.raises(ValueError, match="unknown form group 'jpeg_q16_45'"):
+        render_group(images, "jpeg_q16_45")  # a v1 group, not one of the default groups
+
+
+def _jpeg_bytes(pixels: np.ndarray, quality: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
 
 
 def test_the_configured_quality_range_reaches_the_training_uploads(tiny_config, monkeypatch):

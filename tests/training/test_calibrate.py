@@ -254,15 +254,16 @@ def test_realised_tpr_and_fpr_match_an_independent_computation(bundle):
 def test_form_conditional_bundle_holds_each_groups_calibration_and_its_p_value_mean(bundle):
     """Every group's scores are in the bundle (sorted, the whole split), each point has a threshold per group
     that is that group's quantile, and the recorded mean p-value of the (stored-form) test split is the
-    native group's, as the service answers it."""
+    stored quality's group's, as the service answers it."""
     from oodguard.service.bundle import conformal_p_values
-    from oodguard.service.upload_form import FORM_GROUPS
+    from oodguard.service.upload_form import DEFAULT_GROUPS, FORM_RULE
     from oodguard.training.calibrate import threshold_for_tpr
     from oodguard.training.ood_sets import subsample
 
     run, built = bundle
     m = built.manifest
-    assert set(m.calibration.forms) == set(FORM_GROUPS) and m.metrics["validation"]["form_conditional"]
+    assert set(m.calibration.forms) == set(DEFAULT_GROUPS.names) and m.metrics["validation"]["form_conditional"]
+    assert m.calibration.form_rule == FORM_RULE
     scores = {g: np.load(built.bundle_dir / f.file) for g, f in m.calibration.forms.items()}
     for g, s in scores.items():
         assert s.size == m.calibration.size and np.all(np.diff(s) >= 0), g
@@ -272,4 +273,4 @@ def test_form_conditional_bundle_holds_each_groups_calibration_and_its_p_value_m
     test = subsample(RunData.open(run).test_set(), m.metrics["validation"]["test_images"], 0)
     s_test = run_onnx(session, to_tensor(test.images).numpy(), output_names=["msp"])["msp"]
     assert m.metrics["validation"]["test_p_value_mean"] == pytest.approx(
-        float(np.mean(conformal_p_values(scores["native"], s_test))))
+        float(np.mean(conformal_p_values(scores["jpeg_q73_83"], s_test))))

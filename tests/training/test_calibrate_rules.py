@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pytest
 
+from oodguard.service.upload_form import DEFAULT_GROUPS, FormGroups
 from oodguard.training.calibrate import CalibrateConfig, _accept_rate, _operating_points, _per_form, operating_point_name
 from oodguard.training.shifts import render_form
 
@@ -70,7 +71,7 @@ def test_rates_per_upload_form_are_the_forms_own():
         return images.reshape(len(images), -1).mean(axis=1) / 255.0
 
     thresholds = {0.9: 0.49, 0.95: 0.5}
-    out = _per_form(served, test, ood, thresholds, None, ["png", "jpeg_q30"])
+    out = _per_form(served, test, ood, thresholds, None, ["png", "jpeg_q30"], DEFAULT_GROUPS)
     assert list(out) == ["png", "jpeg_q30"]
     for form in ("png", "jpeg_q30"):
         s_in, s_out = served(render_form(test, form)), served(render_form(ood["tinyimagenet"].images, form))
@@ -141,14 +142,15 @@ def test_threshold_for_tpr_k_at_its_boundaries():
             threshold_for_tpr(np.arange(100.0), bad)
 
 
-def test_form_conditional_points_apply_the_native_threshold_to_stored_images_and_keep_every_group():
-    groups = {"native": 1.0, "jpeg_q1_15": 0.1, "jpeg_q16_45": 0.2, "jpeg_q46_65": 0.3, "smaller": 2.0, "larger": 3.0}
+def test_form_conditional_points_apply_the_stored_forms_group_threshold_to_stored_images_and_keep_every_group():
+    groups = {"native": 0.0, "jpeg_q1_48": 0.1, "jpeg_q49_72": 0.2, "jpeg_q73_83": 1.0, "jpeg_q84_100": 0.3,
+              "smaller": 2.0, "larger": 3.0}
     points, validation = _operating_points({0.95: 2.0}, np.array([0.0, 1.0, 2.0]), np.array([0.5, 1.0, 2.0, 3.0]),
                                            {"g": np.array([1.5, 0.0])}, {("in", "paper"): np.array([1.0, 0.0])},
-                                           form_thresholds={0.95: groups})
+                                           form_thresholds={0.95: groups}, stored_group="jpeg_q73_83")
     op = points[0]
     assert op.threshold == 2.0 and op.form_thresholds == groups  # the mix's threshold kept for reference
-    assert op.realised_tpr == 3 / 4 and op.fpr == {"g": 1 / 2}  # at the native threshold 1.0, not 2.0
+    assert op.realised_tpr == 3 / 4 and op.fpr == {"g": 1 / 2}  # at the stored group's threshold 1.0, not 2.0
     assert validation["tpr95"]["realised_tpr_attacked"] == {"paper": 1 / 2}
     assert validation["tpr95"]["applied_threshold_stored_form"] == 1.0
 
@@ -158,8 +160,9 @@ def test_rates_per_upload_form_use_the_forms_group_threshold():
     test = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     ood = {"t": type("Set", (), {"images": rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)})()}
     served = lambda images: images.reshape(len(images), -1).mean(axis=1) / 255.0  # noqa: E731
-    groups = {"native": 0.0, "jpeg_q1_15": 0.9, "jpeg_q16_45": 1.1, "jpeg_q46_65": 0.9, "smaller": 0.9, "larger": 0.9}
-    out = _per_form(served, test, ood, {0.95: 0.5}, {0.95: groups}, ["png", "jpeg_q30", "upscale_x2"])
-    assert [out[f]["group"] for f in out] == ["native", "jpeg_q16_45", "larger"]
+    bands = FormGroups(((1, 29), (30, 30), (31, 100)))
+    groups = {"native": 0.0, "jpeg_q1_29": 0.9, "jpeg_q30_30": 1.1, "jpeg_q31_100": 0.9, "smaller": 0.9, "larger": 0.9}
+    out = _per_form(served, test, ood, {0.95: 0.5}, {0.95: groups}, ["png", "jpeg_q30", "upscale_x2"], bands)
+    assert [out[f]["group"] for f in out] == ["native", "jpeg_q30_30", "larger"]
     assert out["png"]["tpr95"] == {"threshold": 0.0, "realised_tpr": 1.0, "fpr": {"t": 1.0}}
     assert out["jpeg_q30"]["tpr95"] == {"threshold": 1.1, "realised_tpr": 0.0, "fpr": {"t": 0.0}}

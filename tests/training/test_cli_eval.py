@@ -35,7 +35,7 @@ def test_evaluate_export_calibrate_verify(tmp_path, tiny_data_dir):
                                 "--max-samples", "16", "--no-plots", "--out", str(tmp_path / "wide")],
                          env={"COLUMNS": "400"}).output
     assert "Upload forms — energy" in wide and "TPR, group threshold" in wide
-    assert "| jpeg_q16_45 |" in wide.replace("│", "|")
+    assert "| jpeg_q17_48  |" in wide.replace("│", "|")  # quality 30 in its band
     result = _run("evaluate", run, "--ood", "uniform", "--attack", "none", "--scores", "msp", "--max-samples", "16",
                   "--shifts", "none", "--no-plots", "--out", tmp_path / "noshift")
     assert result.exit_code == 0, result.output
@@ -74,6 +74,10 @@ def test_evaluate_export_calibrate_verify(tmp_path, tiny_data_dir):
         (["calibrate", "{run}"], "run `oodguard export"),
         (["calibrate", "{run}", "--tpr", "0.9,abc"], "--tpr takes numbers"),
         (["calibrate", "{run}", "--tpr", "0.9,1.5"], "--tpr values must be in (0, 1)"),
+        (["calibrate", "{run}", "--jpeg-bands", "1-50,60-100"], "must cover every JPEG quality 1-100; none covers 51 (nor 8 more)"),
+        (["calibrate", "{run}", "--jpeg-bands", "1-50,40-100"], "--jpeg-bands: JPEG quality bands overlap at quality 40"),
+        (["calibrate", "{run}", "--jpeg-bands", "1-50,high"], "'high' is not a band LOWEST-HIGHEST"),
+        (["calibrate", "{run}", "--jpeg-bands", "0-100"], "must lie in 1-100"),
     ],
 )
 def test_bad_input_is_a_clear_error_without_traceback(tmp_path, tiny_data_dir, args, message):
