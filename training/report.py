@@ -109,6 +109,8 @@ def render_markdown(report: dict[str, Any], plots: list[str] | None = None) -> s
                   f"threshold from a mix of {', '.join(shifts['calibration_forms'])} (`--no-form-calibration`), and, "
                   "where measured, one per upload-form group (the default bundle: each form at its group's "
                   "threshold). Real OOD sets only.", ""]
+        if shifts.get("note"):  # e.g. a section recomputed after the rest of the evaluation
+            lines += [f"Note: {shifts['note']}", ""]
         for score, thr in shifts["thresholds"].items():
             sets = list(next(iter(shifts["forms"].values()))["scores"][score]["sets"])
             per_group = all("form_conditional" in row["scores"][score] for row in shifts["forms"].values())

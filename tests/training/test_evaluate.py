@@ -175,3 +175,8 @@ def test_shift_tables_judge_each_form_at_its_groups_threshold(tmp_path, tiny_dat
         assert one["realised_tpr"] == pytest.approx(float(np.mean(s_in >= shifts["thresholds"]["msp"])))
     md = (run / "eval" / "eval.md").read_text()
     assert "TPR, per group" in md and "| upscale_x2 |" in md and "larger |" in md
+    from oodguard.training.report import render_markdown
+
+    assert "Note:" not in md  # a note on the shift section only when the report carries one
+    noted = render_markdown({**report, "shifts": {**shifts, "note": "recomputed later"}})
+    assert "Note: recomputed later" in noted and noted.index("Upload forms") < noted.index("Note: recomputed later")
