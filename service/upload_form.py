@@ -59,7 +59,8 @@ LARGER = "larger"
 V1_JPEG_BANDS: tuple[tuple[int, int], ...] = ((1, 15), (16, 45), (46, 65))
 # v2's default: chosen on the shipped model's validation data (scripts/choose_jpeg_bands.py; docs/results.md)
 DEFAULT_JPEG_BANDS: tuple[tuple[int, int], ...] = (
-    (1, 3), (4, 4), (5, 6), (7, 7), (8, 9), (10, 16), (17, 48), (49, 49), (50, 64), (65, 72), (73, 83), (84, 100))
+    (1, 3), (4, 4), (5, 5), (6, 6), (7, 7), (8, 9), (10, 12), (13, 23), (24, 33), (34, 48), (49, 49), (50, 60),
+    (61, 67), (68, 74), (75, 83), (84, 91), (92, 100))
 _BAND_NAME = re.compile(r"jpeg_q([0-9]{1,3})_([0-9]{1,3})")
 
 

@@ -56,14 +56,14 @@ def test_a_non_standard_table_maps_to_the_nearest_quality_and_lossless_has_none(
     (encode_image(fmt="BMP"), "native", "native"),
     (encode_image(fmt="GIF"), "native", "native"),
     (encode_image(fmt="WEBP", quality=20), "native", "native"),  # WebP's quality is not in its header
-    (encode_image(fmt="JPEG", quality=95), "jpeg_q84_100", "native"),
-    (encode_image(fmt="JPEG", quality=75), "jpeg_q73_83", "native"),  # the shared sets' own files
-    (encode_image(fmt="JPEG", quality=66), "jpeg_q65_72", "native"),
-    (encode_image(fmt="JPEG", quality=65), "jpeg_q65_72", "jpeg_q46_65"),
-    (encode_image(fmt="JPEG", quality=50), "jpeg_q50_64", "jpeg_q46_65"),
-    (encode_image(fmt="JPEG", quality=48), "jpeg_q17_48", "jpeg_q46_65"),
-    (encode_image(fmt="JPEG", quality=30), "jpeg_q17_48", "jpeg_q16_45"),
-    (encode_image(fmt="JPEG", quality=10), "jpeg_q10_16", "jpeg_q1_15"),
+    (encode_image(fmt="JPEG", quality=95), "jpeg_q92_100", "native"),
+    (encode_image(fmt="JPEG", quality=75), "jpeg_q75_83", "native"),  # the shared sets' own files
+    (encode_image(fmt="JPEG", quality=66), "jpeg_q61_67", "native"),
+    (encode_image(fmt="JPEG", quality=65), "jpeg_q61_67", "jpeg_q46_65"),
+    (encode_image(fmt="JPEG", quality=50), "jpeg_q50_60", "jpeg_q46_65"),
+    (encode_image(fmt="JPEG", quality=48), "jpeg_q34_48", "jpeg_q46_65"),
+    (encode_image(fmt="JPEG", quality=30), "jpeg_q24_33", "jpeg_q16_45"),
+    (encode_image(fmt="JPEG", quality=10), "jpeg_q10_12", "jpeg_q1_15"),
     (encode_image(fmt="PNG", size=(16, 16)), "larger", "larger"),
     (encode_image(fmt="JPEG", size=(8, 12), quality=30), "larger", "larger"),  # size first: the resize dominates
     (encode_image(fmt="PNG", size=(4, 4)), "smaller", "smaller"),
@@ -106,7 +106,7 @@ def _form_scores(shift: dict[str, float] | None = None, n: int = 100) -> dict[st
 @pytest.fixture(scope="module")
 def form_bundle(tmp_path_factory):
     # enlarged uploads are held to a much higher bar (their calibration scores sit at the top), JPEG q16-45 lower
-    scores = _form_scores({"larger": 0.6, "jpeg_q17_48": -0.35})
+    scores = _form_scores({"larger": 0.6, "jpeg_q24_33": -0.35})
     return make_tiny_bundle(tmp_path_factory.mktemp("forms") / "b", form_calibration=scores, calibration_size=100)
 
 
@@ -126,7 +126,7 @@ def test_a_form_conditional_manifest_round_trips_and_verifies(form_bundle):
     assert m.calibration.form_rule == FORM_RULE and set(m.calibration.forms) == set(FORM_GROUPS)
     assert set(report.form_calibration) == set(FORM_GROUPS)
     op = m.operating_point("tpr95")
-    assert op.form_thresholds["larger"] > op.form_thresholds["native"] > op.form_thresholds["jpeg_q17_48"]
+    assert op.form_thresholds["larger"] > op.form_thresholds["native"] > op.form_thresholds["jpeg_q24_33"]
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -193,7 +193,7 @@ def test_each_upload_gets_its_groups_threshold_and_p_value(make_client, form_bun
     scores = {g: np.sort(np.load(form_bundle / f.file)) for g, f in m.calibration.forms.items()}
     red = (255, 0, 0)
     for blob, group in [(encode_image(red, fmt="PNG"), "native"), (encode_image(red, size=(16, 16)), "larger"),
-                        (encode_image(red, fmt="JPEG", quality=30), "jpeg_q17_48")]:
+                        (encode_image(red, fmt="JPEG", quality=30), "jpeg_q24_33")]:
         p = _predict(client, blob)
         assert p["upload_form"] == group
         assert p["threshold"] == pytest.approx(op.form_thresholds[group])

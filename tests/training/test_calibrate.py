@@ -244,8 +244,8 @@ def test_realised_tpr_and_fpr_match_an_independent_computation(bundle):
     gauss = load_ood_set("gaussian", 64, 0)
     s_in, s_out = score(test.images), score(gauss.images)
     for op in built.manifest.operating_points:
-        # the stored-form test and OOD images get the native group's threshold in a form-conditional bundle
-        applied = op.form_thresholds["native"] if op.form_thresholds else op.threshold
+        # the stored-form test and OOD images (quality-75 JPEGs) get their band's threshold in a form-conditional bundle
+        applied = op.form_thresholds["jpeg_q75_83"] if op.form_thresholds else op.threshold
         assert op.realised_tpr == pytest.approx(float(np.sum(s_in >= applied)) / len(s_in), abs=1e-12)
         assert op.fpr["gaussian"] == pytest.approx(float(np.sum(s_out >= applied)) / len(s_out), abs=1e-12)
     assert len({op.realised_tpr for op in built.manifest.operating_points}) > 1  # the points differ: not vacuous
@@ -273,4 +273,4 @@ def test_form_conditional_bundle_holds_each_groups_calibration_and_its_p_value_m
     test = subsample(RunData.open(run).test_set(), m.metrics["validation"]["test_images"], 0)
     s_test = run_onnx(session, to_tensor(test.images).numpy(), output_names=["msp"])["msp"]
     assert m.metrics["validation"]["test_p_value_mean"] == pytest.approx(
-        float(np.mean(conformal_p_values(scores["jpeg_q73_83"], s_test))))
+        float(np.mean(conformal_p_values(scores["jpeg_q75_83"], s_test))))

@@ -35,7 +35,7 @@ def test_evaluate_export_calibrate_verify(tmp_path, tiny_data_dir):
                                 "--max-samples", "16", "--no-plots", "--out", str(tmp_path / "wide")],
                          env={"COLUMNS": "400"}).output
     assert "Upload forms — energy" in wide and "TPR, group threshold" in wide
-    assert "| jpeg_q17_48  |" in wide.replace("│", "|")  # quality 30 in its band
+    assert "| jpeg_q24_33  |" in wide.replace("│", "|")  # quality 30 in its band
     result = _run("evaluate", run, "--ood", "uniform", "--attack", "none", "--scores", "msp", "--max-samples", "16",
                   "--shifts", "none", "--no-plots", "--out", tmp_path / "noshift")
     assert result.exit_code == 0, result.output

@@ -162,9 +162,9 @@ def test_shift_tables_judge_each_form_at_its_groups_threshold(tmp_path, tiny_dat
     _, raw = load_eval(RunData.open(run))
     groups = shifts["form_thresholds"]["msp"]
     # only the groups the evaluated forms fall in: the stored files' quality (75), quality 30, enlarged
-    assert set(groups) == {"jpeg_q73_83", "jpeg_q17_48", "larger"}
+    assert set(groups) == {"jpeg_q75_83", "jpeg_q24_33", "larger"}
     assert len(set(groups.values())) > 1  # each group calibrated on its own renders
-    expected_group = {"stored": "jpeg_q73_83", "jpeg_q30": "jpeg_q17_48", "upscale_x2": "larger"}
+    expected_group = {"stored": "jpeg_q75_83", "jpeg_q30": "jpeg_q24_33", "upscale_x2": "larger"}
     for form, row in shifts["forms"].items():
         fc = row["scores"]["msp"]["form_conditional"]
         assert row["group"] == expected_group[form] and fc["threshold"] == groups[row["group"]]
