@@ -22,10 +22,10 @@ The rules are versioned (`calibration.form_rule`):
   calibrated under it are still served exactly as before.
 - `size-and-jpeg-quality-v2` (what `oodguard calibrate` writes): the bands are the bundle's own, named by
   its groups, and cover every quality 1-100, so `native` is lossless and unknown only. v1's bands mixed
-  qualities the score treats differently: the served score's acceptance at the 46-65 band's threshold was
-  98.5% at quality 46-48 and 94% at 50 (re-encoding the quality-75 files at quality 49 or lower removes
-  their smallest DCT coefficients; at 50 or above it keeps them), and let 27-31% of held-out outliers
-  through at 46-48. `DEFAULT_JPEG_BANDS` were chosen on validation data so that every quality keeps its
+  qualities the score treats differently: on validation data the 46-65 band's threshold accepted 98.6-98.9%
+  of in-distribution images at quality 46-48 and 92.8% at 50 (re-encoding the quality-75 files at quality 49
+  or lower removes their smallest DCT coefficients; at 50 or above it keeps them), and let 34-40% of held-out
+  outliers through at 46-48 (docs/bench/jpeg_bands.json). `DEFAULT_JPEG_BANDS` were chosen on validation data so that every quality keeps its
   group's acceptance within 1.5 points of the target (scripts/choose_jpeg_bands.py, docs/results.md).
 
 The size split was chosen on the calibration split too: with one threshold for every resized upload,
@@ -72,9 +72,6 @@ class UploadForm(NamedTuple):
     jpeg_quality: int | None = None
 
 
-SENT_DECODED = UploadForm(NATIVE)  # tensors sent already decoded (Open Inference Protocol)
-
-
 @dataclass(frozen=True)
 class FormGroups:
     """A bundle's upload-form groups: `native`, `smaller`, `larger` and one group per JPEG quality band."""
@@ -101,7 +98,7 @@ class FormGroups:
         bands = []
         for name in sorted(names - {NATIVE, SMALLER, LARGER}):
             match = _BAND_NAME.fullmatch(name)
-            if match is None:
+            if match is None or name != band_name(int(match[1]), int(match[2])):  # one spelling: the one served
                 raise ValueError(f"form group {name!r} is none of native, smaller, larger, jpeg_q<lowest>_<highest>")
             bands.append((int(match[1]), int(match[2])))
         return cls(tuple(bands))

@@ -23,7 +23,16 @@ from PIL import Image
 
 from oodguard.service.manifest import InputSpec
 from oodguard.service.preprocess import TRAINING_RESIZE, decode_image
-from oodguard.service.upload_form import DEFAULT_GROUPS, LARGER, NATIVE, SMALLER, FormGroups, UploadForm, read_upload_form
+from oodguard.service.upload_form import (
+    DEFAULT_GROUPS,
+    LARGER,
+    NATIVE,
+    SMALLER,
+    FormGroups,
+    UploadForm,
+    band_name,
+    read_upload_form,
+)
 
 
 def _png(img: Image.Image) -> bytes:
@@ -166,7 +175,7 @@ def render_group(images: np.ndarray, group: str, seed: int = 0, spec: InputSpec 
 
 
 def _band(group: str, groups: FormGroups) -> tuple[int, int]:
-    return next(band for band in groups.bands if group == groups.group_of(UploadForm(NATIVE, band[0])))
+    return {band_name(*band): band for band in groups.bands}[group]
 
 
 def _uncovered_qualities(groups: FormGroups) -> list[int]:

@@ -89,6 +89,7 @@ def test_the_default_bands_cover_every_quality_and_v1s_leave_the_top_native():
     (("native", "smaller", "larger", "jpeg_q60_50"), "must lie in 1-100"),
     (("native", "smaller", "larger", "jpeg_q1_101"), "must lie in 1-100"),
     (("native", "smaller", "larger", "png"), "is none of"),
+    (("native", "smaller", "larger", "jpeg_q01_100"), "is none of"),  # served as jpeg_q1_100: refused
     (("native", "larger", "jpeg_q1_100"), r"must include \['smaller'\]"),
 ])
 def test_malformed_groups_are_refused(names, message):
