@@ -27,7 +27,6 @@ import argparse
 import json
 import shutil
 import time
-from pathlib import Path
 
 from train_default import ROOT, evaluate_run, finetune_run
 

@@ -17,7 +17,6 @@ import numpy as np
 from .atomic import atomic_write_text
 from .errors import OodguardError
 from .manifest import (
-    CALIBRATION_FILE,
     GOLDEN_FILE,
     MANIFEST_FILE,
     MODEL_FILE,

@@ -216,7 +216,8 @@ def register(app: typer.Typer) -> None:
     """Add `serve` to the root `oodguard` app, its flags derived from `Settings`."""
     try:
         from .settings import Settings
-    except ModuleNotFoundError as missing:  # without the serve extra, running it names the extra (oodguard.cli.main)
+    except ModuleNotFoundError as exc:  # without the serve extra, running it names the extra (oodguard.cli.main)
+        missing = exc  # `exc` itself is unbound when the except clause ends; the command raises it later
 
         @app.command("serve", help="Serve a bundle over HTTP (needs the 'serve' extra).")
         def serve_unavailable() -> None:

@@ -136,7 +136,7 @@ def _info_table(manifest, summary: dict) -> Table:
         default = " (default)" if op.name == manifest.default_operating_point else ""
         realised = f", realised TPR {100 * op.realised_tpr:.2f}%" if op.realised_tpr is not None else ""
         fpr = ("; FPR " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in op.fpr.items())) if op.fpr else ""
-        rule = (f"accept iff score >= its upload-form group's threshold ("
+        rule = ("accept iff score >= its upload-form group's threshold ("
                 + ", ".join(f"{g} {t:.6g}" for g, t in op.form_thresholds.items()) + ")") if op.form_thresholds \
             else f"accept iff score >= {op.threshold:.6g}"
         rows.append((f"operating point {op.name}{default}", f"{rule} (target TPR {100 * op.target_tpr:g}%{realised}){fpr}"))

@@ -288,8 +288,6 @@ def calibrate_run(run_dir: str | Path, cfg: CalibrateConfig) -> BuiltBundle:
 def _select_score(run: RunData, session, export_info: dict[str, Any], cal_images: np.ndarray,
                   cfg: CalibrateConfig) -> tuple[str, dict[str, Any]]:
     """`--score auto`: the graph's score outputs compared on validation data (see score_selection)."""
-    import torch
-
     from .export import load_or_fit_mahalanobis
     from .score_selection import select_score
     from .scores import SCORES, ScoreContext

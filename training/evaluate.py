@@ -60,7 +60,7 @@ from .scores import (
     scored_forward,
     worst_case_plan,
 )
-from .shifts import FORMS, check_forms, group_of_form, render_form, render_group, render_mixed
+from .shifts import check_forms, group_of_form, render_form, render_group, render_mixed
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,6 @@ def certified_label(eps: float) -> str:
 
 
 def render_markdown(report: dict[str, Any], plots: list[str] | None = None) -> str:
-    cfg = report["config"]
     ind = report["in_distribution"]
     model = report.get("model", {})
     lines = [

@@ -60,3 +60,27 @@ def test_oodguard_serve_works_without_torch_installed():
     )
     assert r.returncode == 0, r.stderr
     assert "EXIT 0" in r.stdout and "--max-batch" in r.stdout, r.stdout + r.stderr
+
+
+def test_oodguard_serve_without_the_serve_extra_names_the_extra():
+    """With a package of the `serve` extra missing, `oodguard serve` says which extra to install: exit 2, no
+    traceback (the except clause's name is gone once the clause ends, so the command must keep its own)."""
+    r = _run(
+        """
+        import importlib.abc, sys
+
+        class NoSettings(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "pydantic_settings" or name.startswith("pydantic_settings."):
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+                return None
+
+        sys.meta_path.insert(0, NoSettings())
+        sys.argv = ["oodguard", "serve"]
+        from oodguard.cli import main
+        main()
+        """
+    )
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "needs the 'serve' extra (pydantic_settings is not installed)" in r.stderr
+    assert "Traceback" not in r.stderr
