@@ -1,15 +1,17 @@
 """The reference Open Inference Protocol client, unmodified: `tritonclient[http]` (dev extra) against a
-real `oodguard serve` of the shipped bundle, in JSON and binary modes; its `accept` verdict is
-/v1/predict's decision for the same image."""
+real `oodguard serve` of the shipped bundle, in JSON and binary modes; its verdict is /v1/predict's for the
+same pixels uploaded losslessly (tensors sent decoded are the `native` upload-form group, as a PNG is)."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from PIL import Image
 
 from oodguard.service.manifest import load_manifest
 from oodguard.service.preprocess import decode_images
@@ -37,9 +39,16 @@ def images() -> np.ndarray:
     return decode_images([p.read_bytes() for p in EXAMPLES], load_manifest(BUNDLE).input)
 
 
+def _png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 @pytest.fixture(scope="module")
-def v1(server) -> list[dict]:
-    files = [("files", (p.name, p.read_bytes(), "application/octet-stream")) for p in EXAMPLES]
+def v1(server, images) -> list[dict]:
+    pixels = np.rint(images.transpose(0, 2, 3, 1) * 255).astype(np.uint8)  # the decoded tensors, exactly
+    files = [("files", (f"{p.stem}.png", _png(x), "application/octet-stream")) for p, x in zip(EXAMPLES, pixels)]
     r = httpx.post(f"{server.base}/v1/predict", files=files, timeout=30)
     assert r.status_code == 200, r.text
     return r.json()["predictions"]
@@ -68,6 +77,7 @@ def test_infer_verdict_equals_v1_predict(server, images, v1, binary):
     inp.set_data_from_numpy(images, binary_data=binary)
     outputs = [triton.InferRequestedOutput(n, binary_data=binary) for n in ("probs", *VERDICT)]
     result = client.infer(name, [inp], outputs=outputs, model_version=version if binary else "")
+    assert {p["upload_form"] for p in v1} == {"native"}  # the group tensors sent decoded are judged in
     decisions = [p["decision"] == "accept" for p in v1]
     assert {True, False} <= set(decisions)  # in- and out-of-distribution examples both
     assert result.as_numpy("accept").tolist() == decisions
