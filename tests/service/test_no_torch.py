@@ -15,6 +15,22 @@ def _run(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
 
 
+def _run_without(package: str, code: str) -> subprocess.CompletedProcess:
+    """`code` run with `package` (and its submodules) unimportable, as if it were not installed."""
+    blocker = f"""
+import importlib.abc, sys
+
+class Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == {package!r} or name.startswith({package + "."!r}):
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+
+sys.meta_path.insert(0, Missing())
+"""
+    return _run(blocker + textwrap.dedent(code))
+
+
 def test_service_app_and_cli_leave_torch_out(tiny_bundle):
     r = _run(
         f"""
@@ -40,17 +56,9 @@ def test_service_app_and_cli_leave_torch_out(tiny_bundle):
 
 def test_oodguard_serve_works_without_torch_installed():
     """With torch made unimportable (the `serve` extra only), the CLI still offers `serve`."""
-    r = _run(
+    r = _run_without(
+        "torch",
         """
-        import importlib.abc, sys
-
-        class NoTorch(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-                return None
-
-        sys.meta_path.insert(0, NoTorch())
         from typer.testing import CliRunner
         from oodguard.cli import app
         result = CliRunner().invoke(app, ["serve", "--help"])
@@ -65,17 +73,10 @@ def test_oodguard_serve_works_without_torch_installed():
 def test_oodguard_serve_without_the_serve_extra_names_the_extra():
     """With a package of the `serve` extra missing, `oodguard serve` says which extra to install: exit 2, no
     traceback (the except clause's name is gone once the clause ends, so the command must keep its own)."""
-    r = _run(
+    r = _run_without(
+        "pydantic_settings",
         """
-        import importlib.abc, sys
-
-        class NoSettings(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name == "pydantic_settings" or name.startswith("pydantic_settings."):
-                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-                return None
-
-        sys.meta_path.insert(0, NoSettings())
+        import sys
         sys.argv = ["oodguard", "serve"]
         from oodguard.cli import main
         main()
