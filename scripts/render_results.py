@@ -2,7 +2,7 @@
 
     python scripts/render_results.py docs/results-robustness.json            # summary + per-set tables
     python scripts/render_results.py docs/results-robustness.json --long     # every metric, long format
-    python scripts/render_results.py docs/results-default.json --summary     # the short table only
+    python scripts/render_results.py docs/results-default.json --summary --score energy  # the short table only
     python scripts/render_results.py docs/results-default.json --default     # the shipped model, per set
     python scripts/render_results.py EVAL_DIR/eval.json --certified          # certified (IBP) rows, per set
 
@@ -79,6 +79,9 @@ def render_summary(data: dict, score: str = "msp") -> str:
     runs, methods = data["runs"], _methods(data)
     first = runs[methods[0]]
     attacks = [a for a, _ in _attacks(first)]
+    if score not in first["eval"]["results"]:
+        raise SystemExit(f"render_results: no {score!r} results in this file; it has "
+                         f"{', '.join(first['eval']['results'])} (use --score)")
     sets = list(first["eval"]["results"][score])
     names = {"paper": "`paper` (ε = 1/255, 10 steps, both sides)", "paper_ood_only": "`paper (OOD only)` (the same attack on the OOD side only)",
              "strong": "`strong` (ε = 8/255, 100 steps, both sides)", "strong_ood_only": "`strong (OOD only)`"}
@@ -228,7 +231,8 @@ def render_certified(ev: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results", type=Path)
-    ap.add_argument("--summary", action="store_true", help="Only the short mean-over-sets table (MSP score).")
+    ap.add_argument("--summary", action="store_true", help="Only the short table, one row per method and OOD set.")
+    ap.add_argument("--score", default="msp", help="The score --summary tabulates (default msp).")
     ap.add_argument("--long", action="store_true", help="Every metric of every cell, one row each.")
     ap.add_argument("--default", action="store_true", help="The shipped model of docs/results-default.json, per set.")
     ap.add_argument("--certified", action="store_true", help="RESULTS is an eval.json: its certified (IBP) rows.")
@@ -239,7 +243,7 @@ def main() -> None:
     elif args.default:
         print(render_default(data), end="")
     elif args.summary:
-        print(render_summary(data), end="")
+        print(render_summary(data, args.score), end="")
     elif args.long:
         print(render_long(data), end="")
     else:

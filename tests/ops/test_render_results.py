@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from ._scripts import load_script
 
 
@@ -89,3 +91,13 @@ def test_default_model_table_names_each_forms_group_when_form_conditional():
     md = mod.render_default({"recipe": {"methods": "aloe"}, "runs": {"aloe": {"eval": ev}}, "bundle_metrics": bundle})
     assert "| jpeg_q30 | jpeg_q16_45 | 95.1 | 20.0 |" in md and "its upload-form group's threshold" in md
     assert "(named by `--score`)" in md  # no score_selection: the bundle's score was not chosen by --score auto
+
+
+def test_summary_of_a_score_the_file_lacks_names_the_scores_it_has():
+    r = _module()
+    ev = _eval("paper", 0.9, 100)
+    del ev["results"]["msp"]
+    data = {"runs": {"aloe": {"eval": ev}}}
+    with pytest.raises(SystemExit, match=r"no 'msp' results in this file; it has energy \(use --score\)"):
+        r.render_summary(data, "msp")
+    assert "| aloe | tinyimagenet | 80.0 | 90.0 |" in r.render_summary(data, "energy")
