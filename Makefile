@@ -85,7 +85,7 @@ bench-train: $(STAMP) ## training benchmark -> docs/bench/train.json, docs/bench
 train-default: $(STAMP) ## the CPU recipe (airbench, 89.1%): train (~2.3 h on 2 quiet cores, resumable) + evaluate + export + calibrate into models/default
 	$(VENV)/bin/python scripts/train_default.py $(TRAIN_DEFAULT_ARGS)
 
-train-robust: $(STAMP) ## models/robust: the default classifier + an in-vs-out detector adversarially trained at 8/255 (~0.7 h on 2 cores, resumable) + score choice, evaluate, calibrate (~1 h)
+train-robust: $(STAMP) ## models/robust: the default classifier + an in-vs-out detector (small_cnn 48/96/192) adversarially trained at 8/255 (~1.25 h on 2 quiet cores, resumable) + score choice, evaluate, calibrate (~1.1 h)
 	$(VENV)/bin/python scripts/train_robust.py $(TRAIN_ROBUST_ARGS)
 
 GPU_RUNS ?= $(HOME)/oodguard-runs/default-gpu
