@@ -184,6 +184,38 @@ def test_guarded_run_evaluates_exports_and_certifies(detector_run, tiny_data_dir
     assert result.parity_max_abs_diff["detector"] <= 1e-4
 
 
+def test_fusion_tradeoff_measures_the_bounded_fusion_on_validation_data(detector_run, tiny_data_dir, tmp_path):
+    """scripts/fusion_tradeoff.py: margin + a * log msp, clean and under the strong attack plus the log-K bound."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, det = detector_run
+    out = compose_guarded(_classifier_run(tmp_path / "clf", tiny_data_dir, det), det, tmp_path / "guarded")
+    script = Path(__file__).resolve().parents[2] / "scripts" / "fusion_tradeoff.py"
+    env = {**os.environ, "OODGUARD_DATA_DIR": str(tiny_data_dir), "OMP_NUM_THREADS": "1"}
+    run = lambda *a: subprocess.run([sys.executable, str(script), str(out), *a], capture_output=True, text=True,  # noqa: E731
+                                    timeout=300, env=env)
+    bad = run("--n-clean", "20", "--n-attack", "30")
+    assert bad.returncode == 1 and "--n-attack <= --n-clean" in bad.stderr and "Traceback" not in bad.stderr
+    done = run("--n-clean", "24", "--n-attack", "8", "--attack-fused", "0.5", "--n-fused", "4", "--threads", "1",
+               "--out", str(tmp_path / "fusion.json"), "--scores-out", str(tmp_path / "fusion.npz"))
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "fusion.json").read_text())
+    assert result["n_clean"] == [24, 24] and result["n_attack"] == [8, 8] and result["strong_direct"]["n"] == [4, 4]
+    rows = {r["weight"]: r for r in result["rows"]}
+    assert rows[0.0]["strong_bound"] == result["detector_strong_attacked"]  # a = 0: the detector alone
+    bounds = [r["strong_bound"]["auroc"] for r in result["rows"]]
+    assert bounds == sorted(bounds, reverse=True)  # a larger say for the classifier can only cost under the bound
+    with np.load(tmp_path / "fusion.npz") as raw:
+        assert raw["clean_in_margin"].shape == (24,) and raw["strong_out_margin"].shape == (8,)
+        assert bool((raw["clean_in_log_msp"] <= 0).all()) and bool((raw["clean_in_log_msp"] >= -np.log(10) - 1e-5).all())
+        # the attack only pushes each side the way it is asked to
+        assert bool((raw["strong_in_margin"] <= raw["clean_in_margin"][:8] + 1e-5).all())
+        assert bool((raw["strong_out_margin"] >= raw["clean_out_margin"][:8] - 1e-5).all())
+
+
 def test_detector_bound_contains_random_and_pgd_points(detector_run):
     _, det = detector_run
     detector, _ = load_model_from_run(det)
