@@ -21,6 +21,15 @@ import numpy as np
 import torch
 
 
+def tensor_batches(images: np.ndarray, batch_size: int) -> list[torch.Tensor]:
+    """Float NCHW batches of uint8 NHWC images (clean) or of float NCHW ones (attacked, as the attacks return them)."""
+    from oodguard.training.data import iterate_batches
+
+    if images.dtype == np.uint8:
+        return [x for _, x in iterate_batches(images, batch_size)]
+    return [torch.from_numpy(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+
+
 def validation_images(run_dir: Path, n: int, script: str):
     """(model, n calibration-split images, n held-out-class outlier images) of a run: the seeded subsets every
     validation script measures, so their numbers are on the same images. A run without them exits naming why."""

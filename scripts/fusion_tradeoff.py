@@ -32,18 +32,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from form_validation import validation_images  # noqa: E402  (the validation subsets every script measures)
+from form_validation import tensor_batches, validation_images  # noqa: E402  (the subsets every script measures)
 
 WEIGHTS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 def main() -> None:
     from oodguard.training import data
-    from oodguard.training.attacks import pgd_worst_case
     from oodguard.training.evaluate import ATTACK_PROTOCOLS
     from oodguard.training.ood_metrics import ood_metrics
-    from oodguard.training.score_selection import attacked_images
-    from oodguard.training.scores import ScoreContext, detector_margin, energy, log_msp
+    from oodguard.training.score_selection import attack_in_batches, attacked_images
+    from oodguard.training.scores import ScoreContext, compute_scores, forward_outputs, log_msp
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", type=Path, help="A composed run (`oodguard guard`) with held-out outlier classes.")
@@ -69,21 +68,19 @@ def main() -> None:
     n_classes = int(model(data.to_tensor(cal_x[:1])).shape[1])
     log_k = math.log(n_classes)
 
+    ctx = ScoreContext()
+
     def outputs(images: np.ndarray) -> dict[str, np.ndarray]:  # uint8 NHWC or float NCHW
-        batches = ([torch.from_numpy(images[i:i + args.batch_size]) for i in range(0, len(images), args.batch_size)]
-                   if images.dtype != np.uint8 else [x for _, x in data.iterate_batches(images, args.batch_size)])
         cols: dict[str, list[np.ndarray]] = {"margin": [], "log_msp": [], "energy": []}
-        with torch.no_grad():
-            for x in batches:
-                logits = model(x)
-                cols["margin"].append(detector_margin(model.detector_logits(x)).numpy())
-                cols["log_msp"].append(log_msp(logits).numpy())
-                cols["energy"].append(energy(logits).numpy())
+        for x in tensor_batches(images, args.batch_size):
+            logits, scores = compute_scores(model, x, ["detector", "energy"], ctx)  # one pass of both networks
+            cols["margin"].append(scores["detector"].numpy())
+            cols["log_msp"].append(log_msp(logits).numpy())
+            cols["energy"].append(scores["energy"].numpy())
         return {k: np.concatenate(v) for k, v in cols.items()}
 
     started = time.perf_counter()
     clean_in, clean_out = outputs(cal_x), outputs(out_x)
-    ctx = ScoreContext()
     n = args.n_attack
     adv_in = outputs(attacked_images(model, "detector", ctx, cal_x[:n], -1.0, args.batch_size, 0, "strong"))
     adv_out = outputs(attacked_images(model, "detector", ctx, out_x[:n], +1.0, args.batch_size, 1, "strong"))
@@ -117,18 +114,14 @@ def main() -> None:
         attack = ATTACK_PROTOCOLS["strong"]
 
         def fused(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            score = detector_margin(model.detector_logits(x)) + a * log_msp(model(x))
+            out = forward_outputs(model, x, ["detector"])
+            score = out.detector + a * log_msp(out.logits)
             return score, {"score": score}
 
         def attacked(images: np.ndarray, direction: float, seed: int) -> np.ndarray:
-            out = []
-            for start, x in data.iterate_batches(images, args.batch_size):
-                x_adv, score = pgd_worst_case(fused, x, direction=direction, objectives=("score",), eps=attack.eps,
-                                              steps=attack.steps, step_size=attack.step_size,
-                                              restarts=attack.restarts * len(attack.objectives),
-                                              random_start=attack.random_start, seed=seed * 7919 + start)
-                out.append(score.numpy())
-            return np.concatenate(out)
+            # the fused score alone, from as many starts as the protocol has objectives (as for the detector score)
+            return attack_in_batches(fused, images, direction, args.batch_size, seed, "strong", ("score",),
+                                     attack.restarts * len(attack.objectives))[1]
 
         t0 = time.perf_counter()
         k = args.n_fused

@@ -5,7 +5,8 @@
    parity-checked against the bundle) into OUT/classifier. `--classifier RUN` uses a run directory instead.
 2. `detector`: `oodguard train --recipe robust_disc` (a small_cnn in-vs-out detector, widths 48/96/192 as shipped
    since robust:20261202, PGD-3 adversarial training at ε = 8/255 on both sides, 8 epochs, ~1.25 h on 2 quiet
-   cores; every epoch validated under PGD-10 on the calibration split vs the held-out outlier classes). Resumable: run the script again and it continues where it stopped.
+   cores; every epoch validated under PGD-10 on the calibration split vs the held-out outlier classes).
+   Resumable: run the script again and it continues where it stopped.
 3. The detector's epoch with the best validation AUROC under PGD-10 (validation data only; ties: the later
    epoch; a run with a weight average offers its trained weights too) is composed with the classifier:
    `oodguard guard` -> OUT/guarded.

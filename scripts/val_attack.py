@@ -22,11 +22,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from form_validation import validation_images  # noqa: E402  (the validation subsets form_validation measures)
+from form_validation import tensor_batches, validation_images  # noqa: E402  (the subsets form_validation measures)
 
 
 def main() -> None:
-    from oodguard.training import data
     from oodguard.training.ood_metrics import ood_metrics
     from oodguard.training.score_selection import SELECTION_ATTACKS, attacked_images
     from oodguard.training.scores import ScoreContext, scored_forward
@@ -47,10 +46,8 @@ def main() -> None:
 
     def scores(model, images: np.ndarray) -> np.ndarray:  # float NCHW (attacked) or uint8 NHWC (clean) images
         forward = scored_forward(model, args.score, ctx)
-        batches = ([torch.from_numpy(images[i:i + args.batch_size]) for i in range(0, len(images), args.batch_size)]
-                   if images.dtype != np.uint8 else [x for _, x in data.iterate_batches(images, args.batch_size)])
         with torch.no_grad():
-            return np.concatenate([forward(x)[0].numpy() for x in batches])
+            return np.concatenate([forward(x)[0].numpy() for x in tensor_batches(images, args.batch_size)])
 
     results = []
     for run_dir in args.runs:

@@ -35,19 +35,31 @@ SELECTION_ATTACK = "paper"
 SELECTION_ATTACKS = ("paper", "strong")  # worst-case protocols of evaluate.ATTACK_PROTOCOLS a choice may be made under
 
 
+def attack_in_batches(forward, images: np.ndarray, direction: float, batch_size: int, seed: int, attack_name: str,
+                      objectives: tuple[str, ...], restarts: int) -> tuple[np.ndarray, np.ndarray]:
+    """(adversarial images, float NCHW; their worst scores) of uint8 NHWC `images` under protocol `attack_name`'s
+    budget, `forward` as `attacks.pgd_worst_case` takes it; each batch seeded by its position."""
+    from .evaluate import ATTACK_PROTOCOLS
+
+    attack = ATTACK_PROTOCOLS[attack_name]
+    adv, scores = [], []
+    for start, x in data.iterate_batches(images, batch_size):
+        x_adv, score = pgd_worst_case(forward, x, direction=direction, objectives=objectives, eps=attack.eps,
+                                      steps=attack.steps, step_size=attack.step_size, restarts=restarts,
+                                      random_start=attack.random_start, seed=seed * 7919 + start)
+        adv.append(x_adv.cpu().numpy())
+        scores.append(score.cpu().numpy())
+    return np.concatenate(adv), np.concatenate(scores)
+
+
 def attacked_images(model, name: str, ctx: ScoreContext, images: np.ndarray, direction: float, batch_size: int,
                     seed: int, attack_name: str = SELECTION_ATTACK) -> np.ndarray:
     from .evaluate import ATTACK_PROTOCOLS
 
     attack = ATTACK_PROTOCOLS[attack_name]
     objectives, restarts = worst_case_plan(name, attack.objectives, attack.restarts)
-    out = []
-    for start, x in data.iterate_batches(images, batch_size):
-        x_adv, _ = pgd_worst_case(scored_forward(model, name, ctx), x, direction=direction, objectives=objectives,
-                                  eps=attack.eps, steps=attack.steps, step_size=attack.step_size,
-                                  restarts=restarts, random_start=attack.random_start, seed=seed * 7919 + start)
-        out.append(x_adv.cpu().numpy())
-    return np.concatenate(out)
+    return attack_in_batches(scored_forward(model, name, ctx), images, direction, batch_size, seed, attack_name,
+                             objectives, restarts)[0]
 
 
 def select_score(run: RunData, candidates: list[str], onnx_scores: Callable[[np.ndarray, str], np.ndarray],
